@@ -1,0 +1,156 @@
+"""Campaign configuration: pydantic models loaded from YAML.
+
+Every section forbids unknown keys. Plug-in sections (samplers, selector, labeller,
+potential, trainer) name a registered implementation and give its params, validated against
+that implementation's own ``Params`` model. Any error names the file, the field and the reason
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pestle.registry import Registry, RegistryError, format_validation_error
+
+
+class ConfigError(ValueError):
+    """A campaign file that cannot be run, with the file and field at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginSpec(_Strict):
+    """``{name: <registered name>, params: {...}}``."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SeedSpec(_Strict):
+    """A seed: a structure file, or a bulk crystal built with ``ase.build.bulk``."""
+
+    name: str | None = None
+    file: Path | None = None
+    bulk: str | None = None  # e.g. "Si"
+    crystalstructure: str | None = None  # e.g. "diamond", "rocksalt"
+    a: float | None = Field(default=None, gt=0)
+    cubic: bool = True
+    supercell: tuple[int, int, int] = (1, 1, 1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SeedSpec:
+        if (self.file is None) == (self.bulk is None):
+            raise ValueError("give exactly one of 'file' or 'bulk'")
+        return self
+
+
+class StoreSpec(_Strict):
+    uri: str | None = None  # mongodb://... ; None = embedded local server
+    uri_file: Path | None = None  # a file holding the URI (keeps passwords out of configs)
+    database: str = "pestle"
+
+
+class DaskSpec(_Strict):
+    scheduler_address: str | None = None
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str = "auto"
+
+
+class SelectionSpec(_Strict):
+    selector: PluginSpec = Field(default_factory=lambda: PluginSpec(name="topk"))
+    per_system: int = Field(default=6, ge=1, description="labels to request per chemical system")
+    max_atoms_per_batch: int = Field(default=256, ge=1)
+
+
+class FinetuneSpec(_Strict):
+    enabled: bool = True
+    trainer: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
+
+
+class EvaluationSpec(_Strict):
+    holdout_fraction: float = Field(default=0.34, gt=0, lt=1)
+
+
+class CampaignConfig(_Strict):
+    name: str
+    seed: int = 0
+    work_dir: Path = Path("pestle-work")
+    seeds: list[SeedSpec] = Field(min_length=1)
+    samplers: list[PluginSpec] = Field(min_length=1)
+    potential: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    labeller: PluginSpec = Field(default_factory=lambda: PluginSpec(name="gpaw"))
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    dask: DaskSpec = Field(default_factory=DaskSpec)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ "):
+            raise ValueError("must be non-empty, without spaces or slashes")
+        return value
+
+
+def _check_plugin(registry: Registry, spec: PluginSpec, where: str, errors: list[str]) -> None:
+    try:
+        registry.validate_params(spec.name, spec.params)
+    except RegistryError as exc:
+        errors.append(f"{where}.name: {exc}")
+    except ValidationError as exc:
+        errors.append(format_validation_error(exc, prefix=f"{where}.params"))
+
+
+def validate_plugins(config: CampaignConfig) -> list[str]:
+    from pestle.labelers import LABELLERS
+    from pestle.potentials import POTENTIALS
+    from pestle.samplers import SAMPLERS
+    from pestle.selectors import SELECTORS
+    from pestle.trainers import TRAINERS
+
+    errors: list[str] = []
+    for i, spec in enumerate(config.samplers):
+        _check_plugin(SAMPLERS, spec, f"samplers.{i}", errors)
+    _check_plugin(POTENTIALS, config.potential, "potential", errors)
+    _check_plugin(SELECTORS, config.selection.selector, "selection.selector", errors)
+    _check_plugin(LABELLERS, config.labeller, "labeller", errors)
+    _check_plugin(TRAINERS, config.finetune.trainer, "finetune.trainer", errors)
+    return errors
+
+
+def load_config(path: str | os.PathLike) -> CampaignConfig:
+    """Read and validate a campaign YAML file; raises ConfigError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    try:
+        config = CampaignConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid config\n{format_validation_error(exc)}") from None
+    errors = validate_plugins(config)
+    if errors:
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(errors))
+    config.source = path.resolve()
+    # Seed files are relative to the config file, so a campaign folder can move as a whole.
+    for seed in config.seeds:
+        if seed.file is not None and not seed.file.is_absolute():
+            seed.file = (path.parent / seed.file).resolve()
+        if seed.file is not None and not seed.file.is_file():
+            raise ConfigError(f"{path}: seeds: file {seed.file} does not exist")
+    return config

@@ -1,0 +1,62 @@
+"""The store: MongoDB through pymongo (embedded local server by default)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pestle.store.server import EmbeddedServer
+from pestle.store.store import (
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    Store,
+    StoreError,
+    label_id,
+    worker_name,
+)
+from pestle.store.uri import configured_uri, mask_uri
+
+__all__ = [
+    "JOB_DONE",
+    "JOB_FAILED",
+    "JOB_QUEUED",
+    "JOB_RUNNING",
+    "EmbeddedServer",
+    "Store",
+    "StoreError",
+    "configured_uri",
+    "label_id",
+    "mask_uri",
+    "open_store",
+    "resolve_uri",
+    "worker_name",
+]
+
+
+def resolve_uri(
+    work_dir: str | os.PathLike,
+    uri: str | None = None,
+    uri_file: str | os.PathLike | None = None,
+    start: bool = True,
+) -> str:
+    """The configured MongoDB URI, else the embedded server's (started if ``start``)."""
+    found = configured_uri(uri, uri_file)
+    if found:
+        return found
+    server = EmbeddedServer(work_dir)
+    state = server.ensure_running() if start else server.state()
+    if state is None:
+        raise StoreError(f"no pestle store is running for {Path(work_dir)} (pestle db start)")
+    return state.uri
+
+
+def open_store(
+    work_dir: str | os.PathLike,
+    uri: str | None = None,
+    uri_file: str | os.PathLike | None = None,
+    database: str = "pestle",
+    start: bool = True,
+) -> Store:
+    return Store(resolve_uri(work_dir, uri, uri_file, start=start), database)

@@ -1,0 +1,39 @@
+"""Shared fixtures. The store is always a real server over TCP: by default a fresh
+``secantusd-py`` on a free port in a temporary folder (started by pestle's own embedded-server
+code), or any MongoDB whose URI is in ``PESTLE_TEST_MONGODB_URI``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from pestle.store import EmbeddedServer, Store
+
+TEST_URI_ENV = "PESTLE_TEST_MONGODB_URI"
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = os.environ.get(TEST_URI_ENV)
+    if uri:
+        yield uri
+        return
+    server = EmbeddedServer(tmp_path_factory.mktemp("mongo"))
+    state = server.ensure_running()
+    yield state.uri
+    server.stop()
+
+
+@pytest.fixture
+def database_name() -> str:
+    return f"pestle_test_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(mongo_uri: str, database_name: str) -> Store:
+    store = Store(mongo_uri, database_name)
+    yield store
+    store.client.drop_database(database_name)
+    store.close()
