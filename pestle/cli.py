@@ -1,0 +1,394 @@
+"""pestle's command line: run campaigns, inspect and export the store, manage the local server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pestle.config import CampaignConfig, ConfigError, load_config
+
+app = typer.Typer(
+    help="Grow training data for universal interatomic potentials where they soften.",
+    no_args_is_help=True,
+)
+db_app = typer.Typer(help="The embedded local MongoDB-compatible server.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Labelling and training jobs.", invoke_without_command=True)
+app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Campaign YAML: its work_dir and store settings."),
+]
+WorkDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--work-dir", "-w", help="Work directory (default: $PESTLE_WORK_DIR or ./pestle-work)."
+    ),
+]
+
+COLLECTIONS = ("structures", "labels", "jobs", "models", "runs")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _load(config: Path) -> CampaignConfig:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _location(config: Path | None, work_dir: Path | None) -> tuple[Path, Any]:
+    """(work dir, store spec or None) from --config / --work-dir / environment."""
+    if config is not None:
+        cfg = _load(config)
+        return Path(cfg.work_dir), cfg.store
+    return Path(work_dir or os.environ.get("PESTLE_WORK_DIR", "pestle-work")), None
+
+
+def _open_store(config: Path | None, work_dir: Path | None, start: bool = True):
+    from pestle.store import StoreError, open_store
+
+    root, spec = _location(config, work_dir)
+    try:
+        if spec is None:
+            return open_store(root, start=start)
+        return open_store(root, spec.uri, spec.uri_file, spec.database, start=start)
+    except (StoreError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Campaign YAML file.")],
+    workers: Annotated[int | None, typer.Option(help="Override dask.n_workers.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a campaign: sample, score, select, label, fine-tune, evaluate, report."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    cfg = _load(config)
+    if workers is not None:
+        cfg.dask.n_workers = workers
+    from pestle.dispatch.cluster import make_client
+    from pestle.engine.campaign import Campaign
+    from pestle.store import Store, StoreError, resolve_uri
+
+    try:
+        uri = resolve_uri(cfg.work_dir, cfg.store.uri, cfg.store.uri_file)
+        store = Store(uri, cfg.store.database)
+    except (StoreError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        campaign = Campaign(cfg, store, uri, progress=progress)
+        console.print(f"run [bold]{campaign.run_id}[/] (store {store.uri_masked})")
+        with make_client(cfg.dask) as client:
+            result = campaign.run(client)
+    _print_summary(result.stages)
+    console.print(f"report: {result.report}")
+
+
+def _print_summary(stages: dict[str, Any]) -> None:
+    evaluation = stages.get("evaluate", {})
+    table = Table(title="softening scale on held-out labels")
+    for column in ("system", "model", "slope [95% CI]", "force MAE eV/Å"):
+        table.add_column(column)
+    for model, per_system in evaluation.get("metrics", {}).items():
+        for system, m in per_system.items():
+            fit = m["softening"]
+            table.add_row(
+                system,
+                model,
+                f"{fit['slope']:.3f} [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]",
+                f"{m['force_mae']:.3f}",
+            )
+    console.print(table)
+
+
+@app.command()
+def status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+    """Counts of stored documents, job states and recent runs."""
+    from pestle.store import EmbeddedServer
+
+    root, spec = _location(config, work_dir)
+    if (spec is None or not (spec.uri or spec.uri_file)) and not os.environ.get(
+        "PESTLE_MONGODB_URI"
+    ):
+        state = EmbeddedServer(root).state()
+        console.print(
+            f"embedded server: {'running on ' + state.uri if state else 'stopped'} ({root / 'db'})"
+        )
+    store = _open_store(config, work_dir)
+    table = Table(title=f"store {store.uri_masked} / {store.db.name}")
+    table.add_column("collection")
+    table.add_column("documents", justify="right")
+    for name, n in store.counts().items():
+        table.add_row(name, str(n))
+    console.print(table)
+    console.print(
+        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.job_counts().items())) or "none")
+    )
+    for run_doc in (
+        store.runs.find({}, {"state": 1, "started_at": 1, "report": 1})
+        .sort("started_at", -1)
+        .limit(5)
+    ):
+        console.print(f"run {run_doc['_id']}: {run_doc.get('state')} {run_doc.get('report') or ''}")
+
+
+def parse_query(terms: list[str]) -> dict[str, Any]:
+    """A MongoDB filter from a JSON document or ``key=value`` terms (numbers and booleans
+    are typed; ``key>v``, ``key>=v``, ``key<v``, ``key<=v``, ``key!=v`` compare)."""
+    if len(terms) == 1 and terms[0].lstrip().startswith("{"):
+        try:
+            query = json.loads(terms[0])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"query is not valid JSON: {exc}") from None
+        if not isinstance(query, dict):
+            raise ValueError("a JSON query must be an object")
+        return query
+    query: dict[str, Any] = {}
+    for term in terms:
+        for op, mongo in (
+            (">=", "$gte"),
+            ("<=", "$lte"),
+            ("!=", "$ne"),
+            (">", "$gt"),
+            ("<", "$lt"),
+            ("=", None),
+        ):
+            if op in term:
+                key, value = term.split(op, 1)
+                key = key.strip()
+                if not key:
+                    raise ValueError(f"query term {term!r} has no field name")
+                typed = _typed(value.strip())
+                query[key] = typed if mongo is None else {**query.get(key, {}), mongo: typed}
+                break
+        else:
+            raise ValueError(f"query term {term!r} is not key=value (or a JSON filter)")
+    return query
+
+
+def _typed(value: str) -> Any:
+    if value in ("true", "false"):
+        return value == "true"
+    if value in ("null", "none"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            continue
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    from bson import json_util
+
+    return json.loads(json_util.dumps(value))
+
+
+DEFAULT_COLUMNS = {
+    "structures": [
+        "_id",
+        "kind",
+        "formula",
+        "chemical_system",
+        "natoms",
+        "provenance.sampler",
+        "provenance.parent_name",
+    ],
+    "labels": ["_id", "formula", "sampler", "labeller", "energy_per_atom", "max_force"],
+    "jobs": ["_id", "kind", "state", "attempts", "worker", "error"],
+    "models": ["_id", "family", "potential", "run_id", "created_at"],
+    "runs": ["_id", "campaign", "state", "started_at", "report"],
+}
+
+
+def _get(doc: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(part)
+    return doc
+
+
+@app.command()
+def query(
+    terms: Annotated[
+        list[str] | None,
+        typer.Argument(help='JSON filter, e.g. \'{"natoms": {"$gt": 8}}\', or key=value terms.'),
+    ] = None,
+    collection: Annotated[
+        str, typer.Option("--collection", "-C", help="structures, labels, jobs, models or runs.")
+    ] = "structures",
+    limit: Annotated[int, typer.Option(help="At most this many documents (0: all).")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Query the store with a MongoDB filter."""
+    if collection not in COLLECTIONS:
+        _fail(f"--collection must be one of {', '.join(COLLECTIONS)}")
+    try:
+        mongo_filter = parse_query(terms or [])
+    except ValueError as exc:
+        _fail(str(exc))
+    store = _open_store(config, work_dir)
+    projection = None if as_json else dict.fromkeys(DEFAULT_COLUMNS[collection], 1)
+    import pymongo
+
+    try:
+        docs = list(
+            store.db[collection].find(mongo_filter, projection).sort("_id", 1).limit(max(limit, 0))
+        )
+    except pymongo.errors.PyMongoError as exc:
+        _fail(f"the store refused the query {mongo_filter}: {exc}")
+    if as_json:
+        for doc in docs:
+            sys.stdout.write(json.dumps(_jsonable(doc)) + "\n")
+        return
+    table = Table(title=f"{collection}: {len(docs)} shown")
+    for column in DEFAULT_COLUMNS[collection]:
+        table.add_column(column)
+    for doc in docs:
+        table.add_row(*[_cell(_get(doc, c)) for c in DEFAULT_COLUMNS[collection]])
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")],
+    terms: Annotated[
+        list[str] | None, typer.Argument(help="Filter on labels (JSON or key=value).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="extxyz")] = "extxyz",
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Export labelled structures (energy, forces, stress, provenance in info)."""
+    from pestle.export import write_extxyz
+
+    if fmt != "extxyz":
+        _fail(f"--format {fmt!r} is not supported (supported: extxyz)")
+    try:
+        label_filter = parse_query(terms or [])
+    except ValueError as exc:
+        _fail(str(exc))
+    store = _open_store(config, work_dir)
+    n = write_extxyz(store, output, label_filter)
+    console.print(f"wrote {n} labelled structures to {output}")
+
+
+@jobs_app.callback()
+def jobs(
+    ctx: typer.Context,
+    state: Annotated[str | None, typer.Option(help="queued, running, done or failed.")] = None,
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """List jobs by state."""
+    if ctx.invoked_subcommand is not None:
+        return
+    store = _open_store(config, work_dir)
+    table = Table(title="jobs")
+    for column in DEFAULT_COLUMNS["jobs"]:
+        table.add_column(column)
+    for doc in store.jobs.find({} if state is None else {"state": state}).sort("_id", 1):
+        table.add_row(*[_cell(_get(doc, c)) for c in DEFAULT_COLUMNS["jobs"]])
+    console.print(table)
+    console.print(", ".join(f"{k} {v}" for k, v in sorted(store.job_counts().items())) or "no jobs")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    failed: Annotated[bool, typer.Option("--failed", help="Re-queue every failed job.")] = False,
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Re-queue failed jobs (they run at the next `pestle run`)."""
+    if not failed:
+        _fail("say which jobs: --failed")
+    store = _open_store(config, work_dir)
+    console.print(f"re-queued {store.requeue_failed()} failed jobs")
+
+
+@db_app.command("start")
+def db_start(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+    """Start (or reuse) the embedded server for this work directory."""
+    from pestle.store import EmbeddedServer
+    from pestle.store.server import ServerError
+
+    root, _ = _location(config, work_dir)
+    try:
+        state = EmbeddedServer(root).ensure_running()
+    except ServerError as exc:
+        _fail(str(exc))
+    console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
+
+
+@db_app.command("stop")
+def db_stop(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+    """Stop the embedded server."""
+    from pestle.store import EmbeddedServer
+
+    root, _ = _location(config, work_dir)
+    console.print("stopped" if EmbeddedServer(root).stop() else "not running")
+
+
+@db_app.command("status")
+def db_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+    """Is the embedded server running, and where?"""
+    from pestle.store import EmbeddedServer
+
+    root, _ = _location(config, work_dir)
+    state = EmbeddedServer(root).state()
+    if state is None:
+        console.print(f"not running ({root / 'db'})")
+        raise typer.Exit(1)
+    console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    with nullcontext():
+        app()

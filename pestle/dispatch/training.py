@@ -1,0 +1,81 @@
+"""Fine-tuning as a Dask task that asks for a GPU and falls back to the CPU.
+
+The task reads its training labels from the store and writes the model version back to it,
+so nothing large travels through the scheduler and a remote worker needs only the store URI.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pestle.dispatch")
+
+
+def workers_with_gpu(client) -> list[str]:
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return [
+        addr for addr, info in workers.items() if (info.get("resources") or {}).get("GPU", 0) >= 1
+    ]
+
+
+def run_training_job(
+    store_uri: str,
+    database: str,
+    model_id: str,
+    trainer: dict[str, Any],
+    train_label_ids: list[str],
+    val_label_ids: list[str],
+    workdir: str,
+    record: dict[str, Any],
+    device_preference: str = "auto",
+) -> str:
+    from pestle.devices import pick_device
+    from pestle.store import Store
+    from pestle.trainers import TRAINERS, LabelledStructure
+
+    with Store(store_uri, database) as store:
+        if store.models.count_documents({"_id": model_id}, limit=1):
+            return model_id  # a duplicated task or a resumed run: the model already exists
+
+        def labelled(ids: list[str]) -> list[LabelledStructure]:
+            return [
+                LabelledStructure(atoms=a, structure_id=s["_id"], label_id=lab["_id"])
+                for a, s, lab in store.labelled_atoms({"_id": {"$in": ids}})
+            ]
+
+        device = pick_device(device_preference)
+        implementation = TRAINERS.build(trainer["name"], trainer.get("params", {}))
+        trained = implementation.train(
+            labelled(train_label_ids), labelled(val_label_ids), Path(workdir), device=device
+        )
+        store.put_model(
+            model_id,
+            trained.checkpoint,
+            {
+                **record,
+                "potential": trained.potential,
+                "potential_params": trained.potential_params,
+                "hyperparameters": trained.hyperparameters,
+                "metrics": trained.metrics,
+                "device": device,
+            },
+        )
+    return model_id
+
+
+def train_model(client, **job: Any) -> str:
+    """Run ``run_training_job`` on a GPU worker when the cluster has one, else on any worker."""
+    gpu_workers = workers_with_gpu(client)
+    resources = {"GPU": 1} if gpu_workers else None
+    if not gpu_workers:
+        log.info("no worker offers a GPU: fine-tuning on a CPU worker")
+    future = client.submit(
+        run_training_job,
+        **job,
+        device_preference="cuda" if gpu_workers else "cpu",
+        resources=resources,
+        pure=False,
+    )
+    return future.result()

@@ -1,0 +1,454 @@
+"""One campaign run: seed -> sample -> score -> select -> label -> fine-tune -> evaluate.
+
+Every stage is idempotent and records what it did in the run document, so running the same
+config again stores nothing twice, and a run killed mid-way resumes where it stopped: the run
+id is a hash of the config's scientific content, sampling is deterministic and deduplicated,
+the selection is stored once and reused, labels are keyed by structure and level of theory,
+and a model is keyed by its trainer settings and training labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pestle.config import CampaignConfig
+from pestle.engine.seeds import build_seed
+from pestle.labelers import LABELLERS, level_of_theory_hash
+from pestle.potentials import POTENTIALS, Potential
+from pestle.provenance import code_versions
+from pestle.samplers import SAMPLERS, Seed
+from pestle.samplers.validity import check_structure
+from pestle.selectors import SELECTORS, ScoredCandidate
+from pestle.store import Store, label_id
+from pestle.structures import settings_hash
+from pestle.trainers import LabelledStructure
+
+log = logging.getLogger("pestle.engine")
+
+# Stages in order; the run document records each one's outcome under stages.<name>.
+STAGES = ("seed", "sample", "score", "select", "label", "finetune", "evaluate", "report")
+
+# What a candidate's scores are computed with at this stage: how hard the model pushes the
+# atoms is the first-order proxy for how far from equilibrium (and how softened) it is.
+SCORE_KEYS = ("max_force", "mean_force", "energy_per_atom")
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    report: Path | None
+    stages: dict[str, Any] = field(default_factory=dict)
+
+
+def config_fingerprint(config: CampaignConfig) -> str:
+    """Hash of what determines the science of a run (not where it is stored or dispatched)."""
+    content = config.model_dump(mode="json", exclude={"store", "dask", "work_dir", "source"})
+    return settings_hash(content)
+
+
+def run_id_for(config: CampaignConfig) -> str:
+    return f"{config.name}-{config_fingerprint(config)[:10]}"
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit integer seed from any parts, the same in every process and Python version."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Campaign:
+    """Runs the stages of one config against one store."""
+
+    def __init__(
+        self,
+        config: CampaignConfig,
+        store: Store,
+        store_uri: str,
+        *,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.store_uri = store_uri
+        self.progress = progress or (lambda stage, done, total: None)
+        self.run_id = run_id_for(config)
+        self.run_dir = Path(config.work_dir).resolve() / "runs" / self.run_id
+        self._potential: Potential | None = None
+
+    # -- helpers --------------------------------------------------------------------------
+    @property
+    def potential(self) -> Potential:
+        if self._potential is None:
+            self._potential = POTENTIALS.build(
+                self.config.potential.name, self.config.potential.params
+            )
+        return self._potential
+
+    def _record(self, stage: str, outcome: dict[str, Any]) -> None:
+        self.store.update_run(self.run_id, {f"stages.{stage}": outcome})
+
+    def _stage_done(self, stage: str) -> dict[str, Any] | None:
+        run = self.store.get_run(self.run_id) or {}
+        return (run.get("stages") or {}).get(stage)
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self, client=None) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        from pestle.store import mask_uri
+
+        self.store.start_run(
+            self.run_id,
+            {
+                "campaign": self.config.name,
+                "config": self.config.model_dump(mode="json", exclude={"source"}),
+                "config_file": str(self.config.source) if self.config.source else None,
+                "config_hash": config_fingerprint(self.config),
+                "store": mask_uri(self.store_uri),
+                "code_versions": code_versions(),
+            },
+        )
+        try:
+            seeds = self.stage_seeds()
+            self.stage_sample(seeds)
+            self.stage_score()
+            selected = self.stage_select()
+            self.stage_label(selected, client)
+            split = self.stage_split()
+            model_id = self.stage_finetune(split, client)
+            evaluation = self.stage_evaluate(split, model_id)
+            report = self.stage_report(evaluation, model_id)
+        except BaseException as exc:
+            self.store.update_run(self.run_id, {"state": "interrupted", "error": repr(exc)})
+            raise
+        self.store.update_run(self.run_id, {"state": "finished", "report": str(report)})
+        run = self.store.get_run(self.run_id)
+        return RunResult(self.run_id, self.run_dir, report, run.get("stages", {}))
+
+    # -- stages ---------------------------------------------------------------------------
+    def stage_seeds(self) -> list[Seed]:
+        seeds = []
+        for spec in self.config.seeds:
+            name, atoms, source = build_seed(spec)
+            sid, new = self.store.add_structure(
+                atoms,
+                kind="seed",
+                name=name,
+                provenance={"source": source, "campaign": self.config.name, "run_id": self.run_id},
+                run_id=self.run_id,
+            )
+            if any(s.id == sid for s in seeds):
+                log.warning("seed %s is a duplicate of an earlier seed; used once", name)
+                continue
+            seeds.append(Seed(atoms=atoms, id=sid, name=name, source=source))
+        self._record("seed", {"seeds": [{"id": s.id, "name": s.name} for s in seeds]})
+        return seeds
+
+    def stage_sample(self, seeds: list[Seed]) -> dict[str, Any]:
+        counts: dict[str, int] = defaultdict(int)
+        rejected: dict[str, list[str]] = defaultdict(list)
+        for index, spec in enumerate(self.config.samplers):
+            sampler = SAMPLERS.build(spec.name, spec.params)
+            for seed in seeds:
+                rng_seed = stable_seed(self.config.seed, index, spec.name, seed.id)
+                for candidate in sampler.sample(seed, rng_seed):
+                    reason = check_structure(candidate.atoms)
+                    if reason is not None:
+                        rejected[spec.name].append(reason)
+                        counts["rejected"] += 1
+                        continue
+                    _, new = self.store.add_structure(
+                        candidate.atoms,
+                        kind="candidate",
+                        provenance={
+                            "sampler": candidate.sampler,
+                            "params": candidate.params,
+                            "parent_id": candidate.parent_id,
+                            "parent_name": seed.name,
+                            "rng_seed": candidate.rng_seed,
+                            "campaign": self.config.name,
+                            "run_id": self.run_id,
+                        },
+                        run_id=self.run_id,
+                    )
+                    counts["new" if new else "already_stored"] += 1
+                    counts[f"sampler:{spec.name}"] += 1
+        outcome = {"counts": dict(counts), "rejected": {k: v[:20] for k, v in rejected.items()}}
+        self._record("sample", outcome)
+        return outcome
+
+    def _run_candidates(self, projection: dict | None = None) -> list[dict]:
+        return list(
+            self.store.structures.find({"runs": self.run_id, "kind": "candidate"}, projection).sort(
+                "_id", 1
+            )
+        )
+
+    @property
+    def model_key(self) -> str:
+        return settings_hash(self.potential.describe())
+
+    def stage_score(self) -> dict[str, Any]:
+        key = self.model_key
+        todo = [d for d in self._run_candidates() if key not in (d.get("scores") or {})]
+        total = len(todo)
+        done = 0
+        # Chunks bound the driver's memory; the potential itself bounds each forward pass.
+        for start in range(0, total, 32):
+            chunk = todo[start : start + 32]
+            atoms_list = [self.store.atoms_from_doc(d) for d in chunk]
+            for doc, atoms, prediction in zip(
+                chunk, atoms_list, self.potential.predict(atoms_list), strict=True
+            ):
+                norms = np.linalg.norm(prediction.forces, axis=1)
+                self.store.set_scores(
+                    doc["_id"],
+                    key,
+                    {
+                        "max_force": float(norms.max()),
+                        "mean_force": float(norms.mean()),
+                        "energy_per_atom": float(prediction.energy) / len(atoms),
+                    },
+                )
+            done += len(chunk)
+            self.progress("score", done, total)
+        outcome = {"model": self.potential.describe(), "model_key": key, "scored": total}
+        self._record("score", outcome)
+        return outcome
+
+    def stage_select(self) -> list[str]:
+        previous = self._stage_done("select")
+        if previous and previous.get("selected"):
+            # Resuming: the batch was chosen before; never choose a fresh batch beside it.
+            return [s["id"] for s in previous["selected"]]
+        key = self.model_key
+        scored = [
+            ScoredCandidate(
+                id=d["_id"],
+                chemical_system=d["chemical_system"],
+                sampler=d["provenance"]["sampler"],
+                scores=d["scores"][key],
+            )
+            for d in self._run_candidates()
+        ]
+        spec = self.config.selection
+        selector = SELECTORS.build(spec.selector.name, spec.selector.params)
+        picks = selector.select(scored, spec.per_system)
+        for pick in picks:
+            self.store.structures.update_one(
+                {"_id": pick.id},
+                {"$set": {f"selection.{self.run_id}": {"rank": pick.rank, "reason": pick.reason}}},
+            )
+        selected = [{"id": p.id, "rank": p.rank, "reason": p.reason} for p in picks]
+        self._record(
+            "select",
+            {
+                "selector": spec.selector.model_dump(),
+                "per_system": spec.per_system,
+                "candidates": len(scored),
+                "selected": selected,
+            },
+        )
+        return [p.id for p in picks]
+
+    def labeller(self):
+        return LABELLERS.build(self.config.labeller.name, self.config.labeller.params)
+
+    def stage_label(self, structure_ids: list[str], client) -> dict[str, Any]:
+        from pestle.dispatch.labelling import label_jobs
+
+        labeller = self.labeller()
+        lot_hash = level_of_theory_hash(labeller)
+        job_ids = []
+        already = 0
+        for sid in structure_ids:
+            if self.store.labels.count_documents({"_id": label_id(sid, lot_hash)}, limit=1):
+                already += 1
+                continue
+            job_id = f"label-{sid}-{lot_hash}"
+            self.store.enqueue_job(
+                job_id,
+                "label",
+                {
+                    "structure_id": sid,
+                    "labeller": self.config.labeller.model_dump(),
+                    "lot_hash": lot_hash,
+                },
+                run_id=self.run_id,
+            )
+            job_ids.append(job_id)
+        states: dict[str, str] = {}
+        if job_ids:
+            if client is None:
+                raise RuntimeError("labelling needs a Dask client")
+            states = label_jobs(
+                client,
+                self.store,
+                job_ids,
+                store_uri=self.store_uri,
+                work_root=str(self.run_dir / "jobs"),
+                progress=lambda done, total, job_id, state: self.progress("label", done, total),
+            )
+        failed = {j: s for j, s in states.items() if s != "done"}
+        outcome = {
+            "labeller": labeller.name,
+            "lot_hash": lot_hash,
+            "level_of_theory": labeller.level_of_theory(),
+            "requested": len(structure_ids),
+            "already_labelled": already,
+            "dispatched": len(job_ids),
+            "failed": sorted(failed),
+        }
+        self._record("label", outcome)
+        return outcome
+
+    def _selected_labels(self) -> dict[str, list[str]]:
+        """Label ids of this run's selection, per chemical system."""
+        lot_hash = self._stage_done("label")["lot_hash"]
+        selected = [s["id"] for s in self._stage_done("select")["selected"]]
+        by_system: dict[str, list[str]] = defaultdict(list)
+        for label in self.store.labels.find(
+            {"_id": {"$in": [label_id(s, lot_hash) for s in selected]}},
+            {"chemical_system": 1},
+        ):
+            by_system[label["chemical_system"]].append(label["_id"])
+        return {k: sorted(v) for k, v in sorted(by_system.items())}
+
+    def stage_split(self) -> dict[str, dict[str, list[str]]]:
+        """Deterministic train / held-out split per chemical system (by hashed label id)."""
+        fraction = self.config.evaluation.holdout_fraction
+        split: dict[str, dict[str, list[str]]] = {}
+        for system, ids in self._selected_labels().items():
+            ordered = sorted(ids, key=lambda i: stable_seed(self.config.seed, "holdout", i))
+            n_hold = (
+                min(max(1, math.ceil(fraction * len(ordered))), len(ordered) - 1)
+                if len(ordered) > 1
+                else 0
+            )
+            split[system] = {"holdout": sorted(ordered[:n_hold]), "train": sorted(ordered[n_hold:])}
+        self._record("split", split)
+        return split
+
+    def stage_finetune(self, split: dict[str, dict[str, list[str]]], client) -> str | None:
+        if not self.config.finetune.enabled:
+            self._record("finetune", {"skipped": "finetune.enabled is false"})
+            return None
+        from pestle.dispatch.training import train_model
+
+        train_ids = sorted(i for part in split.values() for i in part["train"])
+        if not train_ids:
+            self._record("finetune", {"skipped": "no training labels"})
+            return None
+        spec = self.config.finetune.trainer
+        lot_hash = self._stage_done("label")["lot_hash"]
+        model_id = "model-" + settings_hash(
+            {"trainer": spec.model_dump(), "train": train_ids, "parent": self.potential.describe()}
+        )
+        if not self.store.models.count_documents({"_id": model_id}, limit=1):
+            record = {
+                "family": spec.name,
+                "trainer": spec.model_dump(),
+                "parent": self.potential.describe(),
+                "training": {
+                    "label_ids": train_ids,
+                    "query": {"_id": {"$in": train_ids}},
+                    "holdout_label_ids": sorted(i for p in split.values() for i in p["holdout"]),
+                },
+                "level_of_theory_hash": lot_hash,
+                "level_of_theory": self._stage_done("label")["level_of_theory"],
+                "run_id": self.run_id,
+            }
+            self.progress("finetune", 0, 1)
+            train_model(
+                client,
+                store_uri=self.store_uri,
+                database=self.store.db.name,
+                model_id=model_id,
+                trainer=spec.model_dump(),
+                train_label_ids=train_ids,
+                val_label_ids=[],
+                workdir=str(self.run_dir / "training" / model_id),
+                record=record,
+            )
+            self.progress("finetune", 1, 1)
+        self._record("finetune", {"model_id": model_id, "n_train": len(train_ids)})
+        return model_id
+
+    def _labelled(self, label_ids: list[str]) -> list[LabelledStructure]:
+        return [
+            LabelledStructure(atoms=atoms, structure_id=structure["_id"], label_id=label["_id"])
+            for atoms, structure, label in self.store.labelled_atoms({"_id": {"$in": label_ids}})
+        ]
+
+    def fine_tuned_potential(self, model_id: str) -> Potential:
+        doc = self.store.models.find_one({"_id": model_id})
+        path, sha256 = self.store.fetch_checkpoint(model_id, self.run_dir / "models")
+        params = {
+            **doc.get("potential_params", {}),
+            "checkpoint": str(path),
+            "checkpoint_sha256": sha256,
+        }
+        return POTENTIALS.build(doc.get("potential", doc["family"]), params)
+
+    def stage_evaluate(
+        self, split: dict[str, dict[str, list[str]]], model_id: str | None
+    ) -> dict[str, Any]:
+        from pestle.evaluation.metrics import evaluate_potential
+        from pestle.evaluation.plots import parity_plot
+
+        holdout_ids = sorted(i for part in split.values() for i in part["holdout"])
+        holdout = self._labelled(holdout_ids)
+        models: dict[str, Potential] = {"pretrained": self.potential}
+        if model_id is not None:
+            models["fine-tuned"] = self.fine_tuned_potential(model_id)
+        results = (
+            {name: evaluate_potential(pot, holdout) for name, pot in models.items()}
+            if holdout
+            else {}
+        )
+        plots: dict[str, str] = {}
+        for system in sorted({s for r in results.values() for s in r}):
+            arrays = {name: r[system]["arrays"] for name, r in results.items() if system in r}
+            reference = next(iter(arrays.values()))["reference"]
+            path = parity_plot(
+                reference,
+                {name: a["predicted"] for name, a in arrays.items()},
+                self.run_dir / f"parity-forces-{system}.png",
+                title=f"{system}: held-out forces vs {self._stage_done('label')['labeller']}",
+            )
+            plots[system] = path.name
+        summary = {
+            name: {system: {k: v for k, v in m.items() if k != "arrays"} for system, m in r.items()}
+            for name, r in results.items()
+        }
+        outcome = {
+            "holdout_label_ids": holdout_ids,
+            "metrics": summary,
+            "plots": plots,
+            "models": {k: v.describe() for k, v in models.items()},
+        }
+        self._record("evaluate", outcome)
+        if model_id is not None and "fine-tuned" in summary:
+            self.store.models.update_one(
+                {"_id": model_id}, {"$set": {f"evaluation.{self.run_id}": summary["fine-tuned"]}}
+            )
+        return outcome
+
+    def stage_report(self, evaluation: dict[str, Any], model_id: str | None) -> Path:
+        from pestle.engine.report import write_report
+
+        run = self.store.get_run(self.run_id)
+        path = write_report(run, evaluation, model_id, self.run_dir)
+        self._record("report", {"path": str(path)})
+        return path

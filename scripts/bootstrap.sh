@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Set pestle up on a fresh Debian machine and run something with it:
+#   scripts/bootstrap.sh quickstart   # the quickstart campaign; prints its report's path last
+#   scripts/bootstrap.sh test         # lint and the test suite (what CI runs)
+#   scripts/bootstrap.sh setup        # only set up
+# Installs the Debian packages GPAW builds and runs against (as root, or through sudo),
+# creates .venv in the repository, installs CPU torch and pestle into it. A second call with
+# nothing changed skips straight to the work.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+# The CPU build of torch; a plain "torch" from PyPI is a multi-GB CUDA build.
+TORCH_SPEC="${PESTLE_TORCH_SPEC:-torch==2.13.0}"
+APT_PACKAGES=(gpaw-data libxc-dev libblas-dev liblapack-dev libopenmpi-dev libscalapack-mpi-dev
+              libfftw3-dev pkg-config)
+
+say() { printf '\033[1m[pestle setup]\033[0m %s\n' "$*" >&2; }
+
+install_system_packages() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    say "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+install_python_packages() {
+    local stamp="$VENV/.pestle-setup" want
+    want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    say "installing $TORCH_SPEC (CPU) and pestle into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" >&2
+    "$VENV/bin/python" -m pip install -q -e ".[embedded-db,dev]" >&2
+    echo "$want" > "$stamp"
+}
+
+setup() {
+    install_system_packages
+    install_python_packages
+    if [ -z "${GPAW_SETUP_PATH:-}" ] && [ -d /usr/share/gpaw-setups ]; then
+        export GPAW_SETUP_PATH=/usr/share/gpaw-setups
+    fi
+    export PATH="$VENV/bin:$PATH"
+}
+
+case "${1:-}" in
+    setup)
+        setup ;;
+    quickstart)
+        setup
+        pestle run configs/quickstart.yaml "${@:2}" ;;
+    test)
+        setup
+        ruff check pestle tests benchmarks
+        ruff format --check pestle tests benchmarks
+        python -m pytest "${@:2}" ;;
+    *)
+        echo "usage: scripts/bootstrap.sh setup|quickstart|test [args...]" >&2
+        exit 2 ;;
+esac
