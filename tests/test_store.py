@@ -26,10 +26,14 @@ def test_schema_version_and_indexes(store: Store) -> None:
 
 def test_structures_deduplicate_and_keep_first_provenance(store: Store) -> None:
     atoms = rattled_si()
-    sid, new = store.add_structure(atoms, kind="candidate", provenance={"sampler": "rattle"}, run_id="a")
+    sid, new = store.add_structure(
+        atoms, kind="candidate", provenance={"sampler": "rattle"}, run_id="a"
+    )
     assert new
     permuted = atoms[::-1]  # same structure, other atom order
-    sid2, new2 = store.add_structure(permuted, kind="candidate", provenance={"sampler": "strain"}, run_id="b")
+    sid2, new2 = store.add_structure(
+        permuted, kind="candidate", provenance={"sampler": "strain"}, run_id="b"
+    )
     assert sid2 == sid and not new2
     doc = store.structures.find_one({"_id": sid})
     assert doc["provenance"]["sampler"] == "rattle"
@@ -44,7 +48,14 @@ def test_label_written_once(store: Store) -> None:
     atoms = rattled_si()
     sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "rattle"})
     forces = np.random.default_rng(0).normal(size=(len(atoms), 3))
-    kwargs = dict(labeller="emt", level_of_theory={"code": "emt"}, lot_hash="abc", energy=-1.0, forces=forces, stress=np.zeros(6))
+    kwargs = dict(
+        labeller="emt",
+        level_of_theory={"code": "emt"},
+        lot_hash="abc",
+        energy=-1.0,
+        forces=forces,
+        stress=np.zeros(6),
+    )
     assert store.put_label(sid, **kwargs)
     assert not store.put_label(sid, **kwargs)
     assert store.labels.count_documents({}) == 1
@@ -62,7 +73,9 @@ def test_big_arrays_go_to_gridfs(store: Store) -> None:
     doc = store.structures.find_one({"_id": sid})
     assert "gridfs" in doc["positions"]
     forces = np.ones((len(atoms), 3))
-    store.put_label(sid, labeller="x", level_of_theory={}, lot_hash="h", energy=0.0, forces=forces, stress=None)
+    store.put_label(
+        sid, labeller="x", level_of_theory={}, lot_hash="h", energy=0.0, forces=forces, stress=None
+    )
     label = store.labels.find_one()
     assert "gridfs" in label["forces"]
     np.testing.assert_allclose(store.get_atoms(sid).positions, atoms.positions)
@@ -133,5 +146,11 @@ def test_model_checkpoint_roundtrip_and_checksum(store: Store, tmp_path) -> None
 
 
 def test_mask_uri_hides_password() -> None:
-    assert mask_uri("mongodb://alice:s3cret@db.example:27017/x") == "mongodb://alice:***@db.example:27017/x"
-    assert mask_uri("mongodb://127.0.0.1:1/?directConnection=true") == "mongodb://127.0.0.1:1/?directConnection=true"
+    assert (
+        mask_uri("mongodb://alice:s3cret@db.example:27017/x")
+        == "mongodb://alice:***@db.example:27017/x"
+    )
+    assert (
+        mask_uri("mongodb://127.0.0.1:1/?directConnection=true")
+        == "mongodb://127.0.0.1:1/?directConnection=true"
+    )

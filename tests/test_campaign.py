@@ -1,0 +1,202 @@
+"""A miniature campaign end to end on real components: CHGNet scoring, GPAW labels on a Dask
+LocalCluster, a MongoDB-compatible server over TCP, a one-epoch CHGNet fine-tune, evaluation.
+Then idempotence (a second run adds nothing) and a run killed mid-labelling that resumes to
+exactly the records of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ase.io import read
+
+from pestle.store import Store
+
+pytestmark = pytest.mark.slow
+
+PESTLE = str(Path(sys.executable).with_name("pestle"))
+
+
+def mini_config(tmp_path: Path, database: str) -> Path:
+    config = {
+        "name": "mini",
+        "seed": 3,
+        "work_dir": str(tmp_path / "work"),
+        # The same crystal twice under two names: stored once.
+        "seeds": [
+            {
+                "name": "Si-prim",
+                "bulk": "Si",
+                "crystalstructure": "diamond",
+                "a": 5.43,
+                "cubic": False,
+            },
+            {
+                "name": "Si-again",
+                "bulk": "Si",
+                "crystalstructure": "diamond",
+                "a": 5.43,
+                "cubic": False,
+            },
+        ],
+        "samplers": [
+            {"name": "rattle", "params": {"amplitudes": [0.08, 0.15], "per_amplitude": 2}},
+            {"name": "strain", "params": {"max_strain": 0.05, "count": 2}},
+        ],
+        "potential": {"name": "chgnet", "params": {"model": "0.3.0"}},
+        "selection": {"per_system": 3},
+        "labeller": {"name": "gpaw", "params": {"ecut": 200, "kpoint_density": 1.0}},
+        "finetune": {"trainer": {"name": "chgnet", "params": {"epochs": 1}}},
+        "evaluation": {"holdout_fraction": 0.34},
+        "store": {"database": database},
+        "dask": {"n_workers": 2},
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def pestle(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([PESTLE, *args], env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pestle {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def snapshot(store: Store) -> dict[str, set]:
+    return {
+        name: {d["_id"] for d in store.db[name].find({}, {"_id": 1})}
+        for name in ("structures", "labels", "models", "jobs")
+    }
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory, mongo_uri):
+    tmp_path = tmp_path_factory.mktemp("campaign")
+    database = f"pestle_e2e_{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
+    config = mini_config(tmp_path, database)
+    first = pestle("run", str(config), env=env)
+    store = Store(mongo_uri, database)
+    yield {"config": config, "env": env, "store": store, "output": first.stdout, "tmp": tmp_path}
+    store.client.drop_database(database)
+    store.close()
+
+
+def test_run_stores_everything_with_provenance(campaign) -> None:
+    store: Store = campaign["store"]
+    run = store.runs.find_one()
+    assert run["state"] == "finished"
+    report = Path(run["report"])
+    assert report.is_file() and campaign["output"].strip().endswith(str(report))
+    assert list(report.parent.glob("parity-forces-Si.png"))
+
+    seeds = list(store.structures.find({"kind": "seed"}))
+    assert len(seeds) == 1  # the duplicate seed is stored once
+    candidates = list(store.structures.find({"kind": "candidate"}))
+    assert len(candidates) == 6
+    for doc in candidates:
+        prov = doc["provenance"]
+        assert prov["sampler"] in {"rattle", "strain"}
+        assert prov["parent_id"] == seeds[0]["_id"]
+        assert isinstance(prov["rng_seed"], int) and prov["params"]
+        assert prov["code_versions"]["chgnet"] and prov["run_id"] == run["_id"]
+
+    labels = list(store.labels.find())
+    assert len(labels) == 3
+    for label in labels:
+        lot = label["level_of_theory"]
+        assert lot["code"] == "gpaw" and lot["xc"] == "PBE" and lot["ecut"] == 200
+        assert lot["version"] and lot["setups"]
+        assert np.isfinite(label["energy"]) and np.asarray(label["forces"]).shape == (2, 3)
+        assert len(label["stress"]) == 6
+    assert store.job_counts() == {"done": 3}
+
+    [model] = list(store.models.find())
+    holdout = set(model["training"]["holdout_label_ids"])
+    train = set(model["training"]["label_ids"])
+    assert train and holdout and not train & holdout
+    assert train | holdout == {label["_id"] for label in labels}
+    assert len(model["checkpoint"]["sha256"]) == 64
+
+    metrics = run["stages"]["evaluate"]["metrics"]
+    for name in ("pretrained", "fine-tuned"):
+        fit = metrics[name]["Si"]["softening"]
+        assert 0.2 < fit["slope"] < 2.0 and fit["ci_low"] <= fit["slope"] <= fit["ci_high"]
+    text = report.read_text()
+    assert "softening scale" in text and "fine-tuned" in text and "pretrained" in text
+
+
+def test_second_run_adds_nothing(campaign) -> None:
+    store: Store = campaign["store"]
+    before = snapshot(store)
+    pestle("run", str(campaign["config"]), env=campaign["env"])
+    assert snapshot(store) == before
+    assert store.labels.count_documents({}) == 3
+
+
+def test_query_and_export(campaign) -> None:
+    env, config = campaign["env"], str(campaign["config"])
+    out = pestle(
+        "query", "-c", config, "--json", "kind=candidate", "provenance.sampler=strain", env=env
+    ).stdout
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert len(docs) == 2 and all(d["provenance"]["sampler"] == "strain" for d in docs)
+    table = pestle("query", "-c", config, "-C", "labels", env=env).stdout
+    assert "gpaw" in table
+    target = campaign["tmp"] / "labels.extxyz"
+    pestle("export", "-c", config, "--format", "extxyz", "--output", str(target), env=env)
+    images = read(target, index=":")
+    assert len(images) == 3
+    stored = {d["_id"]: d for d in campaign["store"].labels.find()}
+    for atoms in images:
+        label = stored[atoms.info["label_id"]]
+        assert atoms.get_potential_energy() == pytest.approx(label["energy"])
+        np.testing.assert_allclose(atoms.get_forces(), label["forces"], atol=1e-6)
+        assert atoms.info["sampler"] in {"rattle", "strain"}
+        assert json.loads(atoms.info["level_of_theory"])["code"] == "gpaw"
+    bad = pestle("query", "-c", config, "{nope", env=env, check=False)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+
+
+def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -> None:
+    database = f"pestle_kill_{uuid.uuid4().hex[:8]}"
+    config = mini_config(tmp_path, database)
+    env = campaign["env"]
+    store = Store(mongo_uri, database)
+    try:
+        process = subprocess.Popen(
+            [PESTLE, "run", str(config)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            if store.labels.count_documents({}) >= 1:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run finished before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)  # the whole run: driver, scheduler, workers
+        process.wait()
+        assert store.runs.find_one()["state"] == "running"
+        assert store.labels.count_documents({}) < 3
+
+        pestle("run", str(config), env=env)
+        assert store.runs.find_one()["state"] == "finished"
+        assert snapshot(store) == snapshot(campaign["store"])
+        assert store.job_counts() == {"done": 3}
+        assert store.labels.count_documents({}) == 3
+    finally:
+        store.client.drop_database(database)
+        store.close()
