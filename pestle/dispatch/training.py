@@ -65,17 +65,18 @@ def run_training_job(
     return model_id
 
 
+def pick_training_placement(client) -> tuple[dict[str, int] | None, str]:
+    """(Dask resources to ask for, device preference): a GPU worker when the cluster has one."""
+    if workers_with_gpu(client):
+        return {"GPU": 1}, "cuda"
+    log.info("no worker offers a GPU: fine-tuning on a CPU worker")
+    return None, "cpu"
+
+
 def train_model(client, **job: Any) -> str:
     """Run ``run_training_job`` on a GPU worker when the cluster has one, else on any worker."""
-    gpu_workers = workers_with_gpu(client)
-    resources = {"GPU": 1} if gpu_workers else None
-    if not gpu_workers:
-        log.info("no worker offers a GPU: fine-tuning on a CPU worker")
+    resources, device = pick_training_placement(client)
     future = client.submit(
-        run_training_job,
-        **job,
-        device_preference="cuda" if gpu_workers else "cpu",
-        resources=resources,
-        pure=False,
+        run_training_job, **job, device_preference=device, resources=resources, pure=False
     )
     return future.result()

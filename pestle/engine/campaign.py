@@ -273,10 +273,12 @@ class Campaign:
         job_ids = []
         already = 0
         for sid in structure_ids:
-            if self.store.labels.count_documents({"_id": label_id(sid, lot_hash)}, limit=1):
+            job_id = f"label-{sid}-{lot_hash}"
+            job = self.store.jobs.find_one({"_id": job_id}, {"state": 1})
+            labelled = self.store.labels.count_documents({"_id": label_id(sid, lot_hash)}, limit=1)
+            if labelled and (job is None or job["state"] == "done"):
                 already += 1
                 continue
-            job_id = f"label-{sid}-{lot_hash}"
             self.store.enqueue_job(
                 job_id,
                 "label",

@@ -60,6 +60,16 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def label_id(structure_id: str, lot_hash: str) -> str:
     return f"{structure_id}-{lot_hash}"
 
@@ -395,6 +405,27 @@ class Store:
             },
         )
         return state
+
+    def expire_orphaned_leases(self) -> int:
+        """Expire the leases of running jobs whose worker process, on this host, is gone.
+
+        A killed run leaves its jobs ``running`` until their leases lapse; a worker name is
+        ``host:pid``, so on the same host a dead pid proves the lease is orphaned and the job
+        can be taken over at once instead of after the lease time. Other hosts' leases are
+        left to expire on their own.
+        """
+        host = socket.gethostname()
+        orphaned = []
+        for job in self.jobs.find({"state": JOB_RUNNING}, {"worker": 1}):
+            name, _, pid = str(job.get("worker", "")).rpartition(":")
+            if name == host and pid.isdigit() and not pid_alive(int(pid)):
+                orphaned.append(job["_id"])
+        if orphaned:
+            self.jobs.update_many(
+                {"_id": {"$in": orphaned}, "state": JOB_RUNNING},
+                {"$set": {"lease_expires": utcnow() - timedelta(seconds=1)}},
+            )
+        return len(orphaned)
 
     def requeue_failed(self, job_filter: Mapping[str, Any] | None = None) -> int:
         result = self.jobs.update_many(

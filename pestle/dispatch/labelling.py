@@ -1,0 +1,222 @@
+"""Labelling as Dask tasks under store leases.
+
+The store's ``jobs`` collection, not Dask, is the source of truth: a task claims its job with
+a lease, renews the lease from a heartbeat thread while the calculation runs, stores the label
+and marks the job done. If a worker dies the lease lapses (at once, when the dead process was
+on this host) and the driver submits the job again; if two tasks race for one job, the claim
+lets only one run, and the label's unique id lets only one be stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pestle.dispatch")
+
+DEFAULT_LEASE_SECONDS = 120.0
+TERMINAL = ("done", "failed")
+
+LabelProgress = Callable[[int, int, str, str], None]  # (done, total, job_id, state)
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a job's lease until stopped; notes if the lease was lost to someone else."""
+
+    def __init__(self, store, job_id: str, worker: str, lease_seconds: float) -> None:
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.store, self.job_id, self.worker = store, job_id, worker
+        self.lease_seconds = lease_seconds
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_seconds / 4):
+            try:
+                if not self.store.renew_lease(self.job_id, self.worker, self.lease_seconds):
+                    self.lost = True
+                    return
+            except Exception:  # a store hiccup: try again at the next beat
+                log.warning("could not renew the lease of %s", self.job_id, exc_info=True)
+
+
+def run_label_job(
+    store_uri: str,
+    database: str,
+    job_id: str,
+    work_root: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> dict[str, Any]:
+    """Claim, compute and store one label. Runs on a Dask worker; returns the job's state."""
+    from pestle.labelers import LABELLERS, LabelError, level_of_theory_hash
+    from pestle.store import Store, label_id, worker_name
+
+    worker = worker_name()
+    with Store(store_uri, database) as store:
+        job = store.claim_job(job_id, worker, lease_seconds)
+        if job is None:  # done, failed, not yet due, or running under someone's live lease
+            current = store.jobs.find_one({"_id": job_id}, {"state": 1}) or {}
+            return {"job_id": job_id, "state": current.get("state", "missing"), "claimed": False}
+        heartbeat = _Heartbeat(store, job_id, worker, lease_seconds)
+        heartbeat.start()
+        try:
+            payload = job["payload"]
+            spec = payload["labeller"]
+            labeller = LABELLERS.build(spec["name"], spec.get("params", {}))
+            lot_hash = level_of_theory_hash(labeller)
+            if lot_hash != payload["lot_hash"]:
+                # Another code version or setup set on this worker: the label would be filed
+                # under a level of theory it was not computed at.
+                raise LabelError(
+                    f"worker's level of theory {labeller.level_of_theory()} hashes to "
+                    f"{lot_hash}, the job asked for {payload['lot_hash']}"
+                )
+            structure_id = payload["structure_id"]
+            lid = label_id(structure_id, lot_hash)
+            if store.labels.count_documents({"_id": lid}, limit=1):
+                # A previous attempt stored the label and died before closing the job.
+                heartbeat.stopped.set()
+                store.finish_job(job_id, worker, {"label_id": lid, "stored": False})
+                return {"job_id": job_id, "state": "done", "claimed": True}
+            atoms = store.get_atoms(structure_id)
+            started = time.perf_counter()
+            result = labeller.label(atoms, Path(work_root) / job_id)
+            seconds = time.perf_counter() - started
+            stored = store.put_label(
+                structure_id,
+                labeller=labeller.name,
+                level_of_theory=labeller.level_of_theory(),
+                lot_hash=lot_hash,
+                energy=result.energy,
+                forces=result.forces,
+                stress=result.stress,
+                job_id=job_id,
+                extra={**result.extra, "wall_seconds": round(seconds, 3), "worker": worker},
+            )
+            heartbeat.stopped.set()
+            finished = store.finish_job(
+                job_id,
+                worker,
+                {
+                    "label_id": label_id(structure_id, lot_hash),
+                    "stored": stored,
+                    "seconds": seconds,
+                },
+            )
+            return {"job_id": job_id, "state": "done" if finished else "lost", "claimed": True}
+        except LabelError as exc:
+            heartbeat.stopped.set()
+            state = store.fail_job(
+                job_id,
+                worker,
+                f"{type(exc).__name__}: {exc}",
+                traceback.format_exc(),
+                retryable=False,
+            )
+            return {"job_id": job_id, "state": state, "claimed": True, "error": str(exc)}
+        except Exception as exc:
+            heartbeat.stopped.set()
+            state = store.fail_job(
+                job_id,
+                worker,
+                f"{type(exc).__name__}: {exc}",
+                traceback.format_exc(),
+                retryable=True,
+            )
+            return {"job_id": job_id, "state": state, "claimed": True, "error": str(exc)}
+        finally:
+            heartbeat.stopped.set()
+            heartbeat.join(timeout=5)
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)  # pymongo returns naive UTC by default
+    return moment
+
+
+def label_jobs(
+    client,
+    store,
+    job_ids: Sequence[str],
+    *,
+    store_uri: str,
+    work_root: str,
+    progress: LabelProgress | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    poll_seconds: float = 0.5,
+    timeout_seconds: float | None = None,
+) -> dict[str, str]:
+    """Drive jobs to a terminal state on the Dask cluster; returns {job_id: state}.
+
+    Submits every job that is claimable (queued and due, or whose lease lapsed), waits for jobs
+    held by live leases (another driver's workers, say), and resubmits jobs that come back to
+    the queue after a retryable failure or a dead worker.
+    """
+    progress = progress or (lambda done, total, job_id, state: None)
+    pending = set(job_ids)
+    states: dict[str, str] = {}
+    in_flight: dict[str, Any] = {}  # job id -> future
+    attempts: dict[str, int] = {}
+    started = time.monotonic()
+    store.expire_orphaned_leases()
+    while pending:
+        if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
+            raise TimeoutError(f"{len(pending)} labelling jobs unfinished: {sorted(pending)[:5]}")
+        for job_id, future in list(in_flight.items()):
+            if future.done():
+                del in_flight[job_id]
+                if future.status == "error":
+                    # The task itself crashed (e.g. the worker was killed): the lease will
+                    # lapse and the job be taken again below.
+                    log.warning("labelling task %s errored: %r", job_id, future.exception())
+        now = datetime.now(timezone.utc)
+        docs = {
+            d["_id"]: d
+            for d in store.jobs.find(
+                {"_id": {"$in": sorted(pending)}},
+                {"state": 1, "not_before": 1, "lease_expires": 1, "worker": 1},
+            )
+        }
+        held_elsewhere = False
+        for job_id in sorted(pending):
+            doc = docs.get(job_id)
+            if doc is None:
+                raise KeyError(f"labelling job {job_id} is not in the store")
+            state = doc["state"]
+            if state in TERMINAL:
+                pending.discard(job_id)
+                states[job_id] = state
+                progress(len(states), len(job_ids), job_id, state)
+                continue
+            if job_id in in_flight:
+                continue
+            claimable = (state == "queued" and _as_utc(doc.get("not_before")) <= now) or (
+                state == "running" and _as_utc(doc.get("lease_expires")) < now
+            )
+            if state == "running" and not claimable:
+                held_elsewhere = True
+            if claimable:
+                attempts[job_id] = attempts.get(job_id, 0) + 1
+                in_flight[job_id] = client.submit(
+                    run_label_job,
+                    store_uri,
+                    store.db.name,
+                    job_id,
+                    work_root,
+                    lease_seconds,
+                    key=f"label-{job_id}-{attempts[job_id]}",
+                    pure=False,
+                    retries=0,
+                )
+        if held_elsewhere:
+            store.expire_orphaned_leases()
+        if pending:
+            time.sleep(poll_seconds)
+    return states

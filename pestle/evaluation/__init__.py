@@ -1,0 +1,1 @@
+"""Evaluate potentials against reference labels: softening scale, errors, parity plots."""

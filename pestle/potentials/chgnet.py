@@ -1,0 +1,253 @@
+"""CHGNet as a pestle potential: pretrained weights from chgnet's wheel or a fine-tuned file.
+
+Units are converted to ASE's (see ``pestle.potentials``): CHGNet predicts energy per atom,
+forces in eV/A and stress as a 3x3 tensor in GPa. Its stress already follows ASE's sign
+convention (``chgnet.model.dynamics.CHGNetCalculator`` only multiplies by ``ase.units.GPa``),
+so converting is a unit factor and a 3x3 -> Voigt reduction, never a sign flip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import threading
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ase import Atoms, units
+from ase.stress import full_3x3_to_voigt_6_stress
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pestle.potentials import POTENTIALS, Prediction
+
+if TYPE_CHECKING:
+    from chgnet.model.model import CHGNet
+
+log = logging.getLogger("pestle.potentials.chgnet")
+
+# Names CHGNet.load accepts; their weights ship inside chgnet's wheel (no download).
+PRETRAINED_MODELS = ("0.3.0", "0.2.0", "r2scan")
+CHECKPOINT_FORMAT = "pestle-chgnet-1"
+
+
+class ChecksumError(ValueError):
+    """A checkpoint file is not the one its recorded sha256 names."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def chgnet_version() -> str:
+    try:
+        return version("chgnet")
+    except PackageNotFoundError:  # pragma: no cover - chgnet is a dependency
+        return "unknown"
+
+
+def save_checkpoint(model: CHGNet, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``model`` in the layout ``CHGNet.from_file`` reads (``{"model": as_dict()}``),
+    plus our provenance. Only tensors, containers and plain scalars go in, so the file
+    loads back with ``torch.load(weights_only=True)``."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.as_dict(),
+        "pestle": {"format": CHECKPOINT_FORMAT, "chgnet_version": chgnet_version(), **metadata},
+    }
+    torch.save(state, path)
+    return path
+
+
+def load_chgnet(
+    model: str = "0.3.0",
+    checkpoint: str | Path | None = None,
+    checkpoint_sha256: str | None = None,
+    device: str = "cpu",
+) -> CHGNet:
+    """A CHGNet on ``device``: the checkpoint when given, else the named pretrained model."""
+    import torch
+    from chgnet.model.model import CHGNet
+
+    if checkpoint is None:
+        # Pretrained weights come from chgnet's own wheel, which we trust like its code.
+        return CHGNet.load(model_name=model, use_device=device, verbose=False)
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"CHGNet checkpoint {path} does not exist")
+    if checkpoint_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != checkpoint_sha256.lower():
+            raise ChecksumError(
+                f"CHGNet checkpoint {path} has sha256 {actual}, expected {checkpoint_sha256}"
+            )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # Files written by chgnet's own Trainer may pickle arbitrary objects in
+        # trainer_args. Executing a pickle is only acceptable for a file we can prove is
+        # the one we recorded.
+        if checkpoint_sha256 is None:
+            raise ValueError(
+                f"CHGNet checkpoint {path} holds more than tensors and plain data; refusing "
+                "to unpickle it without checkpoint_sha256 to verify it first"
+            ) from exc
+        log.warning("loading %s with full unpickling (its sha256 was verified)", path)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    model_dict = state.get("model", state)
+    if not {"state_dict", "model_args"} <= set(model_dict):
+        raise ValueError(f"{path} is not a CHGNet checkpoint (no model state_dict/model_args)")
+    return CHGNet.from_dict(model_dict).to(device)
+
+
+def check_pretrained_name(name: str) -> str:
+    if name not in PRETRAINED_MODELS:
+        known = ", ".join(PRETRAINED_MODELS)
+        raise ValueError(f"unknown pretrained CHGNet {name!r} (known: {known})")
+    return name
+
+
+def pack_by_atom_count(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
+    """Indices grouped into consecutive batches of at most ``max_atoms`` atoms.
+
+    Memory grows with the atoms (and their neighbours) in a batch, not with the number of
+    structures, so the cap is on atoms; one structure above the cap runs alone.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if current and total + size > max_atoms:
+            batches.append(current)
+            current, total = [], 0
+        current.append(index)
+        total += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+@POTENTIALS.register("chgnet")
+class CHGNetPotential:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        model: str = "0.3.0"
+        checkpoint: Path | None = None  # fine-tuned file; takes precedence over ``model``
+        checkpoint_sha256: str | None = None
+        device: str = "auto"
+        # Peak memory is roughly proportional to atoms x neighbours: ~25 MB per atom for
+        # dense LiF on CPU (chgnet builds a double-backward graph even at inference).
+        max_atoms_per_batch: int = Field(128, ge=1)
+
+        _known_model = field_validator("model")(check_pretrained_name)
+
+        @field_validator("checkpoint_sha256")
+        @classmethod
+        def _hex_digest(cls, value: str | None) -> str | None:
+            if value is None:
+                return None
+            value = value.strip().lower()
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError("checkpoint_sha256 must be 64 hexadecimal characters")
+            return value
+
+    def __init__(self, params: Params | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+        self._model: CHGNet | None = None
+        self._device: str | None = None
+        self._sha256: str | None = self.params.checkpoint_sha256
+        self._lock = threading.Lock()
+
+    # Dask ships instances to workers: send the settings, never the loaded weights.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_model"] = None
+        state["_device"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            from pestle.devices import pick_device
+
+            self._device = pick_device(self.params.device)
+        return self._device
+
+    def load_model(self) -> CHGNet:
+        """The CHGNet behind this potential, loaded on first use and kept."""
+        with self._lock:
+            if self._model is None:
+                model = load_chgnet(
+                    self.params.model,
+                    self.params.checkpoint,
+                    self.params.checkpoint_sha256,
+                    self.device,
+                )
+                # Forces and stress are autograd derivatives w.r.t. positions and strain,
+                # so torch.no_grad is impossible; freezing the weights at least keeps
+                # autograd from recording graphs back to the parameters.
+                model.requires_grad_(False)
+                model.eval()
+                # Same tolerance as chgnet's ASE calculator: a sampler may make a sparse cell.
+                model.graph_converter.set_isolated_atom_response("warn")
+                self._model = model
+            return self._model
+
+    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        if not structures:
+            return []
+        model = self.load_model()
+        extensive = model.is_intensive  # CHGNet's energy is per atom when intensive
+        results: list[Prediction | None] = [None] * len(structures)
+        sizes = [len(atoms) for atoms in structures]
+        for batch in pack_by_atom_count(sizes, self.params.max_atoms_per_batch):
+            # A copy without the calculator: the adaptor would otherwise carry labels along.
+            pmg = [AseAtomsAdaptor.get_structure(structures[i].copy()) for i in batch]
+            raw = model.predict_structure(pmg, task="efs", batch_size=len(pmg))
+            raw = [raw] if isinstance(raw, dict) else raw
+            for index, out in zip(batch, raw, strict=True):
+                n_atoms = sizes[index]
+                energy = float(out["e"]) * (n_atoms if extensive else 1)
+                stress = full_3x3_to_voigt_6_stress(np.asarray(out["s"], dtype=float) * units.GPa)
+                results[index] = Prediction(
+                    energy=energy,
+                    forces=np.asarray(out["f"], dtype=float).reshape(n_atoms, 3),
+                    stress=np.asarray(stress, dtype=float),
+                )
+        return [r for r in results if r is not None]
+
+    def checkpoint_sha256(self) -> str | None:
+        if self.params.checkpoint is None:
+            return None
+        if self._sha256 is None and Path(self.params.checkpoint).is_file():
+            self._sha256 = sha256_file(self.params.checkpoint)
+        return self._sha256
+
+    def describe(self) -> dict:
+        checkpoint = self.params.checkpoint
+        return {
+            "family": "chgnet",
+            "model": None if checkpoint is not None else self.params.model,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "checkpoint_sha256": self.checkpoint_sha256(),
+            "chgnet_version": chgnet_version(),
+        }

@@ -1,0 +1,70 @@
+"""Random homogeneous strains: symmetric strain tensors up to a maximum principal strain."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+from pestle.samplers.rattle import make_supercell
+
+
+def random_strain(rng: np.random.Generator, max_strain: float) -> np.ndarray:
+    """A symmetric 3x3 Green-Lagrange-free (small, engineering) strain tensor with its largest
+    principal strain uniformly in [-max_strain, max_strain] and a random orientation."""
+    principal = rng.uniform(-max_strain, max_strain, size=3)
+    # Random rotation from the QR decomposition of a Gaussian matrix (Haar measure).
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    return q @ np.diag(principal) @ q.T
+
+
+@SAMPLERS.register("strain")
+class StrainSampler:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        max_strain: float = Field(
+            default=0.05, gt=0, le=0.3, description="largest |principal strain|"
+        )
+        count: int = Field(default=5, ge=1, le=10_000)
+        rattle: float = Field(
+            default=0.0,
+            ge=0,
+            le=1.0,
+            description="optional Gaussian displacement (A) on top, so forces are not all zero",
+        )
+        supercell: tuple[int, int, int] = (1, 1, 1)
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
+        base = make_supercell(seed.atoms, self.params.supercell)
+        children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=self.params.count)
+        candidates = []
+        for index, child in enumerate(children):
+            child_seed = int(child)
+            rng = sampler_rng(child_seed)
+            strain = random_strain(rng, self.params.max_strain)
+            atoms = base.copy()
+            atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+            if self.params.rattle > 0:
+                atoms.positions += rng.normal(0.0, self.params.rattle, size=(len(atoms), 3))
+            candidates.append(
+                Candidate(
+                    atoms=atoms,
+                    sampler=self.name,
+                    params={
+                        "strain": np.round(strain, 10).tolist(),
+                        "volumetric_strain": float(np.trace(strain)),
+                        "max_strain": self.params.max_strain,
+                        "rattle": self.params.rattle,
+                        "supercell": list(self.params.supercell),
+                        "index": index,
+                    },
+                    parent_id=seed.id,
+                    rng_seed=child_seed,
+                )
+            )
+        return candidates

@@ -1,0 +1,200 @@
+"""Labelling and training dispatch on a real Dask LocalCluster against a real store server:
+leases, orphaned jobs, races, non-retryable failures, and GPU-resource routing on CPU."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from pestle.config import DaskSpec
+from pestle.dispatch.cluster import make_client
+from pestle.dispatch.labelling import label_jobs, run_label_job
+from pestle.dispatch.training import workers_with_gpu
+from pestle.labelers import LABELLERS, level_of_theory_hash
+from pestle.store import Store, label_id
+from pestle.store.store import utcnow
+
+EMT_SPEC = {"name": "emt", "params": {}}
+
+
+def enqueue(store: Store, atoms, *, max_attempts: int = 3) -> tuple[str, str]:
+    sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "test"})
+    lot_hash = level_of_theory_hash(LABELLERS.build("emt", {}))
+    job_id = f"label-{sid}-{lot_hash}"
+    store.enqueue_job(
+        job_id,
+        "label",
+        {"structure_id": sid, "labeller": EMT_SPEC, "lot_hash": lot_hash},
+        max_attempts=max_attempts,
+    )
+    return sid, job_id
+
+
+def rattled_cu(seed: int):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.1, seed=seed)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def client():
+    with make_client(DaskSpec(n_workers=2, threads_per_worker=1)) as client:
+        yield client
+
+
+def test_local_workers_advertise_cpu_not_gpu(client) -> None:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    assert len(workers) == 2
+    assert all(w["resources"] == {"CPU": 1} for w in workers.values())
+    assert workers_with_gpu(client) == []
+
+
+def test_jobs_run_on_workers_and_labels_match_the_calculator(
+    client, store: Store, mongo_uri: str, tmp_path
+) -> None:
+    structures = [rattled_cu(seed) for seed in range(4)]
+    jobs = [enqueue(store, atoms) for atoms in structures]
+    seen = []
+    states = label_jobs(
+        client,
+        store,
+        [j for _, j in jobs],
+        store_uri=mongo_uri,
+        work_root=str(tmp_path),
+        progress=lambda done, total, job_id, state: seen.append((done, total)),
+        timeout_seconds=300,
+    )
+    assert set(states.values()) == {"done"} and seen[-1] == (4, 4)
+    lot_hash = jobs[0][1].rsplit("-", 1)[1]
+    workers = set()
+    for atoms, (sid, job_id) in zip(structures, jobs, strict=True):
+        label = store.labels.find_one({"_id": label_id(sid, lot_hash)})
+        reference = atoms.copy()
+        reference.calc = EMT()
+        assert label["energy"] == pytest.approx(reference.get_potential_energy(), abs=1e-10)
+        np.testing.assert_allclose(label["forces"], reference.get_forces(), atol=1e-10)
+        assert label["level_of_theory"]["code"] == "ase-emt" and label["job_id"] == job_id
+        job = store.jobs.find_one({"_id": job_id})
+        assert job["state"] == "done" and job["attempts"] == 1
+        workers.add(job["worker"])
+    # The work ran in the worker processes, not in the driver.
+    assert all(not w.endswith(f":{__import__('os').getpid()}") for w in workers)
+
+
+def test_unlabellable_structure_fails_once_without_retry(client, store, mongo_uri, tmp_path):
+    _, job_id = enqueue(store, bulk("Si", "diamond", a=5.43))  # EMT has no Si
+    states = label_jobs(
+        client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=120
+    )
+    assert states == {job_id: "failed"}
+    job = store.jobs.find_one({"_id": job_id})
+    assert job["attempts"] == 1 and "LabelError" in job["error"] and "Si" in job["error"]
+    assert store.labels.count_documents({}) == 0
+
+
+def test_orphaned_lease_of_a_dead_process_is_taken_over(client, store, mongo_uri, tmp_path):
+    _, job_id = enqueue(store, rattled_cu(7))
+    # A worker on this host that died mid-calculation, its lease still an hour long.
+    dead = f"{socket.gethostname()}:{2**22 + 12345}"
+    assert store.claim_job(job_id, dead, lease_seconds=3600)
+    states = label_jobs(
+        client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=120
+    )
+    assert states == {job_id: "done"}
+    job = store.jobs.find_one({"_id": job_id})
+    assert job["attempts"] == 2 and job["worker"] != dead
+
+
+def test_live_lease_elsewhere_is_waited_for_then_taken(client, store, mongo_uri, tmp_path):
+    _, job_id = enqueue(store, rattled_cu(8))
+    assert store.claim_job(job_id, "another-host:1", lease_seconds=2)
+    with pytest.raises(TimeoutError):
+        label_jobs(
+            client,
+            store,
+            [job_id],
+            store_uri=mongo_uri,
+            work_root=str(tmp_path),
+            timeout_seconds=0.8,
+        )
+    assert store.jobs.find_one({"_id": job_id})["worker"] == "another-host:1"
+    states = label_jobs(
+        client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=60
+    )
+    assert states == {job_id: "done"}
+
+
+def test_racing_tasks_compute_one_label(store, mongo_uri, tmp_path) -> None:
+    _, job_id = enqueue(store, rattled_cu(9))
+    results = []
+
+    def attempt() -> None:
+        results.append(run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path)))
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r["claimed"] for r in results) == 1
+    assert store.labels.count_documents({}) == 1
+    assert store.jobs.find_one({"_id": job_id})["attempts"] == 1
+
+
+def test_label_stored_before_a_crash_is_not_recomputed(store, mongo_uri, tmp_path) -> None:
+    sid, job_id = enqueue(store, rattled_cu(10))
+    run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    before = store.labels.find_one()
+    # As if the worker died after storing the label but before closing the job.
+    store.jobs.update_one(
+        {"_id": job_id},
+        {
+            "$set": {
+                "state": "running",
+                "worker": "gone:1",
+                "lease_expires": utcnow() - timedelta(seconds=1),
+            }
+        },
+    )
+    result = run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    assert result["state"] == "done"
+    assert store.labels.find_one() == before and store.labels.count_documents({}) == 1
+
+
+def test_retryable_error_backs_off_then_fails(store, mongo_uri, tmp_path) -> None:
+    _, job_id = enqueue(store, rattled_cu(11), max_attempts=2)
+    store.structures.delete_many({})  # the structure vanished: an error worth retrying
+    first = run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    assert first["state"] == "queued"
+    job = store.jobs.find_one({"_id": job_id})
+    assert job["not_before"] > job["history"][-1]["at"]  # backoff before the next attempt
+    store.jobs.update_one({"_id": job_id}, {"$set": {"not_before": utcnow()}})
+    second = run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    assert second["state"] == "failed"
+
+
+def test_training_asks_for_a_gpu_worker_when_one_exists() -> None:
+    """A cluster whose worker advertises GPU=1 (as `dask worker --resources GPU=1` does):
+    pestle routes fine-tuning there; on this CPU-only machine the task falls back to CPU."""
+    from distributed import Client, LocalCluster
+
+    from pestle.dispatch.training import pick_training_placement
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as gpu_client,
+    ):
+        assert len(workers_with_gpu(gpu_client)) == 1
+        resources, device = pick_training_placement(gpu_client)
+        assert resources == {"GPU": 1} and device == "cuda"
+        from pestle.devices import pick_device
+
+        assert gpu_client.submit(pick_device, device, resources=resources).result() == "cpu"
