@@ -188,7 +188,7 @@ def test_training_asks_for_a_gpu_worker_when_one_exists() -> None:
 
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None
+            n_workers=1, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as gpu_client,
     ):

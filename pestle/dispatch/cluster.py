@@ -42,7 +42,7 @@ def make_client(spec: DaskSpec) -> Iterator[object]:
         memory_limit=spec.memory_limit,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address=":0",
         resources={"CPU": spec.threads_per_worker},
         env={k: v for k, v in worker_environment().items() if k not in os.environ},
     )

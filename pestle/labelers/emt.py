@@ -1,0 +1,42 @@
+"""ASE's effective-medium theory as a reference: cheap, deterministic, for tests and demos
+of the loop on metals. Not a substitute for DFT in a real campaign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ase
+from ase import Atoms
+from ase.calculators.emt import EMT, parameters
+from pydantic import BaseModel, ConfigDict
+
+from pestle.labelers import LABELLERS, LabelError, LabelResult
+from pestle.labelers.gpaw import check_result
+
+
+@LABELLERS.register("emt")
+class EMTLabeller:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def level_of_theory(self) -> dict[str, Any]:
+        return {"code": "ase-emt", "version": ase.__version__}
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        unsupported = sorted(set(atoms.get_chemical_symbols()) - set(parameters))
+        if unsupported:
+            raise LabelError(
+                f"EMT has no parameters for {', '.join(unsupported)} "
+                f"(it knows {', '.join(sorted(parameters))})"
+            )
+        atoms = atoms.copy()
+        atoms.calc = EMT()
+        energy = atoms.get_potential_energy()
+        forces = atoms.get_forces()
+        stress = atoms.get_stress(voigt=True) if atoms.pbc.all() else None
+        check_result(energy, forces, stress)
+        return LabelResult(energy=float(energy), forces=forces, stress=stress)

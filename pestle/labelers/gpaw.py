@@ -1,0 +1,224 @@
+"""GPAW plane-wave DFT labels.
+
+The level of theory names everything that changes the numbers: code version, functional,
+cutoff, k-point density, smearing, spin, SCF convergence criteria and the PAW setups, the last
+as a digest of the setup files' contents (a folder path differs between machines, the
+physics does not). A worker whose setups differ from the driver's computes a different hash,
+and the dispatcher refuses to file its label under the wrong level of theory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import kptdensity2monkhorstpack
+from pydantic import BaseModel, ConfigDict, Field
+
+from pestle.labelers import LABELLERS, LabelError, LabelResult
+
+# Elements whose compounds are routinely magnetic: spin polarisation is switched on for them
+# when ``spinpol`` is left to pestle. Everything else is computed spin-paired.
+MAGNETIC_ELEMENTS = frozenset(
+    {"V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Mo", "Ru", "Rh", "Ce", "Pr", "Nd", "Sm", "Eu", "Gd",
+     "Tb", "Dy", "Ho", "Er", "Tm", "Yb", "U", "Np", "Pu"}
+)  # fmt: skip
+# Forces beyond this are not physics but a broken calculation (overlapping cores).
+MAX_PLAUSIBLE_FORCE = 1000.0  # eV/A
+
+SMEARING_NAMES = {
+    "fermi-dirac": "fermi-dirac",
+    "marzari-vanderbilt": "marzari-vanderbilt",
+    "gaussian": "gaussian",
+}
+
+
+def setup_search_paths() -> list[Path]:
+    import gpaw
+
+    return [Path(p) for p in gpaw.setup_paths]
+
+
+@functools.lru_cache(maxsize=16)
+def setup_dataset(setup_name: str) -> dict[str, Any]:
+    """Identify the PAW dataset GPAW will load for ``setup_name`` (e.g. "PBE"): the first
+    folder on GPAW's search path holding such setups, digested by file names and contents."""
+    for folder in setup_search_paths():
+        files = sorted(folder.glob(f"*.{setup_name}.gz")) + sorted(folder.glob(f"*.{setup_name}"))
+        if not files:
+            continue
+        digest = hashlib.sha256()
+        for path in sorted(files, key=lambda p: p.name):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        version = folder.resolve().name.removeprefix("gpaw-setups-")
+        return {
+            "name": "paw",
+            "functional": setup_name,
+            "files": len(files),
+            "sha256": digest.hexdigest(),
+            # Folders named gpaw-setups-X.Y.Z carry their release; Debian's does not.
+            "release": version if version[:1].isdigit() else None,
+        }
+    searched = ", ".join(str(p) for p in setup_search_paths()) or "nothing"
+    raise LabelError(
+        f"no GPAW PAW setups for {setup_name} found (searched {searched}); install Debian's "
+        "gpaw-data and set GPAW_SETUP_PATH to its folder (dpkg -L gpaw-data)"
+    )
+
+
+@LABELLERS.register("gpaw")
+class GPAWLabeller:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        xc: str = "PBE"
+        ecut: float = Field(default=400.0, gt=0, le=3000, description="plane-wave cutoff, eV")
+        kpoint_density: float = Field(
+            default=3.0,
+            gt=0,
+            description="k-points per reciprocal-lattice length (1/A), as ASE's kptdensity",
+        )
+        gamma_centered: bool = True
+        smearing: Literal["fermi-dirac", "marzari-vanderbilt", "gaussian"] = "fermi-dirac"
+        smearing_width: float = Field(default=0.05, ge=0, le=2.0, description="eV")
+        spinpol: bool | None = Field(
+            default=None, description="None: spin-polarised iff a magnetic element is present"
+        )
+        convergence: dict[str, float] = Field(
+            default_factory=lambda: {"energy": 1e-6, "density": 1e-5, "eigenstates": 1e-8},
+            description="GPAW SCF criteria (energy in eV per valence electron)",
+        )
+        maxiter: int = Field(default=200, ge=1)
+        parallel_ranks: int = Field(
+            default=1, ge=1, description="MPI ranks per calculation (1 = serial in the worker)"
+        )
+        txt: bool = Field(default=True, description="keep GPAW's log as gpaw.txt in the job folder")
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        if params.parallel_ranks != 1:
+            raise ValueError(
+                "labeller.params.parallel_ranks: only serial GPAW inside a Dask worker is "
+                "supported so far; scale out with more workers"
+            )
+
+    def _setup_name(self) -> str:
+        from gpaw.xc import XC
+
+        try:
+            return XC(self.params.xc).get_setup_name()
+        except Exception as exc:
+            raise LabelError(f"labeller.params.xc: GPAW does not know {self.params.xc!r}") from exc
+
+    def level_of_theory(self) -> dict[str, Any]:
+        import gpaw
+
+        p = self.params
+        return {
+            "code": "gpaw",
+            "version": gpaw.__version__,
+            "mode": "pw",
+            "xc": p.xc,
+            "ecut": p.ecut,
+            "kpoint_density": p.kpoint_density,
+            "gamma_centered": p.gamma_centered,
+            "smearing": {"name": p.smearing, "width": p.smearing_width},
+            "spinpol": "auto" if p.spinpol is None else p.spinpol,
+            "convergence": dict(sorted(p.convergence.items())),
+            "setups": setup_dataset(self._setup_name()),
+        }
+
+    def kpoints(self, atoms: Atoms) -> list[int]:
+        if not atoms.pbc.any():
+            return [1, 1, 1]
+        mesh = kptdensity2monkhorstpack(atoms, kptdensity=self.params.kpoint_density, even=False)
+        return [int(k) if periodic else 1 for k, periodic in zip(mesh, atoms.pbc, strict=True)]
+
+    def spin_polarised(self, atoms: Atoms) -> bool:
+        if self.params.spinpol is not None:
+            return self.params.spinpol
+        return bool(MAGNETIC_ELEMENTS & set(atoms.get_chemical_symbols()))
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        from gpaw import GPAW, PW, ConvergenceError
+
+        p = self.params
+        setup_dataset(self._setup_name())  # fail early and clearly if setups are missing
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        atoms = atoms.copy()
+        atoms.calc = None
+        kpts = self.kpoints(atoms)
+        spinpol = self.spin_polarised(atoms)
+        if spinpol and not atoms.get_initial_magnetic_moments().any():
+            atoms.set_initial_magnetic_moments([1.0] * len(atoms))
+        calc = GPAW(
+            mode=PW(p.ecut),
+            xc=p.xc,
+            kpts={"size": kpts, "gamma": p.gamma_centered},
+            occupations={"name": SMEARING_NAMES[p.smearing], "width": p.smearing_width},
+            spinpol=spinpol,
+            convergence=dict(p.convergence),
+            maxiter=p.maxiter,
+            txt=str(workdir / "gpaw.txt") if p.txt else None,
+            parallel={"domain": 1, "band": 1},
+        )
+        atoms.calc = calc
+        started = time.perf_counter()
+        try:
+            # The free energy is the one consistent with the forces under smearing.
+            energy = atoms.get_potential_energy(force_consistent=True)
+            forces = atoms.get_forces()
+            stress = atoms.get_stress(voigt=True) if atoms.pbc.all() else None
+        except ConvergenceError as exc:
+            raise LabelError(f"GPAW SCF did not converge in {p.maxiter} iterations") from exc
+        except FileNotFoundError as exc:
+            raise LabelError(f"GPAW could not read its setups: {exc}") from exc
+        seconds = time.perf_counter() - started
+        check_result(energy, forces, stress)
+        extra: dict[str, Any] = {
+            "kpts": kpts,
+            "scf_iterations": int(calc.get_number_of_iterations()),
+            # Per-element md5 of the setup files GPAW actually loaded (it prints them too).
+            "setup_fingerprints": {
+                symbol: calc.setups[index].fingerprint
+                for symbol, index in sorted(
+                    {s: i for i, s in enumerate(atoms.get_chemical_symbols())}.items()
+                )
+            },
+            "fermi_level": _finite_or_none(calc.get_fermi_level()),
+            "gpaw_seconds": round(seconds, 3),
+            "spinpol": spinpol,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        }
+        if spinpol:
+            extra["magmom"] = float(calc.get_magnetic_moment())
+        return LabelResult(energy=float(energy), forces=forces, stress=stress, extra=extra)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_result(energy: float, forces: np.ndarray, stress: np.ndarray | None) -> None:
+    """Refuse numbers no physical calculation produces."""
+    if not math.isfinite(energy):
+        raise LabelError(f"non-finite energy {energy}")
+    if not np.all(np.isfinite(forces)):
+        raise LabelError("non-finite forces")
+    worst = float(np.abs(forces).max()) if forces.size else 0.0
+    if worst > MAX_PLAUSIBLE_FORCE:
+        raise LabelError(f"force component of {worst:.3g} eV/A is not physical")
+    if stress is not None and not np.all(np.isfinite(stress)):
+        raise LabelError("non-finite stress")
