@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+
+# Repetitions of the seed cell along its three lattice vectors.
+Supercell = tuple[PositiveInt, PositiveInt, PositiveInt]
 
 
 def make_supercell(atoms, supercell: tuple[int, int, int]):
@@ -23,13 +26,14 @@ class RattleSampler:
             description="standard deviations of the displacement per axis, in Angstrom",
         )
         per_amplitude: int = Field(default=3, ge=1, le=10_000)
-        supercell: tuple[int, int, int] = (1, 1, 1)
+        supercell: Supercell = (1, 1, 1)
 
-        def model_post_init(self, _context) -> None:
-            if any(a <= 0 or a > 1.5 for a in self.amplitudes):
+        @field_validator("amplitudes")
+        @classmethod
+        def _physical_amplitudes(cls, value: list[float]) -> list[float]:
+            if any(a <= 0 or a > 1.5 for a in value):
                 raise ValueError("amplitudes must lie in (0, 1.5] Angstrom")
-            if any(n < 1 for n in self.supercell):
-                raise ValueError("supercell multiples must be >= 1")
+            return value
 
     def __init__(self, params: Params) -> None:
         self.params = params

@@ -6,12 +6,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
-from pestle.samplers.rattle import make_supercell
+from pestle.samplers.rattle import Supercell, make_supercell
 
 
 def random_strain(rng: np.random.Generator, max_strain: float) -> np.ndarray:
-    """A symmetric 3x3 Green-Lagrange-free (small, engineering) strain tensor with its largest
-    principal strain uniformly in [-max_strain, max_strain] and a random orientation."""
+    """A symmetric 3x3 small-strain tensor: principal strains uniform in
+    [-max_strain, max_strain], principal axes in a uniformly random orientation."""
     principal = rng.uniform(-max_strain, max_strain, size=3)
     # Random rotation from the QR decomposition of a Gaussian matrix (Haar measure).
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -34,7 +34,7 @@ class StrainSampler:
             le=1.0,
             description="optional Gaussian displacement (A) on top, so forces are not all zero",
         )
-        supercell: tuple[int, int, int] = (1, 1, 1)
+        supercell: Supercell = (1, 1, 1)
 
     def __init__(self, params: Params) -> None:
         self.params = params
