@@ -86,6 +86,10 @@ def run(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # Dask logs every worker start and stop at INFO; read at import by the scheduler
+        # and inherited by the worker processes.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     cfg = _load(config)
     if workers is not None:
         cfg.dask.n_workers = workers

@@ -67,12 +67,18 @@ class DaskSpec(_Strict):
 class SelectionSpec(_Strict):
     selector: PluginSpec = Field(default_factory=lambda: PluginSpec(name="topk"))
     per_system: int = Field(default=6, ge=1, description="labels to request per chemical system")
-    max_atoms_per_batch: int = Field(default=256, ge=1)
 
 
 class FinetuneSpec(_Strict):
     enabled: bool = True
     trainer: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
+    validation_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="share of each system's training labels kept out of the gradient steps "
+        "to choose the best epoch (0: choose on the training loss)",
+    )
 
 
 class EvaluationSpec(_Strict):

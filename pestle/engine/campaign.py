@@ -68,6 +68,11 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _share(fraction: float, n: int) -> int:
+    """How many of ``n`` items a fraction takes: at least one, never all."""
+    return min(max(1, math.ceil(fraction * n)), n - 1) if n > 1 else 0
+
+
 class Campaign:
     """Runs the stages of one config against one store."""
 
@@ -328,17 +333,21 @@ class Campaign:
         return {k: sorted(v) for k, v in sorted(by_system.items())}
 
     def stage_split(self) -> dict[str, dict[str, list[str]]]:
-        """Deterministic train / held-out split per chemical system (by hashed label id)."""
-        fraction = self.config.evaluation.holdout_fraction
+        """Deterministic split per chemical system (by hashed label id) into held-out labels
+        (evaluation only), validation labels (epoch choice) and training labels."""
+        holdout_fraction = self.config.evaluation.holdout_fraction
+        validation_fraction = self.config.finetune.validation_fraction
         split: dict[str, dict[str, list[str]]] = {}
         for system, ids in self._selected_labels().items():
             ordered = sorted(ids, key=lambda i: stable_seed(self.config.seed, "holdout", i))
-            n_hold = (
-                min(max(1, math.ceil(fraction * len(ordered))), len(ordered) - 1)
-                if len(ordered) > 1
-                else 0
-            )
-            split[system] = {"holdout": sorted(ordered[:n_hold]), "train": sorted(ordered[n_hold:])}
+            n_hold = _share(holdout_fraction, len(ordered))
+            rest = ordered[n_hold:]
+            n_val = _share(validation_fraction, len(rest)) if validation_fraction else 0
+            split[system] = {
+                "holdout": sorted(ordered[:n_hold]),
+                "validation": sorted(rest[:n_val]),
+                "train": sorted(rest[n_val:]),
+            }
         self._record("split", split)
         return split
 
@@ -349,13 +358,19 @@ class Campaign:
         from pestle.dispatch.training import train_model
 
         train_ids = sorted(i for part in split.values() for i in part["train"])
+        val_ids = sorted(i for part in split.values() for i in part.get("validation", []))
         if not train_ids:
             self._record("finetune", {"skipped": "no training labels"})
             return None
         spec = self.config.finetune.trainer
         lot_hash = self._stage_done("label")["lot_hash"]
         model_id = "model-" + settings_hash(
-            {"trainer": spec.model_dump(), "train": train_ids, "parent": self.potential.describe()}
+            {
+                "trainer": spec.model_dump(),
+                "train": train_ids,
+                "validation": val_ids,
+                "parent": self.potential.describe(),
+            }
         )
         if not self.store.models.count_documents({"_id": model_id}, limit=1):
             record = {
@@ -364,6 +379,7 @@ class Campaign:
                 "parent": self.potential.describe(),
                 "training": {
                     "label_ids": train_ids,
+                    "validation_label_ids": val_ids,
                     "query": {"_id": {"$in": train_ids}},
                     "holdout_label_ids": sorted(i for p in split.values() for i in p["holdout"]),
                 },
@@ -379,12 +395,15 @@ class Campaign:
                 model_id=model_id,
                 trainer=spec.model_dump(),
                 train_label_ids=train_ids,
-                val_label_ids=[],
+                val_label_ids=val_ids,
                 workdir=str(self.run_dir / "training" / model_id),
                 record=record,
             )
             self.progress("finetune", 1, 1)
-        self._record("finetune", {"model_id": model_id, "n_train": len(train_ids)})
+        self._record(
+            "finetune",
+            {"model_id": model_id, "n_train": len(train_ids), "n_validation": len(val_ids)},
+        )
         return model_id
 
     def _labelled(self, label_ids: list[str]) -> list[LabelledStructure]:

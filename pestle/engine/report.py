@@ -136,7 +136,9 @@ def write_report(
     lines += ["## Fine-tuning", ""]
     if model_id:
         lines.append(
-            f"Model `{model_id}` trained on {finetune.get('n_train')} labelled structures."
+            f"Model `{model_id}` trained on {finetune.get('n_train')} labelled structures; "
+            f"{finetune.get('n_validation', 0)} more chose the best epoch (none: the "
+            "training loss chose it)."
         )
     else:
         lines.append(f"No fine-tuning: {finetune.get('skipped', 'disabled')}.")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import pickle
 import threading
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,6 +33,11 @@ log = logging.getLogger("pestle.potentials.chgnet")
 # Names CHGNet.load accepts; their weights ship inside chgnet's wheel (no download).
 PRETRAINED_MODELS = ("0.3.0", "0.2.0", "r2scan")
 CHECKPOINT_FORMAT = "pestle-chgnet-1"
+
+
+# chgnet 0.4 builds cell volumes with torch.tensor(list of tensors); harmless, but torch
+# warns on every batch.
+TENSOR_TO_SCALAR_WARNING = "Converting a tensor with requires_grad=True to a scalar"
 
 
 class ChecksumError(ValueError):
@@ -222,7 +228,9 @@ class CHGNetPotential:
         for batch in pack_by_atom_count(sizes, self.params.max_atoms_per_batch):
             # A copy without the calculator: the adaptor would otherwise carry labels along.
             pmg = [AseAtomsAdaptor.get_structure(structures[i].copy()) for i in batch]
-            raw = model.predict_structure(pmg, task="efs", batch_size=len(pmg))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+                raw = model.predict_structure(pmg, task="efs", batch_size=len(pmg))
             raw = [raw] if isinstance(raw, dict) else raw
             for index, out in zip(batch, raw, strict=True):
                 n_atoms = sizes[index]

@@ -18,9 +18,11 @@ has to learn the interaction part. Elements absent from the labels keep their re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +34,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pestle.potentials.chgnet import (
+    TENSOR_TO_SCALAR_WARNING,
     check_pretrained_name,
     load_chgnet,
     pack_by_atom_count,
@@ -255,7 +258,14 @@ class CHGNetTrainer:
             trainer.starting_epoch, trainer.epochs = epoch, epoch + 1
             meter.reset()
             done_before = len(trainer.training_history["e"]["train"])
-            trainer.train(train_loader, val_loader, save_dir="", train_composition_model=False)
+            # chgnet's Trainer prints per-step lines; they go to a log beside the checkpoint.
+            with (
+                open(workdir / "chgnet-train.log", "a") as log_file,
+                contextlib.redirect_stdout(log_file),
+                warnings.catch_warnings(),
+            ):
+                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+                trainer.train(train_loader, val_loader, save_dir="", train_composition_model=False)
             train_loss, val_loss = meter.mean("train"), meter.mean("val")
             if len(trainer.training_history["e"]["train"]) == done_before or not (
                 math.isfinite(train_loss) and math.isfinite(val_loss)
