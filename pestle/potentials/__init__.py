@@ -37,4 +37,4 @@ class Potential(Protocol):
 
 POTENTIALS: Registry[Potential] = Registry("potential")
 
-from pestle.potentials import chgnet  # noqa: E402,F401  (registration)
+from pestle.potentials import chgnet, emt  # noqa: E402,F401  (registration)

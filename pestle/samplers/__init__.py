@@ -6,12 +6,14 @@ Protocol: a registered class with a nested pydantic ``Params`` model and
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from ase import Atoms
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from pestle.registry import Registry
 
@@ -51,4 +53,30 @@ def sampler_rng(rng_seed: int) -> np.random.Generator:
     return np.random.default_rng(rng_seed)
 
 
-from pestle.samplers import rattle, strain  # noqa: E402,F401  (registration)
+class PotentialChoice(BaseModel):
+    """The potential a sampler drives dynamics or relaxations with (``md``, ``migration``,
+    Boltzmann-weighted ``rattle``): a registered potential's name and params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "chgnet"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self):
+        from pestle.potentials import POTENTIALS
+
+        return POTENTIALS.build(self.name, self.params)
+
+    def calculator(self):
+        from pestle.potentials.calculator import PotentialCalculator
+
+        return PotentialCalculator(self.build())
+
+
+def _register_all() -> None:
+    """Import every module of this package, so a new sampler file registers itself."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()

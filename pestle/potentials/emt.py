@@ -1,0 +1,35 @@
+"""ASE's effective-medium theory as a Potential: an instant, analytic stand-in for a
+machine-learned model where a test or demo needs exact forces (e.g. energy conservation
+in MD on Cu, Ag, Au, Ni, Pd, Pt, Al)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ase
+from ase import Atoms
+from ase.calculators.emt import EMT
+from pydantic import BaseModel, ConfigDict
+
+from pestle.potentials import POTENTIALS, Prediction
+
+
+@POTENTIALS.register("emt")
+class EMTPotential:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, params: Params | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+        out = []
+        for atoms in structures:
+            atoms = atoms.copy()
+            atoms.calc = EMT()
+            stress = atoms.get_stress(voigt=True) if atoms.pbc.all() else None
+            out.append(Prediction(atoms.get_potential_energy(), atoms.get_forces(), stress))
+        return out
+
+    def describe(self) -> dict:
+        return {"family": "emt", "ase_version": ase.__version__}
