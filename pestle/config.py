@@ -34,10 +34,13 @@ class PluginSpec(_Strict):
 
 
 class SeedSpec(_Strict):
-    """A seed: a structure file, or a bulk crystal built with ``ase.build.bulk``."""
+    """A seed: a structure file, a bulk crystal built with ``ase.build.bulk``, or a
+    Materials Project query (material id ``mp-149``, chemical system ``Li-F`` or formula)."""
 
     name: str | None = None
     file: Path | None = None
+    mp: str | None = None
+    mp_limit: int = Field(default=1, ge=1, description="most stable structures to take")
     bulk: str | None = None  # e.g. "Si"
     crystalstructure: str | None = None  # e.g. "diamond", "rocksalt"
     a: float | None = Field(default=None, gt=0)
@@ -46,8 +49,9 @@ class SeedSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> SeedSpec:
-        if (self.file is None) == (self.bulk is None):
-            raise ValueError("give exactly one of 'file' or 'bulk'")
+        given = [k for k in ("file", "bulk", "mp") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'file', 'bulk' or 'mp' (got {given or 'none'})")
         return self
 
 

@@ -66,7 +66,7 @@ def test_bad_budget_and_seed(tmp_path: Path) -> None:
         load_config(write(tmp_path, data))
     data = minimal()
     data["seeds"] = [{"bulk": "Si", "file": "x.cif"}]
-    with pytest.raises(ConfigError, match="exactly one of 'file' or 'bulk'"):
+    with pytest.raises(ConfigError, match="exactly one of 'file', 'bulk' or 'mp'"):
         load_config(write(tmp_path, data))
 
 

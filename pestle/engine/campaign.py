@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pestle.config import CampaignConfig
-from pestle.engine.seeds import build_seed
+from pestle.engine.seeds import build_seeds
 from pestle.labelers import LABELLERS, level_of_theory_hash
 from pestle.potentials import POTENTIALS, Potential
 from pestle.provenance import code_versions
@@ -144,8 +144,13 @@ class Campaign:
     # -- stages ---------------------------------------------------------------------------
     def stage_seeds(self) -> list[Seed]:
         seeds = []
-        for spec in self.config.seeds:
-            name, atoms, source = build_seed(spec)
+        structures = [
+            seed
+            for index, spec in enumerate(self.config.seeds)
+            for seed in build_seeds(spec, f"seeds.{index}", self.store)
+        ]
+        for structure in structures:
+            name, atoms, source = structure.name, structure.atoms, structure.source
             sid, new = self.store.add_structure(
                 atoms,
                 kind="seed",

@@ -1,40 +1,170 @@
-"""Seed structures from a campaign config: structure files or ``ase.build.bulk`` crystals."""
+"""Seed structures from a campaign config: structure files (CIF, POSCAR, extxyz, anything
+``ase.io.read`` knows), ``ase.build.bulk`` crystals, or the Materials Project via mp-api.
+
+Structures fetched from the Materials Project are kept in the store with the query that
+found them, so a second run of the same config needs no network and no API key.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 from ase import Atoms
 from ase.build import bulk
 
 from pestle.config import ConfigError, SeedSpec
 
+log = logging.getLogger("pestle.seeds")
 
-def build_seed(spec: SeedSpec) -> tuple[str, Atoms, dict]:
-    """(name, atoms, source provenance) for one seed entry."""
-    if spec.file is not None:
-        from ase.io import read
+MP_FIELDS = ["material_id", "structure", "energy_above_hull", "formula_pretty", "symmetry"]
+_MATERIAL_ID = re.compile(r"^(mp|mvc)-\d+$")
 
-        try:
-            atoms = read(spec.file)
-        except Exception as exc:  # ase raises many types for unreadable files
-            raise ConfigError(f"seeds: cannot read structure file {spec.file}: {exc}") from None
-        source = {"file": str(spec.file)}
-        name = spec.name or spec.file.stem
-    else:
-        try:
-            atoms = bulk(spec.bulk, spec.crystalstructure, a=spec.a, cubic=spec.cubic)
-        except Exception as exc:
-            raise ConfigError(f"seeds: cannot build bulk {spec.bulk!r}: {exc}") from None
-        source = {
-            "ase.build.bulk": {
-                "name": spec.bulk,
-                "crystalstructure": spec.crystalstructure,
-                "a": spec.a,
-                "cubic": spec.cubic,
-            }
+
+@dataclass
+class SeedStructure:
+    name: str
+    atoms: Atoms
+    source: dict[str, Any]
+
+
+def mp_query(text: str) -> dict[str, str]:
+    """``mp-149`` -> material id; ``Li-F`` -> chemical system; ``LiF`` -> formula."""
+    text = text.strip()
+    if _MATERIAL_ID.match(text):
+        return {"material_ids": text}
+    if "-" in text:
+        return {"chemsys": "-".join(sorted(text.split("-")))}
+    return {"formula": text}
+
+
+def fetch_from_materials_project(
+    query: dict[str, str], limit: int, where: str
+) -> tuple[list[SeedStructure], str | None]:
+    """Structures matching ``query``, most stable first, and the MP database version."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if not os.environ.get("MP_API_KEY"):
+        raise ConfigError(
+            f"{where}: fetching from the Materials Project needs an API key in MP_API_KEY "
+            "(https://next-gen.materialsproject.org/api); a seed fetched once is reused from "
+            "the store without one"
+        )
+    try:
+        from mp_api.client import MPRester
+
+        # mp-api reads MP_API_ENDPOINT once, at import; read it per call so that a mirror
+        # (or a replay server in tests) set later is honoured.
+        endpoint = os.environ.get("MP_API_ENDPOINT") or None
+        with MPRester(endpoint=endpoint, mute_progress_bars=True) as rester:
+            search = dict(query)
+            if "material_ids" in search:
+                search["material_ids"] = [search["material_ids"]]
+            docs = rester.materials.summary.search(**search, fields=MP_FIELDS)
+            db_version = getattr(rester, "db_version", None)
+    except Exception as exc:  # mp-api raises requests, MPRestError, ValueError...
+        raise ConfigError(
+            f"{where}: the Materials Project query {query} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    if not docs:
+        raise ConfigError(f"{where}: the Materials Project has no structure for {query}")
+    docs = sorted(
+        docs,
+        key=lambda d: (
+            d.energy_above_hull if d.energy_above_hull is not None else float("inf"),
+            str(d.material_id),
+        ),
+    )[:limit]
+    fetched_at = datetime.now(timezone.utc).isoformat()
+    seeds = []
+    for doc in docs:
+        material_id = str(doc.material_id)
+        seeds.append(
+            SeedStructure(
+                name=f"{doc.formula_pretty or doc.structure.composition.reduced_formula}-{material_id}",
+                atoms=AseAtomsAdaptor.get_atoms(doc.structure),
+                source={
+                    "materials_project": {
+                        "query": query,
+                        "material_id": material_id,
+                        "energy_above_hull": doc.energy_above_hull,
+                        "database_version": db_version,
+                        "fetched_at": fetched_at,
+                    }
+                },
+            )
+        )
+    return seeds, db_version
+
+
+def _from_file(spec: SeedSpec, where: str) -> list[SeedStructure]:
+    from ase.io import read
+
+    try:
+        atoms = read(spec.file)
+    except Exception as exc:  # ase raises many types for unreadable files
+        raise ConfigError(f"{where}: cannot read structure file {spec.file}: {exc}") from None
+    return [SeedStructure(spec.name or spec.file.stem, atoms, {"file": str(spec.file)})]
+
+
+def _from_bulk(spec: SeedSpec, where: str) -> list[SeedStructure]:
+    try:
+        atoms = bulk(spec.bulk, spec.crystalstructure, a=spec.a, cubic=spec.cubic)
+    except Exception as exc:
+        raise ConfigError(f"{where}: cannot build bulk {spec.bulk!r}: {exc}") from None
+    source = {
+        "ase.build.bulk": {
+            "name": spec.bulk,
+            "crystalstructure": spec.crystalstructure,
+            "a": spec.a,
+            "cubic": spec.cubic,
         }
-        name = spec.name or spec.bulk
-    if tuple(spec.supercell) != (1, 1, 1):
-        atoms = atoms.repeat(spec.supercell)
-        source["supercell"] = list(spec.supercell)
-    atoms.calc = None
-    return name, atoms, source
+    }
+    return [SeedStructure(spec.name or spec.bulk, atoms, source)]
+
+
+def _from_materials_project(spec: SeedSpec, where: str, store) -> list[SeedStructure]:
+    query = mp_query(spec.mp)
+    if store is not None:
+        cached = list(
+            store.structures.find(
+                {"kind": "seed", "provenance.source.materials_project.query": query}
+            ).sort("provenance.source.materials_project.energy_above_hull", 1)
+        )
+        if len(cached) >= spec.mp_limit or (cached and "material_ids" in query):
+            log.info(
+                "%s: %d Materials Project seeds for %s from the store", where, len(cached), query
+            )
+            return [
+                SeedStructure(
+                    doc.get("name") or doc["_id"],
+                    store.atoms_from_doc(doc),
+                    doc["provenance"]["source"],
+                )
+                for doc in cached[: spec.mp_limit]
+            ]
+    seeds, _ = fetch_from_materials_project(query, spec.mp_limit, where)
+    if spec.name and len(seeds) == 1:
+        seeds[0].name = spec.name
+    return seeds
+
+
+def build_seeds(spec: SeedSpec, where: str = "seeds", store=None) -> list[SeedStructure]:
+    """The seed structures one config entry stands for (a Materials Project chemical system
+    may give several). ``store`` lets fetched structures be reused without network."""
+    if spec.file is not None:
+        seeds = _from_file(spec, where)
+    elif spec.bulk is not None:
+        seeds = _from_bulk(spec, where)
+    else:
+        seeds = _from_materials_project(spec, where, store)
+    for seed in seeds:
+        if tuple(spec.supercell) != (1, 1, 1):
+            seed.atoms = seed.atoms.repeat(spec.supercell)
+            seed.source = {**seed.source, "supercell": list(spec.supercell)}
+        seed.atoms.calc = None
+    return seeds
