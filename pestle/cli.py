@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import typing
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -391,6 +394,78 @@ def db_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> No
         console.print(f"not running ({root / 'db'})")
         raise typer.Exit(1)
     console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
+
+
+def plugin_rows(registry) -> list[tuple[str, str, str, str, str]]:
+    """(name, parameter, type, default, description) for every registered implementation."""
+    from pydantic_core import PydanticUndefined
+
+    rows = []
+    for name in registry.names():
+        cls = registry.get(name)
+        summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+        summary = summary.splitlines()[0] if summary else ""
+        fields = cls.Params.model_fields
+        if not fields:
+            rows.append((name, "", "", "", summary))
+        for index, (field_name, info) in enumerate(fields.items()):
+            if info.default is not PydanticUndefined:
+                default = repr(info.default)
+            elif info.default_factory is not None:
+                default = repr(info.default_factory())
+            else:
+                default = "(required)"
+            annotation = (
+                info.annotation.__name__
+                if isinstance(info.annotation, type) and typing.get_origin(info.annotation) is None
+                else re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", str(info.annotation))
+            )
+            rows.append(
+                (
+                    name if index == 0 else "",
+                    field_name,
+                    annotation.replace("typing.", ""),
+                    default,
+                    (summary + "\n" if index == 0 and summary else "") + (info.description or ""),
+                )
+            )
+    return rows
+
+
+def _list_plugins(kind: str, registry) -> None:
+    table = Table(title=f"{kind} (name: params in the config)", show_lines=True)
+    for column in ("name", "parameter", "type", "default", "description"):
+        table.add_column(column, overflow="fold")
+    for row in plugin_rows(registry):
+        table.add_row(*(escape(cell) for cell in row))  # "list[float]" is not rich markup
+    console.print(table)
+
+
+@app.command()
+def samplers() -> None:
+    """List the samplers with their parameters and defaults."""
+    from pestle.samplers import SAMPLERS
+
+    _list_plugins("samplers", SAMPLERS)
+
+
+@app.command()
+def plugins() -> None:
+    """List every registered sampler, potential, selector, labeller and trainer."""
+    from pestle.labelers import LABELLERS
+    from pestle.potentials import POTENTIALS
+    from pestle.samplers import SAMPLERS
+    from pestle.selectors import SELECTORS
+    from pestle.trainers import TRAINERS
+
+    for kind, registry in (
+        ("samplers", SAMPLERS),
+        ("potentials", POTENTIALS),
+        ("selectors", SELECTORS),
+        ("labellers", LABELLERS),
+        ("trainers", TRAINERS),
+    ):
+        _list_plugins(kind, registry)
 
 
 def main() -> None:  # pragma: no cover - console entry point

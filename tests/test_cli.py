@@ -42,3 +42,15 @@ def test_bad_config_exits_with_clear_message(tmp_path) -> None:
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2
     assert str(path) in result.output and "seeds" in result.output
+
+
+def test_samplers_lists_every_sampler_with_defaults() -> None:
+    from pestle.samplers import SAMPLERS
+
+    result = CliRunner().invoke(app, ["samplers"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in SAMPLERS.names():
+        assert f"│ {name} " in result.output
+        for field in SAMPLERS.get(name).Params.model_fields:
+            assert field in result.output
+    assert "[0.05, 0.1, 0.2]" in result.output and "list[float]" in result.output
