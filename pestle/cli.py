@@ -209,6 +209,13 @@ def parse_query(terms: list[str]) -> dict[str, Any]:
     return query
 
 
+def _parse_or_fail(terms: list[str] | None) -> dict[str, Any]:
+    try:
+        return parse_query(terms or [])
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _typed(value: str) -> Any:
     if value in ("true", "false"):
         return value == "true"
@@ -270,10 +277,7 @@ def query(
     """Query the store with a MongoDB filter."""
     if collection not in COLLECTIONS:
         _fail(f"--collection must be one of {', '.join(COLLECTIONS)}")
-    try:
-        mongo_filter = parse_query(terms or [])
-    except ValueError as exc:
-        _fail(str(exc))
+    mongo_filter = _parse_or_fail(terms)
     store = _open_store(config, work_dir)
     projection = None if as_json else dict.fromkeys(DEFAULT_COLUMNS[collection], 1)
     import pymongo
@@ -318,10 +322,7 @@ def export(
 
     if fmt != "extxyz":
         _fail(f"--format {fmt!r} is not supported (supported: extxyz)")
-    try:
-        label_filter = parse_query(terms or [])
-    except ValueError as exc:
-        _fail(str(exc))
+    label_filter = _parse_or_fail(terms)
     store = _open_store(config, work_dir)
     n = write_extxyz(store, output, label_filter)
     console.print(f"wrote {n} labelled structures to {output}")

@@ -110,24 +110,16 @@ def run_label_job(
                 },
             )
             return {"job_id": job_id, "state": "done" if finished else "lost", "claimed": True}
-        except LabelError as exc:
-            heartbeat.stopped.set()
-            state = store.fail_job(
-                job_id,
-                worker,
-                f"{type(exc).__name__}: {exc}",
-                traceback.format_exc(),
-                retryable=False,
-            )
-            return {"job_id": job_id, "state": state, "claimed": True, "error": str(exc)}
         except Exception as exc:
             heartbeat.stopped.set()
+            # A LabelError is the calculation's verdict (e.g. no SCF convergence): running it
+            # again gives the same. Anything else (a store hiccup, a killed process) may pass.
             state = store.fail_job(
                 job_id,
                 worker,
                 f"{type(exc).__name__}: {exc}",
                 traceback.format_exc(),
-                retryable=True,
+                retryable=not isinstance(exc, LabelError),
             )
             return {"job_id": job_id, "state": state, "claimed": True, "error": str(exc)}
         finally:

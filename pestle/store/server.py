@@ -76,7 +76,7 @@ def ping(uri: str, timeout_ms: int = 1000) -> bool:
         client.close()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,7 +117,7 @@ class EmbeddedServer:
             state = ServerState(**json.loads(self.state_file.read_text()))
         except (ValueError, TypeError):
             return None
-        if not _pid_alive(state.pid) or not ping(state.uri):
+        if not pid_alive(state.pid) or not ping(state.uri):
             return None
         return state
 
@@ -165,8 +165,8 @@ class EmbeddedServer:
                 return False
             os.kill(state.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _pid_alive(state.pid):
+            while time.monotonic() < deadline and pid_alive(state.pid):
                 time.sleep(0.1)
-            if _pid_alive(state.pid):
+            if pid_alive(state.pid):
                 os.kill(state.pid, signal.SIGKILL)
             return True

@@ -32,6 +32,7 @@ from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
 from pestle.provenance import code_versions
+from pestle.store.server import pid_alive
 from pestle.store.uri import mask_uri
 from pestle.structures import (
     atoms_from_dict,
@@ -58,16 +59,6 @@ def utcnow() -> datetime:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def label_id(structure_id: str, lot_hash: str) -> str:
