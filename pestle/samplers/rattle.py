@@ -1,10 +1,19 @@
-"""Gaussian rattling: every atom displaced by an independent normal draw per Cartesian axis."""
+"""Rattling: every atom displaced by an independent normal draw per Cartesian axis, either
+plainly (``gaussian``) or accepted with the Boltzmann factor of the energy change a potential
+predicts (``boltzmann``), so the structures stay thermally plausible at temperature T."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+import logging
+import math
+from typing import Literal
 
-from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+from ase import units
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, sampler_rng
+
+log = logging.getLogger("pestle.samplers.rattle")
 
 # Repetitions of the seed cell along its three lattice vectors.
 Supercell = tuple[PositiveInt, PositiveInt, PositiveInt]
@@ -17,6 +26,8 @@ def make_supercell(atoms, supercell: tuple[int, int, int]):
 
 @SAMPLERS.register("rattle")
 class RattleSampler:
+    """Gaussian displacements at several amplitudes, optionally Boltzmann-accepted."""
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +38,14 @@ class RattleSampler:
         )
         per_amplitude: int = Field(default=3, ge=1, le=10_000)
         supercell: Supercell = (1, 1, 1)
+        mode: Literal["gaussian", "boltzmann"] = "gaussian"
+        temperature: float | None = Field(default=None, gt=0, description="K, for mode boltzmann")
+        potential: PotentialChoice | None = Field(
+            default=None, description="energy model for mode boltzmann"
+        )
+        max_trials: int = Field(
+            default=50, ge=1, description="draws per accepted structure (boltzmann)"
+        )
 
         @field_validator("amplitudes")
         @classmethod
@@ -35,38 +54,66 @@ class RattleSampler:
                 raise ValueError("amplitudes must lie in (0, 1.5] Angstrom")
             return value
 
+        @model_validator(mode="after")
+        def _boltzmann_needs(self):
+            if self.mode == "boltzmann":
+                missing = [k for k in ("temperature", "potential") if getattr(self, k) is None]
+                if missing:
+                    raise ValueError(f"mode boltzmann needs {' and '.join(missing)}")
+            return self
+
     def __init__(self, params: Params) -> None:
         self.params = params
 
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
-        base = make_supercell(seed.atoms, self.params.supercell)
+        p = self.params
+        base = make_supercell(seed.atoms, p.supercell)
         # One child seed per candidate: each structure is reproducible on its own from
         # (rng_seed, index), independent of how many others were drawn.
         children = sampler_rng(rng_seed).integers(
-            0, 2**63 - 1, size=self.params.per_amplitude * len(self.params.amplitudes)
+            0, 2**63 - 1, size=p.per_amplitude * len(p.amplitudes)
         )
+        potential = p.potential.build() if p.mode == "boltzmann" else None
+        reference = potential.predict([base])[0].energy if potential is not None else None
         candidates = []
-        index = 0
-        for amplitude in self.params.amplitudes:
-            for _ in range(self.params.per_amplitude):
-                child_seed = int(children[index])
+        for index, child in enumerate(children):
+            amplitude = p.amplitudes[index // p.per_amplitude]
+            rng = sampler_rng(int(child))
+            params = {"amplitude": amplitude, "supercell": list(p.supercell), "index": index}
+            if potential is None:
                 atoms = base.copy()
-                atoms.positions += sampler_rng(child_seed).normal(
-                    0.0, amplitude, size=(len(atoms), 3)
+                atoms.positions += rng.normal(0.0, amplitude, size=(len(atoms), 3))
+            else:
+                atoms, accepted = self._boltzmann(base, amplitude, rng, potential, reference)
+                if atoms is None:
+                    log.info("rattle: nothing accepted in %d trials at %.3g A, %g K",
+                             p.max_trials, amplitude, p.temperature)  # fmt: skip
+                    continue
+                params |= {"mode": "boltzmann", "temperature": p.temperature, **accepted,
+                           "potential": potential.describe()}  # fmt: skip
+            candidates.append(
+                Candidate(
+                    atoms=atoms,
+                    sampler=self.name,
+                    params=params,
+                    parent_id=seed.id,
+                    rng_seed=int(child),
                 )
-                atoms.info.pop("pestle", None)
-                candidates.append(
-                    Candidate(
-                        atoms=atoms,
-                        sampler=self.name,
-                        params={
-                            "amplitude": amplitude,
-                            "supercell": list(self.params.supercell),
-                            "index": index,
-                        },
-                        parent_id=seed.id,
-                        rng_seed=child_seed,
-                    )
-                )
-                index += 1
+            )
         return candidates
+
+    def _boltzmann(self, base, amplitude, rng, potential, reference):
+        """Metropolis-style acceptance of one rattled structure against the unrattled seed."""
+        kT = units.kB * self.params.temperature
+        for trial in range(1, self.params.max_trials + 1):
+            atoms = base.copy()
+            atoms.positions += rng.normal(0.0, amplitude, size=(len(atoms), 3))
+            delta = potential.predict([atoms])[0].energy - reference
+            probability = 1.0 if delta <= 0 else math.exp(-delta / kT)
+            if rng.random() < probability:
+                return atoms, {
+                    "energy_change_eV": float(delta),
+                    "acceptance_probability": float(probability),
+                    "trials": trial,
+                }
+        return None, {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,10 +21,35 @@ def random_strain(rng: np.random.Generator, max_strain: float) -> np.ndarray:
     return q @ np.diag(principal) @ q.T
 
 
+def strain_tensors(
+    mode: str, count: int, max_strain: float, children: np.ndarray
+) -> list[np.ndarray]:
+    """``count`` strain tensors: random orientations, an isotropic E-V scan, or pure shears."""
+    if mode == "random":
+        return [random_strain(sampler_rng(int(c)), max_strain) for c in children]
+    if mode == "volume":
+        # Linear strains evenly over [-max, max]: volumes (1 + e)^3 V0 bracket the minimum.
+        values = np.linspace(-max_strain, max_strain, count) if count > 1 else [max_strain]
+        return [e * np.eye(3) for e in values]
+    tensors = []  # shear: each plane in turn, magnitudes evenly over (0, max]
+    planes = ((0, 1), (0, 2), (1, 2))
+    for index in range(count):
+        i, j = planes[index % 3]
+        magnitude = max_strain * (index // 3 + 1) / ((count - 1) // 3 + 1)
+        tensor = np.zeros((3, 3))
+        tensor[i, j] = tensor[j, i] = magnitude
+        tensors.append(tensor)
+    return tensors
+
+
 @SAMPLERS.register("strain")
 class StrainSampler:
+    """Homogeneous strains: random symmetric tensors, isotropic volume scans or pure shears."""
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
+
+        mode: Literal["random", "volume", "shear"] = "random"
 
         max_strain: float = Field(
             default=0.05, gt=0, le=0.3, description="largest |principal strain|"
@@ -42,11 +69,17 @@ class StrainSampler:
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
         base = make_supercell(seed.atoms, self.params.supercell)
         children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=self.params.count)
+        strains = strain_tensors(
+            self.params.mode, self.params.count, self.params.max_strain, children
+        )
         candidates = []
         for index, child in enumerate(children):
             child_seed = int(child)
+            # The random strain used this generator first; rattling continues from it.
             rng = sampler_rng(child_seed)
-            strain = random_strain(rng, self.params.max_strain)
+            if self.params.mode == "random":
+                random_strain(rng, self.params.max_strain)
+            strain = strains[index]
             atoms = base.copy()
             atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
             if self.params.rattle > 0:
@@ -56,7 +89,8 @@ class StrainSampler:
                     atoms=atoms,
                     sampler=self.name,
                     params={
-                        "strain": np.round(strain, 10).tolist(),
+                        "mode": self.params.mode,
+                        "strain": (np.round(strain, 10) + 0.0).tolist(),  # no -0.0
                         "volumetric_strain": float(np.trace(strain)),
                         "max_strain": self.params.max_strain,
                         "rattle": self.params.rattle,

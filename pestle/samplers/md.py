@@ -1,0 +1,92 @@
+"""Molecular-dynamics snapshots driven by a potential: thermally disordered structures at
+temperatures where the model's errors grow, sampled after equilibration."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ase import units
+from pydantic import BaseModel, ConfigDict, Field
+
+from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, sampler_rng
+from pestle.samplers.rattle import Supercell, make_supercell
+
+
+@SAMPLERS.register("md")
+class MDSampler:
+    """Langevin (NVT) or NVE dynamics with a potential; snapshots every k steps."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        potential: PotentialChoice = Field(default_factory=PotentialChoice)
+        temperatures: list[float] = Field(default=[300.0, 1000.0], min_length=1)
+        thermostat: Literal["langevin", "nve"] = "langevin"
+        timestep_fs: float = Field(default=1.0, gt=0, le=10)
+        friction_per_fs: float = Field(default=0.02, gt=0, description="Langevin friction")
+        equilibration_steps: int = Field(default=100, ge=0)
+        snapshot_every: int = Field(default=20, ge=1)
+        snapshots_per_temperature: int = Field(default=3, ge=1)
+        supercell: Supercell = (1, 1, 1)
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
+        from ase.constraints import FixCom
+        from ase.md.langevin import Langevin
+        from ase.md.velocitydistribution import Stationary, thermalize_momenta
+        from ase.md.verlet import VelocityVerlet
+
+        p = self.params
+        potential = p.potential.build()
+        described = potential.describe()
+        children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=len(p.temperatures))
+        candidates = []
+        for temperature, child in zip(p.temperatures, children, strict=True):
+            rng = sampler_rng(int(child))
+            atoms = make_supercell(seed.atoms, p.supercell)
+            atoms.calc = p.potential.calculator()
+            thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
+            Stationary(atoms)
+            atoms.set_constraint(FixCom())  # no drift of the whole cell
+            timestep = p.timestep_fs * units.fs
+            if p.thermostat == "langevin":
+                dynamics = Langevin(
+                    atoms,
+                    timestep,
+                    temperature_K=temperature,
+                    friction=p.friction_per_fs / units.fs,
+                    rng=rng,
+                    fixcm=False,
+                )
+            else:
+                dynamics = VelocityVerlet(atoms, timestep)
+            dynamics.run(p.equilibration_steps)
+            for snapshot in range(p.snapshots_per_temperature):
+                dynamics.run(p.snapshot_every)
+                step = p.equilibration_steps + (snapshot + 1) * p.snapshot_every
+                frame = atoms.copy()
+                frame.calc = None
+                frame.set_constraint()
+                candidates.append(
+                    Candidate(
+                        atoms=frame,
+                        sampler=self.name,
+                        params={
+                            "temperature_K": temperature,
+                            "thermostat": p.thermostat,
+                            "step": step,
+                            "time_fs": step * p.timestep_fs,
+                            "kinetic_temperature_K": float(atoms.get_temperature()),
+                            "potential_energy_eV": float(atoms.get_potential_energy()),
+                            "total_energy_eV": float(atoms.get_total_energy()),
+                            "timestep_fs": p.timestep_fs,
+                            "potential": described,
+                            "supercell": list(p.supercell),
+                        },
+                        parent_id=seed.id,
+                        rng_seed=int(child),
+                    )
+                )
+        return candidates
