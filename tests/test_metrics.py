@@ -84,3 +84,19 @@ def test_parity_plot_is_written(tmp_path: Path) -> None:
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
     with pytest.raises(ValueError):
         parity_plot(reference, {"bad": reference[:-1]}, tmp_path / "x.png", title="x")
+
+
+def test_energy_offset_between_codes_is_removed() -> None:
+    from pestle.evaluation.metrics import energy_mae_per_atom, energy_mae_per_atom_offset_removed
+
+    reference = np.array([-80.0, -79.2, -78.4])
+    n_atoms = np.array([8, 8, 8])
+    # A model on another energy zero (+1.5 eV/atom) whose relative energies are exact...
+    shifted = reference + 1.5 * n_atoms
+    assert energy_mae_per_atom(shifted, reference, n_atoms) == pytest.approx(1.5)
+    assert energy_mae_per_atom_offset_removed(shifted, reference, n_atoms) == pytest.approx(0.0)
+    # ...and one whose relative energies are off by +-0.1 eV/atom around the offset.
+    noisy = shifted + np.array([0.8, -0.8, 0.0])
+    assert energy_mae_per_atom_offset_removed(noisy, reference, n_atoms) == pytest.approx(
+        (0.1 + 0.1 + 0.0) / 3
+    )

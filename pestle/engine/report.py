@@ -41,6 +41,7 @@ def metrics_rows(metrics: dict[str, dict[str, dict]]) -> list[list[Any]]:
                     m["force_mae"],
                     m["force_rmse"],
                     m.get("energy_mae_per_atom"),
+                    m.get("energy_mae_per_atom_offset_removed"),
                 ]
             )
     return rows
@@ -55,6 +56,7 @@ METRIC_HEADER = [
     "force MAE (eV/Å)",
     "force RMSE (eV/Å)",
     "energy MAE (eV/atom)",
+    "energy MAE, mean offset removed (eV/atom)",
 ]
 
 

@@ -92,6 +92,19 @@ def energy_mae_per_atom(
     return float(np.mean(np.abs(y - x) / counts)) if x.size else math.nan
 
 
+def energy_mae_per_atom_offset_removed(
+    model_energies: Any, reference_energies: Any, n_atoms: Sequence[int] | np.ndarray
+) -> float:
+    """Energy MAE (eV/atom) after removing the mean per-atom offset between model and
+    reference. Two codes (VASP-trained CHGNet, GPAW) put the zero of energy in different
+    places; only relative energies can be compared across them."""
+    y, x = _paired(model_energies, reference_energies)
+    if not x.size:
+        return math.nan
+    difference = (y - x) / np.asarray(n_atoms, dtype=float).ravel()
+    return float(np.mean(np.abs(difference - difference.mean())))
+
+
 def evaluate_potential(
     potential: Potential, labelled: Sequence[LabelledStructure]
 ) -> dict[str, dict]:
@@ -134,6 +147,9 @@ def evaluate_potential(
             "force_mae": force_mae(predicted, reference),
             "force_rmse": force_rmse(predicted, reference),
             "energy_mae_per_atom": energy_mae_per_atom(pred_e, ref_e, n_atoms),
+            "energy_mae_per_atom_offset_removed": energy_mae_per_atom_offset_removed(
+                pred_e, ref_e, n_atoms
+            ),
             "arrays": {
                 "reference": reference,
                 "predicted": predicted,

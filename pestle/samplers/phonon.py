@@ -33,7 +33,12 @@ def displaced_supercells(
     """(phonopy object, its displaced supercells) for ``atoms``."""
     from phonopy import Phonopy
 
-    phonon = Phonopy(to_phonopy(atoms), supercell_matrix=np.diag(supercell), symprec=symprec)
+    phonon = Phonopy(
+        to_phonopy(atoms),
+        supercell_matrix=np.diag(supercell),
+        primitive_matrix="auto",
+        symprec=symprec,
+    )
     phonon.generate_displacements(distance=amplitude, is_plusminus=plus_minus)
     return phonon, phonon.supercells_with_displacements
 
