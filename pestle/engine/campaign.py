@@ -194,6 +194,7 @@ class Campaign:
                     )
                     counts["new" if new else "already_stored"] += 1
                     counts[f"sampler:{spec.name}"] += 1
+            self.progress("sample", index + 1, len(self.config.samplers))
         outcome = {"counts": dict(counts), "rejected": {k: v[:20] for k, v in rejected.items()}}
         self._record("sample", outcome)
         return outcome

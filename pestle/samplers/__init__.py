@@ -53,6 +53,14 @@ def sampler_rng(rng_seed: int) -> np.random.Generator:
     return np.random.default_rng(rng_seed)
 
 
+def displace(atoms: Atoms, amplitude: float, rng: np.random.Generator) -> Atoms:
+    """Gaussian displacement (standard deviation ``amplitude`` in Angstrom per axis) of every
+    atom, in place; nothing at zero amplitude. Returns ``atoms``."""
+    if amplitude > 0:
+        atoms.positions += rng.normal(0.0, amplitude, size=(len(atoms), 3))
+    return atoms
+
+
 class PotentialChoice(BaseModel):
     """The potential a sampler drives dynamics or relaxations with (``md``, ``migration``,
     Boltzmann-weighted ``rattle``): a registered potential's name and params."""

@@ -16,7 +16,7 @@ from ase import Atoms
 from ase.geometry import get_distances
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+from pestle.samplers import SAMPLERS, Candidate, Seed, displace, sampler_rng
 
 
 def oxidation_states(atoms: Atoms) -> dict[str, float]:
@@ -131,8 +131,7 @@ class DefectSampler:
         candidates = []
         for index, (atoms, info) in enumerate(made):
             child_seed = int(children[index])
-            if p.rattle > 0:
-                atoms.positions += sampler_rng(child_seed).normal(0, p.rattle, (len(atoms), 3))
+            displace(atoms, p.rattle, sampler_rng(child_seed))
             candidates.append(
                 Candidate(
                     atoms=atoms,

@@ -11,7 +11,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, sampler_rng
+from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, displace, sampler_rng
 from pestle.samplers.defect import diagonal_supercell, distinct_sites
 
 log = logging.getLogger("pestle.samplers.migration")
@@ -102,8 +102,7 @@ class MigrationSampler:
             for index, image in enumerate(images):
                 atoms = image.copy()
                 atoms.calc = None
-                if p.rattle > 0:
-                    atoms.positions += rng.normal(0, p.rattle, (len(atoms), 3))
+                displace(atoms, p.rattle, rng)
                 candidates.append(
                     Candidate(
                         atoms=atoms,

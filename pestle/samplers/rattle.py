@@ -11,7 +11,7 @@ from typing import Literal
 from ase import units
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, sampler_rng
+from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, displace, sampler_rng
 
 log = logging.getLogger("pestle.samplers.rattle")
 
@@ -81,8 +81,7 @@ class RattleSampler:
             rng = sampler_rng(int(child))
             params = {"amplitude": amplitude, "supercell": list(p.supercell), "index": index}
             if potential is None:
-                atoms = base.copy()
-                atoms.positions += rng.normal(0.0, amplitude, size=(len(atoms), 3))
+                atoms = displace(base.copy(), amplitude, rng)
             else:
                 atoms, accepted = self._boltzmann(base, amplitude, rng, potential, reference)
                 if atoms is None:
@@ -106,8 +105,7 @@ class RattleSampler:
         """Metropolis-style acceptance of one rattled structure against the unrattled seed."""
         kT = units.kB * self.params.temperature
         for trial in range(1, self.params.max_trials + 1):
-            atoms = base.copy()
-            atoms.positions += rng.normal(0.0, amplitude, size=(len(atoms), 3))
+            atoms = displace(base.copy(), amplitude, rng)
             delta = potential.predict([atoms])[0].energy - reference
             probability = 1.0 if delta <= 0 else math.exp(-delta / kT)
             if rng.random() < probability:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+from pestle.samplers import SAMPLERS, Candidate, Seed, displace, sampler_rng
 from pestle.samplers.rattle import Supercell, make_supercell
 
 
@@ -69,8 +69,7 @@ class SolidSolutionSampler:
             for i in chosen:
                 symbols[i] = p.substituent
             atoms.set_chemical_symbols(symbols)
-            if p.rattle > 0:
-                atoms.positions += rng.normal(0, p.rattle, (len(atoms), 3))
+            displace(atoms, p.rattle, rng)
             candidates.append(
                 Candidate(
                     atoms=atoms,

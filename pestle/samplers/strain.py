@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+from pestle.samplers import SAMPLERS, Candidate, Seed, displace, sampler_rng
 from pestle.samplers.rattle import Supercell, make_supercell
 
 
@@ -82,8 +82,7 @@ class StrainSampler:
             strain = strains[index]
             atoms = base.copy()
             atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
-            if self.params.rattle > 0:
-                atoms.positions += rng.normal(0.0, self.params.rattle, size=(len(atoms), 3))
+            displace(atoms, self.params.rattle, rng)
             candidates.append(
                 Candidate(
                     atoms=atoms,

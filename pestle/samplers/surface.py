@@ -9,7 +9,7 @@ import logging
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.samplers import SAMPLERS, Candidate, Seed, sampler_rng
+from pestle.samplers import SAMPLERS, Candidate, Seed, displace, sampler_rng
 
 log = logging.getLogger("pestle.samplers.surface")
 
@@ -82,8 +82,7 @@ class SurfaceSampler:
             atoms = AseAtomsAdaptor.get_atoms(slab.get_orthogonal_c_slab())
             atoms.pbc = True  # a periodic slab: the vacuum along c separates the images
             child_seed = int(children[index])
-            if p.rattle > 0:
-                atoms.positions += sampler_rng(child_seed).normal(0, p.rattle, (len(atoms), 3))
+            displace(atoms, p.rattle, sampler_rng(child_seed))
             z = atoms.positions[:, 2]
             thickness = float(z.max() - z.min())
             candidates.append(
