@@ -117,3 +117,24 @@ def test_emt_matches_ase(tmp_path) -> None:
 def test_emt_refuses_unknown_elements(tmp_path) -> None:
     with pytest.raises(LabelError, match="Si"):
         LABELLERS.build("emt", {}).label(bulk("Si", "diamond", a=5.43), tmp_path)
+
+
+def test_debian_setups_first_however_pestle_is_launched(monkeypatch) -> None:
+    """Without GPAW_SETUP_PATH GPAW would take pip's gpaw-data setups: another dataset, so
+    another level of theory. pestle puts Debian's gpaw-data first, as the setup script does."""
+    import gpaw
+
+    from pestle.labelers.gpaw import DEBIAN_SETUPS, setup_dataset, setup_search_paths
+
+    assert DEBIAN_SETUPS.is_dir(), "scripts/bootstrap.sh installs Debian's gpaw-data"
+    with_variable = level_of_theory_hash(LABELLERS.build("gpaw", FAST_GPAW))
+    monkeypatch.delenv("GPAW_SETUP_PATH", raising=False)
+    monkeypatch.setattr(
+        gpaw, "setup_paths", [p for p in gpaw.setup_paths if str(p) != str(DEBIAN_SETUPS)]
+    )
+    setup_dataset.cache_clear()
+    try:
+        assert setup_search_paths()[0] == DEBIAN_SETUPS
+        assert level_of_theory_hash(LABELLERS.build("gpaw", FAST_GPAW)) == with_variable
+    finally:
+        setup_dataset.cache_clear()

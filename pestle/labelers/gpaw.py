@@ -40,10 +40,35 @@ SMEARING_NAMES = {
 }
 
 
+# Debian's gpaw-data package. GPAW also finds the setups of the pip package gpaw-data; the
+# two datasets differ, so which one is used must not depend on how pestle was launched.
+DEBIAN_SETUPS = Path("/usr/share/gpaw-setups")
+
+
 def setup_search_paths() -> list[Path]:
+    """GPAW's setup search path: GPAW_SETUP_PATH when set, else Debian's gpaw-data first
+    (when installed), then what GPAW finds on its own."""
     import gpaw
 
+    wanted = not os.environ.get("GPAW_SETUP_PATH") and DEBIAN_SETUPS.is_dir()
+    if wanted and str(DEBIAN_SETUPS) not in [str(p) for p in gpaw.setup_paths]:
+        gpaw.setup_paths.insert(0, str(DEBIAN_SETUPS))
     return [Path(p) for p in gpaw.setup_paths]
+
+
+def dataset_release(folder: Path) -> str | None:
+    """Release of a setup folder when it tells: gpaw-setups-X.Y.Z, or pip's gpaw-data."""
+    name = folder.resolve().name.removeprefix("gpaw-setups-")
+    if name[:1].isdigit():
+        return name
+    if "gpaw_data" in folder.resolve().parts:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"gpaw-data {version('gpaw-data')} (pip)"
+        except PackageNotFoundError:
+            return None
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,14 +82,12 @@ def setup_dataset(setup_name: str) -> dict[str, Any]:
         digest = hashlib.sha256()
         for path in sorted(files, key=lambda p: p.name):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-        version = folder.resolve().name.removeprefix("gpaw-setups-")
         return {
             "name": "paw",
             "functional": setup_name,
             "files": len(files),
             "sha256": digest.hexdigest(),
-            # Folders named gpaw-setups-X.Y.Z carry their release; Debian's does not.
-            "release": version if version[:1].isdigit() else None,
+            "release": dataset_release(folder),
         }
     searched = ", ".join(str(p) for p in setup_search_paths()) or "nothing"
     raise LabelError(
@@ -150,6 +173,7 @@ class GPAWLabeller:
         from gpaw import GPAW, PW, ConvergenceError
 
         p = self.params
+        setup_search_paths()  # the same setups as level_of_theory() describes
         setup_dataset(self._setup_name())  # fail early and clearly if setups are missing
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,11 @@ def check_pretrained_name(name: str) -> str:
     return name
 
 
+def bare(atoms: Atoms) -> Atoms:
+    """Numbers, positions, cell and pbc only."""
+    return Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+
+
 def pack_by_atom_count(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
     """Indices grouped into consecutive batches of at most ``max_atoms`` atoms.
 
@@ -226,8 +231,9 @@ class CHGNetPotential:
         results: list[Prediction | None] = [None] * len(structures)
         sizes = [len(atoms) for atoms in structures]
         for batch in pack_by_atom_count(sizes, self.params.max_atoms_per_batch):
-            # A copy without the calculator: the adaptor would otherwise carry labels along.
-            pmg = [AseAtomsAdaptor.get_structure(structures[i].copy()) for i in batch]
+            # Bare geometry: the adaptor would otherwise carry labels (calculator) and warn
+            # about MD constraints (FixCom) that mean nothing to a single-point prediction.
+            pmg = [AseAtomsAdaptor.get_structure(bare(structures[i])) for i in batch]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
                 raw = model.predict_structure(pmg, task="efs", batch_size=len(pmg))
