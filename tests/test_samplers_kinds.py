@@ -264,3 +264,29 @@ def test_strain_volume_scan_and_shears(cu) -> None:
         (0, 2),
         (1, 2),
     }
+
+
+def test_interstitial_hop_between_largest_voids(cu, lif) -> None:
+    from pestle.samplers.migration import void_sites
+
+    # fcc: the largest voids are the octahedral sites, one per atom, radius a/2.
+    host = cu.atoms.repeat(2)
+    sites, radius = void_sites(host)
+    assert len(sites) == len(host) and radius == pytest.approx(3.61 / 2)
+    params = {"species": "Cu", "kind": "interstitial", "potential": EMT_POTENTIAL, "n_images": 3}
+    images = sample("migration", params, cu)
+    assert len(images) == 5 and all(len(c.atoms) == len(host) + 1 for c in images)
+    assert images[0].params["hop_distance"] == pytest.approx(3.61 / 2**0.5)  # oct -> oct
+    moving = images[0].params["moving_atom"]
+    assert moving == len(host)
+    # Only the interstitial travels between the endpoints; the host stays put.
+    np.testing.assert_allclose(images[0].atoms.positions[:moving], host.positions, atol=1e-8)
+    np.testing.assert_allclose(images[-1].atoms.positions[:moving], host.positions, atol=1e-8)
+    hop = images[-1].atoms.positions[moving] - images[0].atoms.positions[moving]
+    assert np.linalg.norm(hop) == pytest.approx(3.61 / 2**0.5)
+    assert images[0].params["predicted_barrier_eV"] > 0
+    # Rock salt: the largest voids are the tetrahedral sites, a/2 apart.
+    li = sample(
+        "migration", {"species": "Li", "kind": "interstitial", "predict_barrier": False}, lif
+    )
+    assert li[0].params["hop_distance"] == pytest.approx(4.03 / 2)

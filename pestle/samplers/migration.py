@@ -45,6 +45,56 @@ def hop_endpoints(host: Atoms, site: int, neighbour: int) -> tuple[Atoms, Atoms,
     return initial, final, moving
 
 
+def void_sites(host: Atoms, tolerance: float = 0.05) -> tuple[np.ndarray, float]:
+    """Cartesian centres of the largest empty spheres of a periodic cell, and their radius.
+
+    Candidates are the Voronoi vertices of the atoms (with their periodic images): points
+    equidistant from four or more atoms, where interstitials sit (octahedral, tetrahedral...).
+    The largest class (within ``tolerance`` A of the largest radius) is returned, one point per
+    site after wrapping into the cell.
+    """
+    from ase.geometry import get_distances
+    from scipy.spatial import Voronoi
+
+    shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
+    images = (host.get_scaled_positions()[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+    vertices = Voronoi(images @ host.cell.array).vertices
+    fractional = host.cell.scaled_positions(vertices)
+    inside = vertices[np.all((fractional >= -1e-9) & (fractional < 1 - 1e-9), axis=1)]
+    _, distances = get_distances(inside, host.positions, cell=host.cell, pbc=True)
+    radius = distances.min(axis=1)
+    best = inside[radius >= radius.max() - tolerance]
+    unique: list[np.ndarray] = []
+    for point in best:
+        if not unique:
+            unique.append(point)
+            continue
+        _, d = get_distances([point], unique, cell=host.cell, pbc=True)
+        if d.min() > 0.1:
+            unique.append(point)
+    return np.array(unique), float(radius.max())
+
+
+def interstitial_hops(host: Atoms, species: str) -> list[tuple]:
+    """(path id, initial, final, moving atom, distance) for an extra ``species`` atom hopping
+    from the largest void nearest the cell centre to the nearest equivalent void."""
+    from ase.geometry import get_distances
+
+    sites, _ = void_sites(host)
+    if len(sites) < 2:
+        return []
+    centre = host.cell.array.sum(axis=0) / 2
+    start = int(np.argmin(np.linalg.norm(sites - centre, axis=1)))
+    vectors, distances = get_distances([sites[start]], sites, cell=host.cell, pbc=True)
+    distances, vectors = distances[0], vectors[0]
+    # The nearest equivalent void: equal-length hops to the others are the same path.
+    end = next(int(i) for i in np.argsort(distances) if i != start)
+    initial = host + Atoms(species, positions=[sites[start]])
+    final = host + Atoms(species, positions=[sites[start] + vectors[end]])
+    path_id = f"{species}-int-{start}-{end}-d{distances[end]:.3f}"
+    return [(path_id, initial, final, len(host), float(distances[end]))]
+
+
 @SAMPLERS.register("migration")
 class MigrationSampler:
     """Vacancy hops between symmetry-distinct neighbouring sites, every image a candidate."""
@@ -53,7 +103,7 @@ class MigrationSampler:
         model_config = ConfigDict(extra="forbid")
 
         species: str = Field(description="element whose vacancy migrates")
-        kind: Literal["vacancy"] = "vacancy"
+        kind: Literal["vacancy", "interstitial"] = "vacancy"
         min_supercell_length: float = Field(default=7.0, gt=0, description="Angstrom")
         max_hop_distance: float | None = Field(
             default=None, gt=0, description="Angstrom; default: the nearest shell"
@@ -77,19 +127,16 @@ class MigrationSampler:
             raise ValueError(f"migration: species {p.species!r} is not in seed {seed.name}")
         repeat = diagonal_supercell(seed.atoms, p.min_supercell_length)
         host = seed.atoms.repeat(repeat)
-        # Hops are told apart by the start site's symmetry class and the hop length (to
-        # 1e-3 A): equal-length hops from equivalent sites are taken as equivalent.
-        paths: dict[tuple[int, float], tuple[int, int, float]] = {}
-        species_sites = [i for i in distinct_sites(seed.atoms) if host[i].symbol == p.species]
-        for site in species_sites:
-            for neighbour, distance in vacancy_hops(host, site, p.species, p.max_hop_distance):
-                paths.setdefault((site, round(distance, 3)), (site, neighbour, distance))
-        chosen = sorted(paths.values(), key=lambda t: (t[2], t[0], t[1]))[: p.max_paths]
+        hops = (
+            self._vacancy_hops(seed, host)
+            if p.kind == "vacancy"
+            else interstitial_hops(host, p.species)
+        )[: p.max_paths]
         calculator = p.potential.calculator() if (p.relax or p.predict_barrier) else None
-        children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=len(chosen))
+        children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=len(hops))
         candidates = []
-        for (site, neighbour, distance), child in zip(chosen, children, strict=True):
-            images, moving = self._path(host, site, neighbour, calculator)
+        for (path_id, initial, final, moving, distance), child in zip(hops, children, strict=True):
+            images = self._path(initial, final, calculator)
             energies = None
             if calculator is not None:
                 energies = []
@@ -97,7 +144,6 @@ class MigrationSampler:
                     image.calc = calculator
                     energies.append(float(image.get_potential_energy()))
             barrier = None if energies is None else max(energies) - energies[0]
-            path_id = f"{p.species}-vac-{site}-{neighbour}-d{distance:.3f}"
             rng = sampler_rng(int(child))
             for index, image in enumerate(images):
                 atoms = image.copy()
@@ -130,12 +176,29 @@ class MigrationSampler:
                 )
         return candidates
 
-    def _path(self, host: Atoms, site: int, neighbour: int, calculator) -> tuple[list[Atoms], int]:
+    def _vacancy_hops(self, seed: Seed, host: Atoms) -> list[tuple]:
+        """(path id, initial, final, moving atom, distance) per distinct vacancy hop.
+
+        Hops are told apart by the start site's symmetry class and the hop length (to
+        1e-3 A): equal-length hops from equivalent sites are taken as equivalent."""
+        p = self.params
+        paths: dict[tuple[int, float], tuple[int, int, float]] = {}
+        species_sites = [i for i in distinct_sites(seed.atoms) if host[i].symbol == p.species]
+        for site in species_sites:
+            for neighbour, distance in vacancy_hops(host, site, p.species, p.max_hop_distance):
+                paths.setdefault((site, round(distance, 3)), (site, neighbour, distance))
+        hops = []
+        for site, neighbour, distance in sorted(paths.values(), key=lambda t: (t[2], t[0], t[1])):
+            initial, final, moving = hop_endpoints(host, site, neighbour)
+            path_id = f"{p.species}-vac-{site}-{neighbour}-d{distance:.3f}"
+            hops.append((path_id, initial, final, moving, distance))
+        return hops
+
+    def _path(self, initial: Atoms, final: Atoms, calculator) -> list[Atoms]:
         from ase.mep import NEB
         from ase.optimize import FIRE
 
         p = self.params
-        initial, final, moving = hop_endpoints(host, site, neighbour)
         if p.relax:
             for endpoint in (initial, final):
                 endpoint.calc = calculator
@@ -148,6 +211,5 @@ class MigrationSampler:
                 image.calc = calculator
             converged = FIRE(neb, logfile=None).run(fmax=p.fmax, steps=p.max_steps)
             if not converged:
-                log.warning("migration NEB %d->%d not converged in %d steps", site, neighbour,
-                            p.max_steps)  # fmt: skip
-        return images, moving
+                log.warning("migration NEB not converged in %d steps", p.max_steps)
+        return images
