@@ -8,6 +8,8 @@ validates the YAML mapping against ``Params`` and names the config field at faul
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -61,6 +63,13 @@ class Registry(Generic[T]):
         if not isinstance(params, BaseModel):
             params = cls.Params.model_validate(dict(params or {}))
         return cls(params)
+
+
+def import_submodules(package: str, path: list[str]) -> None:
+    """Import every module of a package, so that a new implementation file registers itself
+    by being there (call at the bottom of the package's ``__init__``)."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -138,3 +138,25 @@ def test_debian_setups_first_however_pestle_is_launched(monkeypatch) -> None:
         assert level_of_theory_hash(LABELLERS.build("gpaw", FAST_GPAW)) == with_variable
     finally:
         setup_dataset.cache_clear()
+
+
+def test_potential_labeller_gives_the_models_numbers(tmp_path) -> None:
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.1, seed=5)
+    labeller = LABELLERS.build("potential", {"potential": {"name": "emt"}})
+    result = labeller.label(atoms, tmp_path)
+    reference = LABELLERS.build("emt", {}).label(atoms, tmp_path)
+    assert result.energy == pytest.approx(reference.energy)
+    np.testing.assert_allclose(result.forces, reference.forces)
+    assert labeller.level_of_theory() == {
+        "code": "pestle-potential",
+        "potential": {
+            "family": "emt",
+            "ase_version": labeller.level_of_theory()["potential"]["ase_version"],
+        },
+    }
+    clone = pickle.loads(pickle.dumps(labeller))
+    assert clone._potential is None  # settings travel, loaded models do not
+    assert level_of_theory_hash(clone) == level_of_theory_hash(labeller)
+    with pytest.raises(ValidationError):
+        LABELLERS.build("potential", {"potential": {"name": "emt", "params": {"bogus": 1}}})

@@ -19,7 +19,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.registry import Registry
+from pestle.registry import Registry, import_submodules
 from pestle.structures import settings_hash
 
 
@@ -50,4 +50,4 @@ def level_of_theory_hash(labeller: Labeller) -> str:
 
 LABELLERS: Registry[Labeller] = Registry("labeller")
 
-from pestle.labelers import emt, gpaw  # noqa: E402,F401  (registration)
+import_submodules(__name__, __path__)  # registration

@@ -14,7 +14,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.registry import Registry
+from pestle.registry import Registry, import_submodules
 
 
 @dataclass
@@ -37,4 +37,4 @@ class Potential(Protocol):
 
 POTENTIALS: Registry[Potential] = Registry("potential")
 
-from pestle.potentials import chgnet, emt  # noqa: E402,F401  (registration)
+import_submodules(__name__, __path__)  # registration

@@ -6,8 +6,6 @@ Protocol: a registered class with a nested pydantic ``Params`` model and
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -15,7 +13,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.registry import Registry
+from pestle.registry import Registry, import_submodules
 
 
 @dataclass
@@ -81,10 +79,4 @@ class PotentialChoice(BaseModel):
         return PotentialCalculator(self.build())
 
 
-def _register_all() -> None:
-    """Import every module of this package, so a new sampler file registers itself."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-
-_register_all()
+import_submodules(__name__, __path__)  # registration

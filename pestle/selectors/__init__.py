@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from pestle.registry import Registry
+from pestle.registry import Registry, import_submodules
 
 
 @dataclass
@@ -42,4 +42,4 @@ class Selector(Protocol):
 
 SELECTORS: Registry[Selector] = Registry("selector")
 
-from pestle.selectors import topk  # noqa: E402,F401  (registration)
+import_submodules(__name__, __path__)  # registration

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.registry import Registry
+from pestle.registry import Registry, import_submodules
 
 
 @dataclass
@@ -52,4 +52,4 @@ class Trainer(Protocol):
 
 TRAINERS: Registry[Trainer] = Registry("trainer")
 
-from pestle.trainers import chgnet  # noqa: E402,F401  (registration)
+import_submodules(__name__, __path__)  # registration

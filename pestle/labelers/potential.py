@@ -1,0 +1,57 @@
+"""Any registered Potential as a reference labeller: teacher labels from a trusted model,
+or a cheap stand-in for DFT in tests and dry runs of a campaign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+from pydantic import BaseModel, ConfigDict, Field
+
+from pestle.labelers import LABELLERS, LabelResult
+from pestle.labelers.gpaw import check_result
+
+
+class _PotentialSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "chgnet"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@LABELLERS.register("potential")
+class PotentialLabeller:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        potential: _PotentialSpec = Field(default_factory=_PotentialSpec)
+
+    def __init__(self, params: Params) -> None:
+        from pestle.potentials import POTENTIALS
+
+        self.params = params
+        # Built (and its weights loaded) lazily on the worker: the instance travels pickled.
+        self._potential = None
+        POTENTIALS.validate_params(params.potential.name, params.potential.params)
+
+    def _model(self):
+        from pestle.potentials import POTENTIALS
+
+        if self._potential is None:
+            spec = self.params.potential
+            self._potential = POTENTIALS.build(spec.name, spec.params)
+        return self._potential
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"params": self.params, "_potential": None}
+
+    def level_of_theory(self) -> dict[str, Any]:
+        return {"code": "pestle-potential", "potential": self._model().describe()}
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        [prediction] = self._model().predict([atoms])
+        check_result(prediction.energy, prediction.forces, prediction.stress)
+        return LabelResult(
+            energy=float(prediction.energy), forces=prediction.forces, stress=prediction.stress
+        )
