@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -61,11 +61,56 @@ class StoreSpec(_Strict):
     database: str = "pestle"
 
 
+class JobqueueSpec(_Strict):
+    """A batch-system cluster through dask-jobqueue: each batch job runs Dask workers."""
+
+    system: Literal["slurm", "pbs"]
+    cores: int = Field(ge=1, description="cores per batch job")
+    memory: str = Field(description='memory per batch job, e.g. "16GB"')
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    account: str | None = None
+    processes: int = Field(default=1, ge=1, description="worker processes per batch job")
+    jobs: int = Field(default=1, ge=1, description="batch jobs to start")
+    gpus_per_job: int = Field(
+        default=0, ge=0, description="advertised to Dask as GPU resources (fine-tuning)"
+    )
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(
+        default_factory=list, description="shell lines before the worker starts (module load...)"
+    )
+    local_directory: str | None = None
+
+    @model_validator(mode="after")
+    def _gpus_not_shared(self) -> JobqueueSpec:
+        # Every worker process of a job gets the same --resources; two processes would both
+        # claim (and use) the same device.
+        if self.gpus_per_job and self.processes != 1:
+            raise ValueError("gpus_per_job needs processes: 1 (one worker owning the job's GPUs)")
+        return self
+
+
 class DaskSpec(_Strict):
     scheduler_address: str | None = None
     n_workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
     memory_limit: str = "auto"
+    # TLS for a tls:// scheduler: CA, client certificate and key (PEM files).
+    tls_ca_file: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    jobqueue: JobqueueSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> DaskSpec:
+        if self.scheduler_address and self.jobqueue:
+            raise ValueError("give scheduler_address or jobqueue, not both")
+        tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
+        if (self.scheduler_address or "").startswith("tls://") and not all(tls):
+            raise ValueError(
+                "a tls:// scheduler_address needs tls_ca_file, tls_client_cert and tls_client_key"
+            )
+        return self
 
 
 class SelectionSpec(_Strict):
@@ -163,4 +208,11 @@ def load_config(path: str | os.PathLike) -> CampaignConfig:
             seed.file = (path.parent / seed.file).resolve()
         if seed.file is not None and not seed.file.is_file():
             raise ConfigError(f"{path}: seeds: file {seed.file} does not exist")
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        value = getattr(config.dask, field)
+        if value is not None:
+            value = value if value.is_absolute() else (path.parent / value).resolve()
+            if not value.is_file():
+                raise ConfigError(f"{path}: dask.{field}: file {value} does not exist")
+            setattr(config.dask, field, value)
     return config

@@ -198,3 +198,65 @@ def test_training_asks_for_a_gpu_worker_when_one_exists() -> None:
         from pestle.devices import pick_device
 
         assert gpu_client.submit(pick_device, device, resources=resources).result() == "cpu"
+
+
+def test_slurm_and_pbs_job_scripts_from_the_config() -> None:
+    from pestle.config import JobqueueSpec
+    from pestle.dispatch.cluster import jobqueue_cluster
+
+    slurm = JobqueueSpec(
+        system="slurm", cores=8, memory="16GB", walltime="02:00:00", queue="compute",
+        account="proj42", gpus_per_job=1, job_script_prologue=["module load gpaw"],
+    )  # fmt: skip
+    cluster = jobqueue_cluster(slurm)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in ("#SBATCH -p compute", "#SBATCH -A proj42", "#SBATCH -t 02:00:00",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --gres=gpu:1", "module load gpaw",
+                 "export OMP_NUM_THREADS=1"):  # fmt: skip
+        assert line in script, line
+    assert "--resources CPU=8,GPU=1" in script
+    assert script.index("module load gpaw") < script.index("dask_worker")
+
+    pbs = JobqueueSpec(system="pbs", cores=4, memory="8GB", queue="workq", processes=2)
+    cluster = jobqueue_cluster(pbs)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#PBS -q workq" in script and "ncpus=4" in script and "--nworkers 2" in script
+    assert "--resources CPU=2" in script and "GPU" not in script
+    with pytest.raises(ValueError, match="gpus_per_job needs processes: 1"):
+        JobqueueSpec(system="slurm", cores=8, memory="8GB", processes=2, gpus_per_job=2)
+
+
+def test_tls_scheduler_needs_certificates() -> None:
+    with pytest.raises(ValueError, match="tls_ca_file, tls_client_cert and tls_client_key"):
+        DaskSpec(scheduler_address="tls://10.0.0.1:8786")
+    with pytest.raises(ValueError, match="not both"):
+        DaskSpec(
+            scheduler_address="tcp://10.0.0.1:8786",
+            jobqueue={"system": "slurm", "cores": 1, "memory": "1GB"},
+        )
+
+
+def test_tls_scheduler_from_config_files(tmp_path) -> None:
+    """A tls:// scheduler reached with the CA, certificate and key files a config names."""
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    security = Security.temporary()  # a throwaway CA and certificate, PEM in memory
+    files = {}
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        files[field] = tmp_path / f"{field}.pem"
+        files[field].write_text(getattr(security, field))
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, protocol="tls", security=security,
+        host="127.0.0.1", dashboard_address=":0",
+    ) as cluster:  # fmt: skip
+        assert cluster.scheduler_address.startswith("tls://")
+        spec = DaskSpec(scheduler_address=cluster.scheduler_address, **files)
+        with make_client(spec) as tls_client:
+            assert tls_client.submit(sum, [1, 2, 3]).result() == 6
