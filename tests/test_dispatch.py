@@ -260,3 +260,57 @@ def test_tls_scheduler_from_config_files(tmp_path) -> None:
         spec = DaskSpec(scheduler_address=cluster.scheduler_address, **files)
         with make_client(spec) as tls_client:
             assert tls_client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def enqueue_gpaw(store: Store, atoms, params: dict) -> str:
+    sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "test"})
+    lot_hash = level_of_theory_hash(LABELLERS.build("gpaw", params))
+    job_id = f"label-{sid}-{lot_hash}"
+    store.enqueue_job(
+        job_id,
+        "label",
+        {"structure_id": sid, "labeller": {"name": "gpaw", "params": params}, "lot_hash": lot_hash},
+    )
+    return job_id
+
+
+def test_worker_killed_mid_calculation_job_finishes_elsewhere(client, store, mongo_uri, tmp_path):
+    import os
+    import signal
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=4)
+    job_id = enqueue_gpaw(store, atoms, {"ecut": 250, "kpoint_density": 1.5})
+    outcome: dict = {}
+    driver = threading.Thread(
+        target=lambda: outcome.update(
+            label_jobs(client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path),
+                       timeout_seconds=300)
+        )
+    )  # fmt: skip
+    driver.start()
+    victim = None
+    for _ in range(600):  # wait until a worker holds the job, then kill that process
+        job = store.jobs.find_one({"_id": job_id})
+        if job["state"] == "running":
+            victim = int(job["worker"].rsplit(":", 1)[1])
+            os.kill(victim, signal.SIGKILL)
+            break
+        threading.Event().wait(0.05)
+    driver.join(timeout=300)
+    assert victim is not None and outcome == {job_id: "done"}
+    job = store.jobs.find_one({"_id": job_id})
+    assert job["attempts"] == 2 and not job["worker"].endswith(f":{victim}")
+    assert store.labels.count_documents({}) == 1
+
+
+def test_unconverged_scf_is_a_failed_job_not_a_label(client, store, mongo_uri, tmp_path):
+    job_id = enqueue_gpaw(store, bulk("Si", "diamond", a=5.43), {"ecut": 200, "kpoint_density": 1.0,
+                                                                  "maxiter": 2})  # fmt: skip
+    states = label_jobs(
+        client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=120
+    )
+    assert states == {job_id: "failed"}
+    job = store.jobs.find_one({"_id": job_id})
+    assert "did not converge" in job["error"] and job["attempts"] == 1 and job["traceback"]
+    assert store.labels.count_documents({}) == 0
