@@ -95,6 +95,9 @@ class DaskSpec(_Strict):
     n_workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
     memory_limit: str = "auto"
+    job_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
+    )
     # TLS for a tls:// scheduler: CA, client certificate and key (PEM files).
     tls_ca_file: Path | None = None
     tls_client_cert: Path | None = None

@@ -314,3 +314,25 @@ def test_unconverged_scf_is_a_failed_job_not_a_label(client, store, mongo_uri, t
     job = store.jobs.find_one({"_id": job_id})
     assert "did not converge" in job["error"] and job["attempts"] == 1 and job["traceback"]
     assert store.labels.count_documents({}) == 0
+
+
+def test_job_over_its_time_limit_restarts_the_worker_and_is_retried(
+    client, store, mongo_uri, tmp_path
+):
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=6)
+    params = {"ecut": 250, "kpoint_density": 1.5}
+    job_id = enqueue_gpaw(store, atoms, params)
+    store.jobs.update_one({"_id": job_id}, {"$set": {"max_attempts": 2}})
+    states = label_jobs(
+        client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path),
+        job_timeout_seconds=0.5, timeout_seconds=240,
+    )  # fmt: skip
+    assert states == {job_id: "failed"}
+    job = store.jobs.find_one({"_id": job_id})
+    assert job["attempts"] == 2 and job["error"].startswith("timeout: still running after 0.5 s")
+    assert [h["event"] for h in job["history"]] == ["failed", "failed"]
+    assert store.labels.count_documents({}) == 0
+    # The workers came back and still work.
+    client.wait_for_workers(2, timeout=60)
+    assert client.submit(sum, [1, 1]).result() == 2

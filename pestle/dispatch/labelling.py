@@ -10,6 +10,7 @@ lets only one run, and the label's unique id lets only one be stored.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -26,24 +27,67 @@ TERMINAL = ("done", "failed")
 LabelProgress = Callable[[int, int, str, str], None]  # (done, total, job_id, state)
 
 
-class _Heartbeat(threading.Thread):
-    """Renews a job's lease until stopped; notes if the lease was lost to someone else."""
+def _inside_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
 
-    def __init__(self, store, job_id: str, worker: str, lease_seconds: float) -> None:
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a job's lease until stopped; notes if the lease was lost to someone else.
+
+    With a time limit, a job that overruns it is recorded as a failed attempt ("timeout") and,
+    on a Dask worker, the worker process exits: a calculation cannot be stopped from another
+    thread, and its nanny starts a fresh worker. The job returns to the queue while attempts
+    remain."""
+
+    def __init__(
+        self,
+        store,
+        job_id: str,
+        worker: str,
+        lease_seconds: float,
+        timeout_seconds: float | None = None,
+    ) -> None:
         super().__init__(daemon=True, name=f"lease-{job_id}")
         self.store, self.job_id, self.worker = store, job_id, worker
         self.lease_seconds = lease_seconds
+        self.timeout_seconds = timeout_seconds
+        self.started = time.monotonic()
         self.stopped = threading.Event()
         self.lost = False
+        self.timed_out = False
 
     def run(self) -> None:
-        while not self.stopped.wait(self.lease_seconds / 4):
+        beat = self.lease_seconds / 4
+        if self.timeout_seconds is not None:
+            beat = min(beat, max(self.timeout_seconds / 4, 0.05))
+        while not self.stopped.wait(beat):
+            if self.timeout_seconds and time.monotonic() - self.started > self.timeout_seconds:
+                self._time_out()
+                return
             try:
                 if not self.store.renew_lease(self.job_id, self.worker, self.lease_seconds):
                     self.lost = True
                     return
             except Exception:  # a store hiccup: try again at the next beat
                 log.warning("could not renew the lease of %s", self.job_id, exc_info=True)
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.store.fail_job(
+            self.job_id,
+            self.worker,
+            f"timeout: still running after {self.timeout_seconds:g} s",
+            retryable=True,
+        )
+        if _inside_dask_worker():
+            log.error("labelling job %s timed out: restarting this worker", self.job_id)
+            os._exit(75)
 
 
 def run_label_job(
@@ -52,6 +96,7 @@ def run_label_job(
     job_id: str,
     work_root: str,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Claim, compute and store one label. Runs on a Dask worker; returns the job's state."""
     from pestle.labelers import LABELLERS, LabelError, level_of_theory_hash
@@ -63,7 +108,7 @@ def run_label_job(
         if job is None:  # done, failed, not yet due, or running under someone's live lease
             current = store.jobs.find_one({"_id": job_id}, {"state": 1}) or {}
             return {"job_id": job_id, "state": current.get("state", "missing"), "claimed": False}
-        heartbeat = _Heartbeat(store, job_id, worker, lease_seconds)
+        heartbeat = _Heartbeat(store, job_id, worker, lease_seconds, timeout_seconds)
         heartbeat.start()
         try:
             payload = job["payload"]
@@ -88,6 +133,10 @@ def run_label_job(
             started = time.perf_counter()
             result = labeller.label(atoms, Path(work_root) / job_id)
             seconds = time.perf_counter() - started
+            if heartbeat.timed_out:  # already recorded as a failed attempt; not a label
+                current = store.jobs.find_one({"_id": job_id}, {"state": 1}) or {}
+                return {"job_id": job_id, "state": current.get("state"), "claimed": True,
+                        "error": "timeout"}  # fmt: skip
             stored = store.put_label(
                 structure_id,
                 labeller=labeller.name,
@@ -144,6 +193,7 @@ def label_jobs(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     poll_seconds: float = 0.5,
     timeout_seconds: float | None = None,
+    job_timeout_seconds: float | None = None,
 ) -> dict[str, str]:
     """Drive jobs to a terminal state on the Dask cluster; returns {job_id: state}.
 
@@ -203,6 +253,7 @@ def label_jobs(
                     job_id,
                     work_root,
                     lease_seconds,
+                    job_timeout_seconds,
                     key=f"label-{job_id}-{attempts[job_id]}",
                     pure=False,
                     retries=0,

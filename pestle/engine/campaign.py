@@ -312,6 +312,7 @@ class Campaign:
                 store_uri=self.store_uri,
                 work_root=str(self.run_dir / "jobs"),
                 progress=lambda done, total, job_id, state: self.progress("label", done, total),
+                job_timeout_seconds=self.config.dask.job_timeout_seconds,
             )
         failed = {j: s for j, s in states.items() if s != "done"}
         outcome = {
