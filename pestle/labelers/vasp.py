@@ -1,0 +1,166 @@
+"""VASP labels with Materials Project input sets, so labels sit at the level of theory the
+foundation models were trained on (PBE/PBE+U, MP POTCARs, MP INCAR), run with the configured
+command under custodian's error handlers, parsed from vasprun.xml.
+
+Nothing here pretends VASP ran: without the executable and POTCARs (PMG_VASP_PSP_DIR) the
+labeller fails with the reason. Input generation and parsing are tested on their own.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from ase import Atoms, units
+from pydantic import BaseModel, ConfigDict, Field
+
+from pestle.labelers import LABELLERS, LabelError, LabelResult
+from pestle.labelers.gpaw import check_result
+
+INPUT_SETS = ("MPStaticSet", "MPRelaxSet", "MPScanStaticSet")
+
+
+def input_set_class(name: str):
+    from pymatgen.io.vasp import sets
+
+    return getattr(sets, name)
+
+
+def parse_vasprun(path: str | Path) -> LabelResult:
+    """Energy (free energy, the one consistent with the forces), forces and stress (ASE
+    convention: eV/A^3, positive = tensile; VASP prints kBar with the opposite sign) of the
+    last ionic step; LabelError if the electronic loop did not converge."""
+    from pymatgen.io.vasp import Vasprun
+
+    path = Path(path)
+    try:
+        run = Vasprun(str(path), parse_dos=False, parse_eigen=False, parse_potcar_file=False)
+    except Exception as exc:
+        raise LabelError(f"cannot parse {path.name}: {type(exc).__name__}: {exc}") from None
+    if not run.converged_electronic:
+        raise LabelError(f"VASP SCF did not converge in NELM steps ({path})")
+    last = run.ionic_steps[-1]
+    forces = np.asarray(last["forces"], dtype=float)
+    stress = None
+    if last.get("stress") is not None:
+        full = -np.asarray(last["stress"], dtype=float) * 0.1 * units.GPa
+        stress = full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    # With PSTRESS, vasprun's e_fr_energy at the end of a step is the enthalpy E + PV
+    # (ASE's reader makes the same correction); labels hold the energy.
+    pstress_kbar = float(run.parameters.get("PSTRESS", 0.0) or 0.0)
+    volume = run.ionic_steps[-1]["structure"].volume
+    energy = float(last["e_fr_energy"]) - pstress_kbar * 0.1 * units.GPa * volume
+    check_result(energy, forces, stress)
+    return LabelResult(
+        energy=energy,
+        forces=forces,
+        stress=stress,
+        extra={
+            "vasp_version": run.vasp_version,
+            "potcars": [str(p) for p in (run.potcar_symbols or [])],
+            "electronic_steps": len(last.get("electronic_steps", [])),
+            "pstress_kbar": pstress_kbar,
+        },
+    )
+
+
+@LABELLERS.register("vasp")
+class VASPLabeller:
+    """VASP through pymatgen's Materials Project input sets and custodian."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        input_set: Literal["MPStaticSet", "MPRelaxSet", "MPScanStaticSet"] = "MPStaticSet"
+        user_incar_settings: dict[str, Any] = Field(default_factory=dict)
+        user_kpoints_settings: dict[str, Any] = Field(default_factory=dict)
+        command: str = Field(default="vasp_std", description='e.g. "srun -n 32 vasp_std"')
+        vasp_version: str | None = Field(
+            default=None, description="declared version; a label from another version fails"
+        )
+        custodian: bool = True
+        max_errors: int = Field(default=5, ge=0)
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def level_of_theory(self) -> dict[str, Any]:
+        import pymatgen.core
+
+        p = self.params
+        config = input_set_class(p.input_set).CONFIG
+        return {
+            "code": "vasp",
+            "version": p.vasp_version,
+            "input_set": p.input_set,
+            "pymatgen_version": pymatgen.core.__version__,
+            "incar": {**config["INCAR"], **p.user_incar_settings},
+            "kpoints": {**config.get("KPOINTS", {}), **p.user_kpoints_settings},
+            "potcar_functional": config.get("POTCAR_FUNCTIONAL"),
+            "potcar": config["POTCAR"],
+        }
+
+    def input_set(self, atoms: Atoms):
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        p = self.params
+        structure = AseAtomsAdaptor.get_structure(
+            Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        )
+        return input_set_class(p.input_set)(
+            structure,
+            user_incar_settings=p.user_incar_settings or None,
+            user_kpoints_settings=p.user_kpoints_settings or None,
+        )
+
+    def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.input_set(atoms).write_input(workdir)
+        except Exception as exc:  # most often: no POTCARs (PMG_VASP_PSP_DIR)
+            raise LabelError(f"cannot write VASP inputs: {type(exc).__name__}: {exc}") from None
+        self._run(workdir)
+        result = parse_vasprun(workdir / "vasprun.xml")
+        declared = self.params.vasp_version
+        if declared and not str(result.extra["vasp_version"]).startswith(declared):
+            raise LabelError(
+                f"VASP {result.extra['vasp_version']} ran, the level of theory says {declared}"
+            )
+        return result
+
+    def _run(self, workdir: Path) -> None:
+        import subprocess
+
+        command = shlex.split(self.params.command)
+        if not self.params.custodian:
+            done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise LabelError(f"{self.params.command} exited with {done.returncode}")
+            return
+        from custodian import Custodian
+        from custodian.vasp.handlers import (
+            MeshSymmetryErrorHandler,
+            NonConvergingErrorHandler,
+            PotimErrorHandler,
+            UnconvergedErrorHandler,
+            VaspErrorHandler,
+        )
+        from custodian.vasp.jobs import VaspJob
+
+        handlers = [
+            VaspErrorHandler(),
+            MeshSymmetryErrorHandler(),
+            UnconvergedErrorHandler(),
+            NonConvergingErrorHandler(),
+            PotimErrorHandler(),
+        ]
+        job = VaspJob(command, auto_npar=False, final=True, suffix="")
+        try:
+            Custodian(
+                handlers, [job], max_errors=self.params.max_errors, directory=str(workdir)
+            ).run()
+        except Exception as exc:
+            raise LabelError(f"VASP under custodian failed: {type(exc).__name__}: {exc}") from None
