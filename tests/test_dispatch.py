@@ -336,3 +336,18 @@ def test_job_over_its_time_limit_restarts_the_worker_and_is_retried(
     # The workers came back and still work.
     client.wait_for_workers(2, timeout=60)
     assert client.submit(sum, [1, 1]).result() == 2
+
+
+def test_labelling_tasks_declare_their_cores(client) -> None:
+    from distributed import Client, LocalCluster
+
+    from pestle.dispatch.labelling import cpu_resources
+
+    assert cpu_resources(client, 1) == {"CPU": 1}
+    with pytest.raises(ValueError, match="needs 2 cores but no Dask worker offers more than 1"):
+        cpu_resources(client, 2)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as plain,
+        Client(plain) as plain_client,
+    ):
+        assert cpu_resources(plain_client, 2) is None  # a cluster that declares nothing

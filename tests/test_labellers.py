@@ -160,3 +160,16 @@ def test_potential_labeller_gives_the_models_numbers(tmp_path) -> None:
     assert level_of_theory_hash(clone) == level_of_theory_hash(labeller)
     with pytest.raises(ValidationError):
         LABELLERS.build("potential", {"potential": {"name": "emt", "params": {"bogus": 1}}})
+
+
+def test_gpaw_under_mpi_gives_the_serial_numbers(rattled_si, gpaw_result, tmp_path) -> None:
+    labeller = LABELLERS.build("gpaw", {**FAST_GPAW, "parallel_ranks": 2})
+    assert labeller.cpus() == 2
+    result = labeller.label(rattled_si, tmp_path)
+    assert result.extra["mpi_ranks"] == 2
+    assert result.energy == pytest.approx(gpaw_result.energy, abs=1e-6)
+    np.testing.assert_allclose(result.forces, gpaw_result.forces, atol=1e-5)
+    # Ranks are how it runs, not what it computes: the level of theory is the same.
+    assert level_of_theory_hash(labeller) == level_of_theory_hash(
+        LABELLERS.build("gpaw", FAST_GPAW)
+    )

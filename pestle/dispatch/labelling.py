@@ -176,6 +176,24 @@ def run_label_job(
             heartbeat.join(timeout=5)
 
 
+def cpu_resources(client, need: int) -> dict[str, int] | None:
+    """The Dask resources a labelling task asks for: ``CPU: need`` when the workers declare
+    CPU resources (pestle's own clusters do), nothing on a cluster that declares none."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    offered = [(w.get("resources") or {}).get("CPU") for w in workers.values()]
+    if all(o is None for o in offered):
+        if need > 1:
+            log.warning("workers declare no CPU resources: %d-core jobs may share cores", need)
+        return None
+    most = max(o or 0 for o in offered)
+    if most < need:
+        raise ValueError(
+            f"a labelling job needs {need} cores but no Dask worker offers more than {most:g}: "
+            "raise dask.threads_per_worker or lower labeller.params.parallel_ranks"
+        )
+    return {"CPU": need}
+
+
 def _as_utc(moment: datetime | None) -> datetime | None:
     if moment is not None and moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)  # pymongo returns naive UTC by default
@@ -194,6 +212,7 @@ def label_jobs(
     poll_seconds: float = 0.5,
     timeout_seconds: float | None = None,
     job_timeout_seconds: float | None = None,
+    cpus_per_job: int = 1,
 ) -> dict[str, str]:
     """Drive jobs to a terminal state on the Dask cluster; returns {job_id: state}.
 
@@ -207,6 +226,7 @@ def label_jobs(
     in_flight: dict[str, Any] = {}  # job id -> future
     attempts: dict[str, int] = {}
     started = time.monotonic()
+    resources = cpu_resources(client, cpus_per_job)
     store.expire_orphaned_leases()
     while pending:
         if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
@@ -257,6 +277,7 @@ def label_jobs(
                     key=f"label-{job_id}-{attempts[job_id]}",
                     pure=False,
                     retries=0,
+                    resources=resources,
                 )
         if held_elsewhere:
             store.expire_orphaned_leases()

@@ -283,7 +283,14 @@ class Campaign:
         lot_hash = level_of_theory_hash(labeller)
         job_ids = []
         already = 0
+        rejected: dict[str, str] = {}
         for sid in structure_ids:
+            # Checked again before paying for DFT: structures may come from other runs,
+            # imports or older, laxer versions of the checks.
+            reason = check_structure(self.store.get_atoms(sid))
+            if reason is not None:
+                rejected[sid] = reason
+                continue
             job_id = f"label-{sid}-{lot_hash}"
             job = self.store.jobs.find_one({"_id": job_id}, {"state": 1})
             labelled = self.store.labels.count_documents({"_id": label_id(sid, lot_hash)}, limit=1)
@@ -313,6 +320,7 @@ class Campaign:
                 work_root=str(self.run_dir / "jobs"),
                 progress=lambda done, total, job_id, state: self.progress("label", done, total),
                 job_timeout_seconds=self.config.dask.job_timeout_seconds,
+                cpus_per_job=getattr(labeller, "cpus", lambda: 1)(),
             )
         failed = {j: s for j, s in states.items() if s != "done"}
         outcome = {
@@ -323,6 +331,7 @@ class Campaign:
             "already_labelled": already,
             "dispatched": len(job_ids),
             "failed": sorted(failed),
+            "rejected_before_dispatch": rejected,
         }
         self._record("label", outcome)
         return outcome

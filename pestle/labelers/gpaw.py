@@ -120,17 +120,18 @@ class GPAWLabeller:
         )
         maxiter: int = Field(default=200, ge=1)
         parallel_ranks: int = Field(
-            default=1, ge=1, description="MPI ranks per calculation (1 = serial in the worker)"
+            default=1,
+            ge=1,
+            description="MPI ranks per calculation (1: serial in the worker; more: mpiexec)",
         )
         txt: bool = Field(default=True, description="keep GPAW's log as gpaw.txt in the job folder")
 
     def __init__(self, params: Params) -> None:
         self.params = params
-        if params.parallel_ranks != 1:
-            raise ValueError(
-                "labeller.params.parallel_ranks: only serial GPAW inside a Dask worker is "
-                "supported so far; scale out with more workers"
-            )
+
+    def cpus(self) -> int:
+        """Cores one calculation occupies (its MPI ranks): the Dask CPU resource it asks for."""
+        return self.params.parallel_ranks
 
     def _setup_name(self) -> str:
         from gpaw.xc import XC
@@ -170,12 +171,58 @@ class GPAWLabeller:
         return bool(MAGNETIC_ELEMENTS & set(atoms.get_chemical_symbols()))
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        if self.params.parallel_ranks > 1:
+            return self._label_with_mpi(atoms, Path(workdir))
+        return self._label_here(atoms, Path(workdir))
+
+    def _label_with_mpi(self, atoms: Atoms, workdir: Path) -> LabelResult:
+        """The same calculation in ``mpiexec -n parallel_ranks`` (see gpaw_mpi.py)."""
+        import json
+        import shutil
+        import subprocess
+        import sys
+
+        from pestle.structures import atoms_to_dict
+
+        mpiexec = shutil.which("mpiexec")
+        if mpiexec is None:
+            raise LabelError("labeller.params.parallel_ranks > 1 needs mpiexec on the PATH")
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "result.json").unlink(missing_ok=True)
+        request = {"atoms": atoms_to_dict(atoms), "params": self.params.model_dump(mode="json")}
+        (workdir / "input.json").write_text(json.dumps(request))
+        # GPAW enables MPI in a plain python only when asked (else `gpaw python` is needed).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GPAW_MPI_BACKEND": "cgpaw"}
+        for path in setup_search_paths()[:1]:
+            env.setdefault("GPAW_SETUP_PATH", str(path))  # the ranks use the same setups
+        if os.geteuid() == 0:  # OpenMPI refuses root unless told twice
+            env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+        command = [mpiexec, "-n", str(self.params.parallel_ranks), sys.executable, "-m",
+                   "pestle.labelers.gpaw_mpi", str(workdir)]  # fmt: skip
+        with open(workdir / "mpi.log", "w") as log_file:
+            done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        result_file = workdir / "result.json"
+        if not result_file.is_file():
+            tail = (workdir / "mpi.log").read_text()[-2000:]
+            raise RuntimeError(f"mpiexec exited with {done.returncode} and no result:\n{tail}")
+        reply = json.loads(result_file.read_text())
+        if "label_error" in reply:
+            raise LabelError(reply["label_error"])
+        if "error" in reply:
+            raise RuntimeError(f"GPAW under MPI: {reply['error']}")
+        return LabelResult(
+            energy=reply["energy"],
+            forces=np.asarray(reply["forces"]),
+            stress=None if reply["stress"] is None else np.asarray(reply["stress"]),
+            extra=reply["extra"],
+        )
+
+    def _label_here(self, atoms: Atoms, workdir: Path) -> LabelResult:
         from gpaw import GPAW, PW, ConvergenceError
 
         p = self.params
         setup_search_paths()  # the same setups as level_of_theory() describes
         setup_dataset(self._setup_name())  # fail early and clearly if setups are missing
-        workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         atoms = atoms.copy()
         atoms.calc = None
