@@ -130,3 +130,25 @@ def test_fetched_seeds_are_reused_from_the_store(materials_project, store, monke
     for a, b in zip(again, fetched, strict=True):
         np.testing.assert_allclose(a.atoms.positions, b.atoms.positions)
         assert a.source == json.loads(json.dumps(b.source))
+
+
+def test_python_objects_as_seeds(store, mongo_uri, tmp_path) -> None:
+    from pymatgen.core import Lattice, Structure
+
+    from pestle.config import CampaignConfig
+    from pestle.engine.campaign import Campaign
+
+    config = CampaignConfig.model_validate(
+        {"name": "objects", "work_dir": str(tmp_path), "samplers": [{"name": "rattle"}],
+         "seeds": [{"bulk": "Si", "crystalstructure": "diamond", "a": 5.43}]}
+    )  # fmt: skip
+    atoms = bulk("Cu", "fcc", a=3.61)
+    structure = Structure(Lattice.cubic(4.03), ["Li", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    campaign = Campaign(config, store, mongo_uri, seeds=[atoms, structure])
+    seeds = campaign.stage_seeds()
+    assert [s.atoms.get_chemical_formula() for s in seeds] == ["Si8", "Cu", "FLi"]
+    stored = store.structures.find_one({"_id": seeds[2].id})
+    assert stored["provenance"]["source"] == {"python": "pymatgen.Structure"}
+    assert campaign.run_id != Campaign(config, store, mongo_uri).run_id
+    with pytest.raises(TypeError, match="ase.Atoms or pymatgen Structure"):
+        Campaign(config, store, mongo_uri, seeds=["Si"])

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pestle.config import CampaignConfig
-from pestle.engine.seeds import build_seeds
+from pestle.engine.seeds import build_seeds, seed_from_object
 from pestle.labelers import LABELLERS, level_of_theory_hash
 from pestle.potentials import POTENTIALS, Potential
 from pestle.provenance import code_versions
@@ -29,7 +29,7 @@ from pestle.samplers import SAMPLERS, Seed
 from pestle.samplers.validity import check_structure
 from pestle.selectors import SELECTORS, ScoredCandidate
 from pestle.store import Store, label_id
-from pestle.structures import settings_hash
+from pestle.structures import fingerprint, settings_hash
 from pestle.trainers import LabelledStructure
 
 log = logging.getLogger("pestle.engine")
@@ -58,8 +58,11 @@ def config_fingerprint(config: CampaignConfig) -> str:
     return settings_hash(content)
 
 
-def run_id_for(config: CampaignConfig) -> str:
-    return f"{config.name}-{config_fingerprint(config)[:10]}"
+def run_id_for(config: CampaignConfig, extra_seed_ids: list[str] | None = None) -> str:
+    digest = config_fingerprint(config)
+    if extra_seed_ids:  # seeds given as Python objects are part of the run's science too
+        digest = settings_hash({"config": digest, "seeds": sorted(extra_seed_ids)})
+    return f"{config.name}-{digest[:10]}"
 
 
 def stable_seed(*parts: object) -> int:
@@ -83,12 +86,15 @@ class Campaign:
         store_uri: str,
         *,
         progress: Progress | None = None,
+        seeds: list[Any] | None = None,
     ) -> None:
+        """``seeds``: ASE ``Atoms`` or pymatgen ``Structure`` objects, used beside the config's."""
         self.config = config
         self.store = store
         self.store_uri = store_uri
         self.progress = progress or (lambda stage, done, total: None)
-        self.run_id = run_id_for(config)
+        self.extra_seeds = [seed_from_object(s) for s in seeds or []]
+        self.run_id = run_id_for(config, [fingerprint(s.atoms) for s in self.extra_seeds])
         self.run_dir = Path(config.work_dir).resolve() / "runs" / self.run_id
         self._potential: Potential | None = None
 
@@ -148,7 +154,7 @@ class Campaign:
             seed
             for index, spec in enumerate(self.config.seeds)
             for seed in build_seeds(spec, f"seeds.{index}", self.store)
-        ]
+        ] + self.extra_seeds
         for structure in structures:
             name, atoms, source = structure.name, structure.atoms, structure.source
             sid, new = self.store.add_structure(

@@ -153,6 +153,21 @@ def _from_materials_project(spec: SeedSpec, where: str, store) -> list[SeedStruc
     return seeds
 
 
+def seed_from_object(obj: Any, name: str | None = None) -> SeedStructure:
+    """A seed from a Python object: ``ase.Atoms`` or a pymatgen ``Structure``."""
+    if isinstance(obj, Atoms):
+        atoms, kind = obj.copy(), "ase.Atoms"
+    else:
+        from pymatgen.core import Structure
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        if not isinstance(obj, Structure):
+            raise TypeError(f"a seed must be ase.Atoms or pymatgen Structure, not {type(obj)}")
+        atoms, kind = AseAtomsAdaptor.get_atoms(obj), "pymatgen.Structure"
+    atoms = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    return SeedStructure(name or atoms.get_chemical_formula(), atoms, {"python": kind})
+
+
 def build_seeds(spec: SeedSpec, where: str = "seeds", store=None) -> list[SeedStructure]:
     """The seed structures one config entry stands for (a Materials Project chemical system
     may give several). ``store`` lets fetched structures be reused without network."""
