@@ -351,3 +351,20 @@ def test_labelling_tasks_declare_their_cores(client) -> None:
         Client(plain) as plain_client,
     ):
         assert cpu_resources(plain_client, 2) is None  # a cluster that declares nothing
+
+
+def test_unphysical_structure_is_rejected_before_dispatch(store, mongo_uri, tmp_path) -> None:
+    from pestle.config import CampaignConfig
+    from pestle.engine.campaign import Campaign
+
+    config = CampaignConfig.model_validate(
+        {"name": "guard", "work_dir": str(tmp_path), "samplers": [{"name": "rattle"}],
+         "seeds": [{"bulk": "Cu", "crystalstructure": "fcc", "a": 3.61}],
+         "labeller": {"name": "emt"}}
+    )  # fmt: skip
+    squashed = bulk("Cu", "fcc", a=3.61, cubic=True)
+    squashed.positions[1] = squashed.positions[0] + [0.4, 0, 0]
+    sid, _ = store.add_structure(squashed, kind="candidate", provenance={"sampler": "import"})
+    outcome = Campaign(config, store, mongo_uri).stage_label([sid], client=None)
+    assert outcome["dispatched"] == 0 and "apart" in outcome["rejected_before_dispatch"][sid]
+    assert store.jobs.count_documents({}) == 0 and store.labels.count_documents({}) == 0
