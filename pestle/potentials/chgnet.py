@@ -249,6 +249,25 @@ class CHGNetPotential:
                 )
         return [r for r in results if r is not None]
 
+    def embed(self, structures: Sequence[Atoms]) -> list[np.ndarray]:
+        """CHGNet's crystal feature vector per structure (the pooled atom features its
+        readout sees): a descriptor for diversity selection."""
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        model = self.load_model()
+        out: list[np.ndarray] = []
+        sizes = [len(atoms) for atoms in structures]
+        for batch in pack_by_atom_count(sizes, self.params.max_atoms_per_batch):
+            pmg = [AseAtomsAdaptor.get_structure(bare(structures[i])) for i in batch]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+                raw = model.predict_structure(
+                    pmg, task="e", return_crystal_feas=True, batch_size=len(pmg)
+                )
+            raw = [raw] if isinstance(raw, dict) else raw
+            out += [np.asarray(r["crystal_fea"], dtype=float).ravel() for r in raw]
+        return out
+
     def checkpoint_sha256(self) -> str | None:
         if self.params.checkpoint is None:
             return None

@@ -1,0 +1,146 @@
+"""Scores that say which candidates deserve a reference label.
+
+- ``softening``: the softening scale s fitted per chemical system and sampler kind from the
+  labels already stored (model forces against reference forces), with a prior while a group
+  has too few labels; a candidate's expected softening error is |1/s - 1| * |F_pred|.
+- ``committee``: disagreement between several potentials (force spread, and energy-per-atom
+  spread after removing each model's per-element reference energies).
+- ``combine``: rank-normalised weighted sum of any scores.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from ase import Atoms
+
+from pestle.evaluation.metrics import softening_scale
+from pestle.potentials import Potential, Prediction
+
+
+@dataclass(frozen=True)
+class SofteningEstimate:
+    slope: float
+    ci_low: float
+    ci_high: float
+    n_components: int
+    source: str  # "system+sampler", "system" or "prior"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class SofteningModel:
+    """Softening scales per (chemical system, sampler), falling back to the system, then to
+    a prior, while a group has fewer than ``min_components`` labelled force components."""
+
+    def __init__(
+        self,
+        fits: Mapping[tuple[str, str | None], SofteningEstimate],
+        prior: float = 0.85,
+        min_components: int = 30,
+    ) -> None:
+        self.fits = dict(fits)
+        self.prior = prior
+        self.min_components = min_components
+
+    @classmethod
+    def fit(
+        cls,
+        potential: Potential,
+        labelled: Sequence[tuple[Atoms, str, str]],
+        prior: float = 0.85,
+        min_components: int = 30,
+    ) -> SofteningModel:
+        """``labelled``: (atoms with reference forces in ``atoms.calc``, chemical system,
+        sampler). The model's forces come from ``potential``."""
+        predicted = potential.predict([atoms for atoms, _, _ in labelled])
+        pairs: dict[tuple[str, str | None], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+        for (atoms, system, sampler), prediction in zip(labelled, predicted, strict=True):
+            reference = np.asarray(atoms.calc.results["forces"], dtype=float).ravel()
+            model = np.asarray(prediction.forces, dtype=float).ravel()
+            pairs[(system, sampler)].append((model, reference))
+            pairs[(system, None)].append((model, reference))
+        fits = {}
+        for group, members in pairs.items():
+            fit = softening_scale(
+                np.concatenate([m for m, _ in members]), np.concatenate([r for _, r in members])
+            )
+            source = "system" if group[1] is None else "system+sampler"
+            fits[group] = SofteningEstimate(fit.slope, fit.ci_low, fit.ci_high, fit.n, source)
+        return cls(fits, prior, min_components)
+
+    def estimate(self, system: str, sampler: str | None) -> SofteningEstimate:
+        for group in ((system, sampler), (system, None)):
+            fit = self.fits.get(group)
+            if fit is not None and fit.n_components >= self.min_components and fit.slope > 0:
+                return fit
+        return SofteningEstimate(self.prior, self.prior, self.prior, 0, "prior")
+
+
+def expected_softening_error(forces: np.ndarray, slope: float) -> float:
+    """Largest per-atom force error a softening scale ``slope`` implies: the reference force
+    is about F_pred / s, so the model misses |1/s - 1| * |F_pred| (eV/A)."""
+    norms = np.linalg.norm(np.asarray(forces, dtype=float).reshape(-1, 3), axis=1)
+    return float(abs(1.0 / slope - 1.0) * norms.max()) if norms.size else 0.0
+
+
+def _element_reference_residuals(structures: Sequence[Atoms], energies: np.ndarray) -> np.ndarray:
+    """Energy per atom minus a least-squares per-element reference fitted on this batch:
+    models trained on different data put each element's zero of energy differently."""
+    elements = sorted({z for atoms in structures for z in atoms.numbers})
+    counts = np.array([[np.count_nonzero(a.numbers == z) for z in elements] for a in structures])
+    coefficients, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return (energies - counts @ coefficients) / counts.sum(axis=1)
+
+
+def committee_disagreement(
+    structures: Sequence[Atoms], predictions: Sequence[Sequence[Prediction]]
+) -> list[dict[str, float]]:
+    """Per structure: ``committee_force`` (largest per-atom norm of the force standard
+    deviation across models, eV/A), ``committee_force_mean`` and ``committee_energy``
+    (standard deviation of energy per atom across models after removing each model's
+    per-element references, eV/atom; needs several structures to be meaningful)."""
+    if len(predictions) < 2:
+        raise ValueError("a committee needs at least two potentials")
+    forces = [np.stack([np.asarray(p.forces) for p in per_structure])
+              for per_structure in zip(*predictions, strict=True)]  # fmt: skip
+    energies = np.array([[p.energy for p in model] for model in predictions])  # (models, n)
+    residuals = np.array([_element_reference_residuals(structures, e) for e in energies])
+    energy_spread = residuals.std(axis=0)
+    out = []
+    for stack, spread in zip(forces, energy_spread, strict=True):
+        per_atom = np.linalg.norm(stack.std(axis=0), axis=1)
+        out.append(
+            {
+                "committee_force": float(per_atom.max()),
+                "committee_force_mean": float(per_atom.mean()),
+                "committee_energy": float(spread),
+            }
+        )
+    return out
+
+
+def rank_normalise(values: Sequence[float]) -> np.ndarray:
+    """Ranks scaled to [0, 1] (ties share their mean rank): scores in different units
+    become comparable, and one outlier cannot dominate the sum."""
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, dtype=float)
+    if values.size <= 1:
+        return np.ones_like(values)
+    return (rankdata(values) - 1) / (values.size - 1)
+
+
+def combine(scores: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> np.ndarray:
+    """Rank-normalised weighted sum of the named scores (weights need not sum to 1)."""
+    missing = set(weights) - set(scores)
+    if missing:
+        raise KeyError(f"no scores named {sorted(missing)} (have {sorted(scores)})")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("score weights must sum to a positive number")
+    return sum(w * rank_normalise(scores[name]) for name, w in weights.items()) / total
