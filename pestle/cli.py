@@ -397,6 +397,65 @@ def db_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> No
     console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
 
 
+@app.command()
+def explain(
+    structure_id: Annotated[str, typer.Argument(help="A structure id (or a unique prefix).")],
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Why a candidate was, or was not, picked for labelling in each run it took part in."""
+
+    store = _open_store(config, work_dir)
+    matches = list(
+        store.structures.find({"_id": {"$regex": f"^{re.escape(structure_id)}"}}).limit(2)
+    )
+    if len(matches) != 1:
+        _fail(f"{len(matches) or 'no'} structures match {structure_id!r}" + (
+            " (give more characters)" if matches else ""))  # fmt: skip
+    doc = matches[0]
+    prov = doc.get("provenance", {})
+    console.print(
+        f"[bold]{doc['_id']}[/] {doc.get('formula')} ({doc.get('chemical_system')}, "
+        f"{doc.get('natoms')} atoms), {doc.get('kind')} from sampler {prov.get('sampler')} "
+        f"{json.dumps(_jsonable(prov.get('params')))}"
+    )
+    for run_id in doc.get("runs", []):
+        run = store.get_run(run_id) or {}
+        stages = run.get("stages", {})
+        select = stages.get("select")
+        key = (stages.get("score") or {}).get("model_key")
+        scores = (doc.get("scores") or {}).get(key, {})
+        picked = (doc.get("selection") or {}).get(run_id)
+        if select is None:
+            console.print(f"run {run_id}: selection not reached")
+            continue
+        selector = select["selector"]
+        if picked:
+            console.print(
+                f"run {run_id}: [green]selected[/], rank {picked['rank']}: {picked['reason']}"
+            )
+            scores = picked.get("scores", scores)
+        else:
+            same_system = [
+                s["id"] for s in select["selected"]
+                if (store.structures.find_one({"_id": s["id"]}, {"chemical_system": 1}) or {})
+                .get("chemical_system") == doc.get("chemical_system")
+            ]  # fmt: skip
+            console.print(
+                f"run {run_id}: [yellow]not selected[/]: {selector['name']} "
+                f"{json.dumps(selector.get('params', {}))} picked {len(same_system)} of the "
+                f"{doc.get('chemical_system')} candidates (budget {select['per_system']}); "
+                f"weights {json.dumps(select.get('weights', {}))}"
+            )
+        if scores:
+            console.print(
+                "  scores: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.items()))
+            )
+        label = store.labels.find_one({"structure_id": doc["_id"]}, {"energy": 1, "labeller": 1})
+        if label:
+            console.print(f"  labelled: {label['_id']} by {label['labeller']}")
+
+
 def plugin_rows(registry) -> list[tuple[str, str, str, str, str]]:
     """(name, parameter, type, default, description) for every registered implementation."""
     from pydantic_core import PydanticUndefined

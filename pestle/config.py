@@ -121,6 +121,46 @@ class SelectionSpec(_Strict):
     per_system: int = Field(default=6, ge=1, description="labels to request per chemical system")
 
 
+SCORE_NAMES = (
+    "max_force",
+    "mean_force",
+    "energy_per_atom",
+    "expected_softening_error",
+    "committee_force",
+    "committee_force_mean",
+    "committee_energy",
+)
+
+
+class ScoringSpec(_Strict):
+    """How candidates are scored before selection (see pestle/scoring)."""
+
+    committee: list[PluginSpec] = Field(
+        default_factory=list,
+        description="potentials that, with the main one, form the committee",
+    )
+    embeddings: bool = Field(
+        default=False, description="store the main potential's descriptors (fps, direct)"
+    )
+    softening_prior: float = Field(default=0.85, gt=0, le=2)
+    softening_min_components: int = Field(default=30, ge=1)
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"max_force": 1.0},
+        description="rank-normalised weighted sum, stored as the score 'combined'",
+    )
+
+    @model_validator(mode="after")
+    def _known_scores(self) -> ScoringSpec:
+        unknown = sorted(set(self.weights) - set(SCORE_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown scores {unknown} in weights (known: {', '.join(SCORE_NAMES)})"
+            )
+        if any(name.startswith("committee") for name in self.weights) and not self.committee:
+            raise ValueError("committee scores need at least one potential in scoring.committee")
+        return self
+
+
 class FinetuneSpec(_Strict):
     enabled: bool = True
     trainer: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
@@ -144,6 +184,7 @@ class CampaignConfig(_Strict):
     seeds: list[SeedSpec] = Field(min_length=1)
     samplers: list[PluginSpec] = Field(min_length=1)
     potential: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     labeller: PluginSpec = Field(default_factory=lambda: PluginSpec(name="gpaw"))
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
@@ -180,6 +221,8 @@ def validate_plugins(config: CampaignConfig) -> list[str]:
     for i, spec in enumerate(config.samplers):
         _check_plugin(SAMPLERS, spec, f"samplers.{i}", errors)
     _check_plugin(POTENTIALS, config.potential, "potential", errors)
+    for i, spec in enumerate(config.scoring.committee):
+        _check_plugin(POTENTIALS, spec, f"scoring.committee.{i}", errors)
     _check_plugin(SELECTORS, config.selection.selector, "selection.selector", errors)
     _check_plugin(LABELLERS, config.labeller, "labeller", errors)
     _check_plugin(TRAINERS, config.finetune.trainer, "finetune.trainer", errors)

@@ -214,10 +214,34 @@ class Campaign:
 
     @property
     def model_key(self) -> str:
-        return settings_hash(self.potential.describe())
+        """Identity of what scored the candidates: the potential, and the committee and
+        descriptors when configured (scores are recomputed when any of them changes)."""
+        scoring = self.config.scoring
+        if not scoring.committee and not scoring.embeddings:
+            return settings_hash(self.potential.describe())
+        return settings_hash(
+            {
+                "potential": self.potential.describe(),
+                "committee": [c.model_dump() for c in scoring.committee],
+                "embeddings": scoring.embeddings,
+            }
+        )
+
+    @property
+    def committee(self) -> list[Potential]:
+        if not hasattr(self, "_committee"):
+            self._committee = [
+                POTENTIALS.build(spec.name, spec.params) for spec in self.config.scoring.committee
+            ]
+        return self._committee
 
     def stage_score(self) -> dict[str, Any]:
+        from pestle.scoring import committee_disagreement
+
         key = self.model_key
+        scoring = self.config.scoring
+        if scoring.embeddings and not hasattr(self.potential, "embed"):
+            raise ValueError(f"scoring.embeddings: potential {self.potential.name} has no embed()")
         todo = [d for d in self._run_candidates() if key not in (d.get("scores") or {})]
         total = len(todo)
         done = 0
@@ -225,47 +249,121 @@ class Campaign:
         for start in range(0, total, 32):
             chunk = todo[start : start + 32]
             atoms_list = [self.store.atoms_from_doc(d) for d in chunk]
-            for doc, atoms, prediction in zip(
-                chunk, atoms_list, self.potential.predict(atoms_list), strict=True
+            predictions = self.potential.predict(atoms_list)
+            committee = (
+                committee_disagreement(
+                    atoms_list, [predictions] + [m.predict(atoms_list) for m in self.committee]
+                )
+                if self.committee
+                else [{}] * len(chunk)
+            )
+            descriptors = (
+                self.potential.embed(atoms_list) if scoring.embeddings else [None] * len(chunk)
+            )
+            for doc, atoms, prediction, spread, descriptor in zip(
+                chunk, atoms_list, predictions, committee, descriptors, strict=True
             ):
                 norms = np.linalg.norm(prediction.forces, axis=1)
-                self.store.set_scores(
-                    doc["_id"],
-                    key,
-                    {
-                        "max_force": float(norms.max()),
-                        "mean_force": float(norms.mean()),
-                        "energy_per_atom": float(prediction.energy) / len(atoms),
-                    },
-                )
+                scores = {
+                    "max_force": float(norms.max()),
+                    "mean_force": float(norms.mean()),
+                    "energy_per_atom": float(prediction.energy) / len(atoms),
+                    **spread,
+                }
+                self.store.set_scores(doc["_id"], key, scores)
+                if descriptor is not None:
+                    self.store.structures.update_one(
+                        {"_id": doc["_id"]},
+                        {"$set": {f"embeddings.{key}": np.asarray(descriptor).tolist()}},
+                    )
             done += len(chunk)
             self.progress("score", done, total)
-        outcome = {"model": self.potential.describe(), "model_key": key, "scored": total}
+        outcome = {
+            "model": self.potential.describe(),
+            "committee": [m.describe() for m in self.committee],
+            "model_key": key,
+            "scored": total,
+        }
         self._record("score", outcome)
         return outcome
 
+    def softening_model(self, systems: list[str]):
+        """Softening scales fitted on the labels already stored for these systems at this
+        campaign's level of theory (the prior where there are too few)."""
+        from pestle.scoring import SofteningModel
+
+        lot_hash = level_of_theory_hash(self.labeller())
+        labelled = [
+            (atoms, label["chemical_system"], label.get("sampler"))
+            for atoms, _, label in self.store.labelled_atoms(
+                {"lot_hash": lot_hash, "chemical_system": {"$in": systems}}
+            )
+        ]
+        scoring = self.config.scoring
+        if not labelled:
+            return SofteningModel({}, scoring.softening_prior, scoring.softening_min_components)
+        return SofteningModel.fit(
+            self.potential, labelled, scoring.softening_prior, scoring.softening_min_components
+        )
+
     def stage_select(self) -> list[str]:
+        from pestle.scoring import combine, softening_error
+
         previous = self._stage_done("select")
         if previous and previous.get("selected"):
             # Resuming: the batch was chosen before; never choose a fresh batch beside it.
             return [s["id"] for s in previous["selected"]]
         key = self.model_key
-        scored = [
-            ScoredCandidate(
-                id=d["_id"],
-                chemical_system=d["chemical_system"],
-                sampler=d["provenance"]["sampler"],
-                scores=d["scores"][key],
+        docs = self._run_candidates()
+        scoring = self.config.scoring
+        estimates: dict[str, dict] = {}
+        scored = []
+        softening = None
+        if "expected_softening_error" in scoring.weights:
+            softening = self.softening_model(sorted({d["chemical_system"] for d in docs}))
+        for d in docs:
+            scores = dict(d["scores"][key])
+            sampler = d["provenance"]["sampler"]
+            if softening is not None:
+                estimate = softening.estimate(d["chemical_system"], sampler)
+                # max_force is the largest per-atom force norm, so this is the largest error.
+                scores["expected_softening_error"] = softening_error(
+                    scores["max_force"], estimate.slope
+                )
+                estimates[f"{d['chemical_system']}/{sampler}"] = estimate.as_dict()
+            embedding = (d.get("embeddings") or {}).get(key)
+            scored.append(
+                ScoredCandidate(
+                    id=d["_id"],
+                    chemical_system=d["chemical_system"],
+                    sampler=sampler,
+                    scores=scores,
+                    extra={"embedding": embedding} if embedding is not None else {},
+                )
             )
-            for d in self._run_candidates()
-        ]
+        if scored:
+            names = {name for c in scored for name in c.scores}
+            combined = combine(
+                {n: [c.scores.get(n, 0.0) for c in scored] for n in names}, scoring.weights
+            )
+            for candidate, value in zip(scored, combined, strict=True):
+                candidate.scores["combined"] = float(value)
         spec = self.config.selection
         selector = SELECTORS.build(spec.selector.name, spec.selector.params)
         picks = selector.select(scored, spec.per_system)
+        by_id = {c.id: c for c in scored}
         for pick in picks:
             self.store.structures.update_one(
                 {"_id": pick.id},
-                {"$set": {f"selection.{self.run_id}": {"rank": pick.rank, "reason": pick.reason}}},
+                {
+                    "$set": {
+                        f"selection.{self.run_id}": {
+                            "rank": pick.rank,
+                            "reason": pick.reason,
+                            "scores": by_id[pick.id].scores,
+                        }
+                    }
+                },
             )
         selected = [{"id": p.id, "rank": p.rank, "reason": p.reason} for p in picks]
         self._record(
@@ -273,6 +371,8 @@ class Campaign:
             {
                 "selector": spec.selector.model_dump(),
                 "per_system": spec.per_system,
+                "weights": scoring.weights,
+                "softening_estimates": estimates,
                 "candidates": len(scored),
                 "selected": selected,
             },

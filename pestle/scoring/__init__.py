@@ -81,11 +81,16 @@ class SofteningModel:
         return SofteningEstimate(self.prior, self.prior, self.prior, 0, "prior")
 
 
+def softening_error(force: float, slope: float) -> float:
+    """The force error a softening scale implies: the reference force is about F_pred / s,
+    so the model misses |1/s - 1| * |F_pred| (eV/A)."""
+    return float(abs(1.0 / slope - 1.0) * force)
+
+
 def expected_softening_error(forces: np.ndarray, slope: float) -> float:
-    """Largest per-atom force error a softening scale ``slope`` implies: the reference force
-    is about F_pred / s, so the model misses |1/s - 1| * |F_pred| (eV/A)."""
+    """``softening_error`` of the atom with the largest predicted force."""
     norms = np.linalg.norm(np.asarray(forces, dtype=float).reshape(-1, 3), axis=1)
-    return float(abs(1.0 / slope - 1.0) * norms.max()) if norms.size else 0.0
+    return softening_error(float(norms.max()), slope) if norms.size else 0.0
 
 
 def _element_reference_residuals(structures: Sequence[Atoms], energies: np.ndarray) -> np.ndarray:
