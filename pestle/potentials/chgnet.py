@@ -13,7 +13,7 @@ import logging
 import pickle
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,14 +221,12 @@ class CHGNetPotential:
                 self._model = model
             return self._model
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+    def _raw_outputs(self, structures: Sequence[Atoms], **options: Any) -> Iterator[dict]:
+        """chgnet's ``predict_structure`` output per structure, in order, computed in
+        batches bounded by atom count."""
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        if not structures:
-            return []
         model = self.load_model()
-        extensive = model.is_intensive  # CHGNet's energy is per atom when intensive
-        results: list[Prediction | None] = [None] * len(structures)
         sizes = [len(atoms) for atoms in structures]
         for batch in pack_by_atom_count(sizes, self.params.max_atoms_per_batch):
             # Bare geometry: the adaptor would otherwise carry labels (calculator) and warn
@@ -236,37 +234,31 @@ class CHGNetPotential:
             pmg = [AseAtomsAdaptor.get_structure(bare(structures[i])) for i in batch]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
-                raw = model.predict_structure(pmg, task="efs", batch_size=len(pmg))
-            raw = [raw] if isinstance(raw, dict) else raw
-            for index, out in zip(batch, raw, strict=True):
-                n_atoms = sizes[index]
-                energy = float(out["e"]) * (n_atoms if extensive else 1)
-                stress = full_3x3_to_voigt_6_stress(np.asarray(out["s"], dtype=float) * units.GPa)
-                results[index] = Prediction(
-                    energy=energy,
+                raw = model.predict_structure(pmg, batch_size=len(pmg), **options)
+            yield from ([raw] if isinstance(raw, dict) else raw)
+
+    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+        if not structures:
+            return []
+        per_atom = self.load_model().is_intensive  # CHGNet's energy is per atom when intensive
+        results = []
+        for atoms, out in zip(structures, self._raw_outputs(structures, task="efs"), strict=True):
+            n_atoms = len(atoms)
+            stress = full_3x3_to_voigt_6_stress(np.asarray(out["s"], dtype=float) * units.GPa)
+            results.append(
+                Prediction(
+                    energy=float(out["e"]) * (n_atoms if per_atom else 1),
                     forces=np.asarray(out["f"], dtype=float).reshape(n_atoms, 3),
                     stress=np.asarray(stress, dtype=float),
                 )
-        return [r for r in results if r is not None]
+            )
+        return results
 
     def embed(self, structures: Sequence[Atoms]) -> list[np.ndarray]:
         """CHGNet's crystal feature vector per structure (the pooled atom features its
         readout sees): a descriptor for diversity selection."""
-        from pymatgen.io.ase import AseAtomsAdaptor
-
-        model = self.load_model()
-        out: list[np.ndarray] = []
-        sizes = [len(atoms) for atoms in structures]
-        for batch in pack_by_atom_count(sizes, self.params.max_atoms_per_batch):
-            pmg = [AseAtomsAdaptor.get_structure(bare(structures[i])) for i in batch]
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
-                raw = model.predict_structure(
-                    pmg, task="e", return_crystal_feas=True, batch_size=len(pmg)
-                )
-            raw = [raw] if isinstance(raw, dict) else raw
-            out += [np.asarray(r["crystal_fea"], dtype=float).ravel() for r in raw]
-        return out
+        outputs = self._raw_outputs(structures, task="e", return_crystal_feas=True)
+        return [np.asarray(out["crystal_fea"], dtype=float).ravel() for out in outputs]
 
     def checkpoint_sha256(self) -> str | None:
         if self.params.checkpoint is None:
