@@ -397,6 +397,58 @@ def db_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> No
     console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
 
 
+models_app = typer.Typer(help="Model versions in the store.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context, config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+    """List model versions: family, parent, training data, held-out softening, promotion."""
+    if ctx.invoked_subcommand is not None:
+        return
+    store = _open_store(config, work_dir)
+    table = Table(title="models")
+    for column in ("id", "family", "parent", "train labels", "held-out softening", "current"):
+        table.add_column(column, overflow="fold")
+    for doc in store.models.find({}, {"checkpoint": 0}).sort("created_at", 1):
+        family = doc.get("family", "")
+        parent = doc.get("parent") or {}
+        evaluation = next(iter((doc.get("evaluation") or {}).values()), {})
+        slopes = ", ".join(
+            f"{system} {m['softening']['slope']:.3f}" for system, m in sorted(evaluation.items())
+        )
+        table.add_row(
+            doc["_id"],
+            family,
+            str(parent.get("model") or parent.get("checkpoint_sha256") or ""),
+            str(len((doc.get("training") or {}).get("label_ids", []))),
+            slopes,
+            "yes" if store.promoted_model(family) == doc["_id"] else "",
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    model_id: Annotated[str, typer.Argument(help="The model version to make current.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the store).")] = "promoted by hand",
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Make a model version the current one of its family."""
+    from pestle.store import StoreError
+
+    store = _open_store(config, work_dir)
+    try:
+        outcome = store.promote_model(model_id, reason)
+    except StoreError as exc:
+        _fail(str(exc))
+    console.print(
+        f"{outcome['family']}: {outcome['model_id']} is current"
+        + (f" (was {outcome['previous']})" if outcome["previous"] else "")
+    )
+
+
 @app.command()
 def explain(
     structure_id: Annotated[str, typer.Argument(help="A structure id (or a unique prefix).")],

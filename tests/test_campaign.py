@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,3 +201,16 @@ def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -
     finally:
         store.client.drop_database(database)
         store.close()
+
+
+def test_models_listed_and_promoted(campaign) -> None:
+    env, config, store = campaign["env"], str(campaign["config"]), campaign["store"]
+    [model] = list(store.models.find({}, {"_id": 1}))
+    listed = pestle("models", "-c", config, env={**env, "COLUMNS": "250"}).stdout
+    assert model["_id"] in listed and re.search(r"Si \d\.\d{3}", listed)
+    promoted = pestle("models", "promote", model["_id"], "--reason", "test", "-c", config, env=env)
+    assert "is current" in promoted.stdout
+    assert store.promoted_model("chgnet") == model["_id"]
+    assert store.models.find_one({"_id": model["_id"]})["promotions"][-1]["reason"] == "test"
+    bad = pestle("models", "promote", "model-nope", "-c", config, env=env, check=False)
+    assert bad.returncode == 2 and "no model model-nope" in bad.stderr

@@ -476,6 +476,32 @@ class Store:
             raise StoreError(f"checkpoint of model {model_id} fails its sha256 check")
         return path, info["sha256"]
 
+    def promote_model(self, model_id: str, reason: str) -> dict:
+        """Make a model version the current one of its family (one per family); the decision
+        and its reason are kept in the model's history."""
+        doc = self.models.find_one({"_id": model_id}, {"family": 1})
+        if doc is None:
+            raise StoreError(f"no model {model_id}")
+        family = doc.get("family", "unknown")
+        now = utcnow()
+        previous = self.meta.find_one({"_id": f"promoted:{family}"}) or {}
+        self.meta.replace_one(
+            {"_id": f"promoted:{family}"},
+            {"model_id": model_id, "family": family, "at": now, "reason": reason,
+             "previous": previous.get("model_id")},
+            upsert=True,
+        )  # fmt: skip
+        self.models.update_one(
+            {"_id": model_id},
+            {"$push": {"promotions": {"at": now, "reason": reason,
+                                      "replaced": previous.get("model_id")}}},
+        )  # fmt: skip
+        return {"family": family, "model_id": model_id, "previous": previous.get("model_id")}
+
+    def promoted_model(self, family: str) -> str | None:
+        doc = self.meta.find_one({"_id": f"promoted:{family}"})
+        return None if doc is None else doc["model_id"]
+
     # -- runs ---------------------------------------------------------------------------
     def start_run(self, run_id: str, record: Mapping[str, Any]) -> dict:
         now = utcnow()
