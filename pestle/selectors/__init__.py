@@ -42,4 +42,23 @@ class Selector(Protocol):
 
 SELECTORS: Registry[Selector] = Registry("selector")
 
+
+def group_by_system(
+    candidates: Sequence[ScoredCandidate], score: str, selector: str
+) -> dict[str, list[ScoredCandidate]]:
+    """Candidates per chemical system, each group in id order (so no choice depends on the
+    input order); every candidate must carry the score a selector ranks by."""
+    missing = [c.id for c in candidates if score not in c.scores]
+    if missing:
+        available = sorted(candidates[0].scores) if candidates else []
+        raise KeyError(
+            f"selector {selector}: {len(missing)} candidates have no score {score!r} "
+            f"(e.g. {missing[0]}); available: {available}"
+        )
+    groups: dict[str, list[ScoredCandidate]] = {}
+    for c in sorted(candidates, key=lambda c: c.id):
+        groups.setdefault(c.chemical_system, []).append(c)
+    return dict(sorted(groups.items()))
+
+
 import_submodules(__name__, __path__)  # registration

@@ -12,20 +12,12 @@ the price of inflating near-constant, noisy features.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.selectors import SELECTORS, ScoredCandidate, Selection
-
-
-def _by_system(candidates: Sequence[ScoredCandidate]) -> dict[str, list[ScoredCandidate]]:
-    groups: dict[str, list[ScoredCandidate]] = defaultdict(list)
-    for c in sorted(candidates, key=lambda c: c.id):  # input order never matters
-        groups[c.chemical_system].append(c)
-    return dict(sorted(groups.items()))
+from pestle.selectors import SELECTORS, ScoredCandidate, Selection, group_by_system
 
 
 def embeddings(group: Sequence[ScoredCandidate], standardise: bool = False) -> np.ndarray:
@@ -69,7 +61,7 @@ class FarthestPointSelector:
     ) -> list[Selection]:
         key = self.params.score
         picks = []
-        for system, group in _by_system(candidates).items():
+        for system, group in group_by_system(candidates, key, "fps").items():
             x = embeddings(group, self.params.standardise)
             start = max(range(len(group)), key=lambda i: (group[i].scores[key], group[i].id))
             for rank, (index, distance) in enumerate(farthest_points(x, start, per_system_budget)):
@@ -104,7 +96,7 @@ class StratifiedSelector:
 
         p = self.params
         picks = []
-        for system, group in _by_system(candidates).items():
+        for system, group in group_by_system(candidates, p.score, "direct").items():
             x = embeddings(group, p.standardise)
             k = min(per_system_budget, len(group))
             # PCA: keep the leading components that explain the requested variance.

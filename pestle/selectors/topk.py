@@ -3,12 +3,11 @@ structure cannot take the whole budget."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.selectors import SELECTORS, ScoredCandidate, Selection
+from pestle.selectors import SELECTORS, ScoredCandidate, Selection, group_by_system
 
 
 @SELECTORS.register("topk")
@@ -28,19 +27,10 @@ class TopKSelector:
         self, candidates: Sequence[ScoredCandidate], per_system_budget: int
     ) -> list[Selection]:
         key = self.params.score
-        missing = [c.id for c in candidates if key not in c.scores]
-        if missing:
-            raise KeyError(
-                f"selector topk: {len(missing)} candidates have no score {key!r} "
-                f"(e.g. {missing[0]}); available: {sorted(candidates[0].scores) if candidates else []}"
-            )
-        by_system: dict[str, list[ScoredCandidate]] = defaultdict(list)
-        for c in candidates:
-            by_system[c.chemical_system].append(c)
         picks: list[Selection] = []
-        for system in sorted(by_system):
+        for system, group in group_by_system(candidates, key, "topk").items():
             # Ties broken by id so the choice never depends on input order.
-            ranked = sorted(by_system[system], key=lambda c: (-c.scores[key], c.id))
+            ranked = sorted(group, key=lambda c: (-c.scores[key], c.id))
             chosen: list[tuple[ScoredCandidate, str]] = []
             taken: set[str] = set()
             if self.params.min_per_sampler:
