@@ -97,6 +97,7 @@ class Campaign:
         self.run_id = run_id_for(config, [fingerprint(s.atoms) for s in self.extra_seeds])
         self.run_dir = Path(config.work_dir).resolve() / "runs" / self.run_id
         self._potential: Potential | None = None
+        self._committee: list[Potential] | None = None
 
     # -- helpers --------------------------------------------------------------------------
     @property
@@ -229,7 +230,7 @@ class Campaign:
 
     @property
     def committee(self) -> list[Potential]:
-        if not hasattr(self, "_committee"):
+        if self._committee is None:
             self._committee = [
                 POTENTIALS.build(spec.name, spec.params) for spec in self.config.scoring.committee
             ]
