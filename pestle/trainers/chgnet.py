@@ -14,6 +14,19 @@ Project VASP energies CHGNet learnt. With ``refit_atom_ref`` we first shift CHGN
 per-element reference energies (its ``AtomRef`` composition model) by a least-squares fit of
 the label-minus-model residuals, using chgnet's ``AtomRef.fit``; the graph network then only
 has to learn the interaction part. Elements absent from the labels keep their references.
+
+Three modes (``Params.mode``):
+
+* ``custom``: the loss weights, learning rate, epochs and frozen layers given in ``Params``;
+* ``full``: the full fine-tune of Deng et al., npj Comput. Mater. 11:9 (2025), "Systematic
+  softening in universal machine learning interatomic potentials": every parameter trainable,
+  energy/force/stress loss weights 0.1/100/0.1, MSE, Adam at 1e-3 cosine-decayed to 1e-5 over
+  the run (100 epochs unless ``epochs`` is given), the epoch with the lowest validation force
+  MAE kept;
+* ``linear_correction``: the same paper's one-parameter correction: a single scale ``s`` on the
+  network's energy (everything but the AtomRef composition model), so forces and stress scale
+  by ``s`` too, all else frozen. Solved in closed form (see ``fit_linear_scale``) and baked
+  into the readout's last linear layer, so the checkpoint is an ordinary CHGNet.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import numpy as np
 from ase import units
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
@@ -50,6 +63,23 @@ log = logging.getLogger("pestle.trainers.chgnet")
 
 CHECKPOINT_NAME = "chgnet_finetuned.pth.tar"
 MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
+
+# Deng et al. (2025): loss weights of both fine-tuning modes, and the full fine-tune's
+# optimisation (Adam, MSE, learning rate cosine-decayed from 1e-3 to 1e-5, 100 epochs).
+PAPER_LOSS_WEIGHTS: dict[str, Any] = {
+    "energy_weight": 0.1,
+    "force_weight": 100.0,
+    "stress_weight": 0.1,
+}
+PAPER_FULL: dict[str, Any] = {
+    **PAPER_LOSS_WEIGHTS,
+    "learning_rate": 1e-3,
+    "epochs": 100,
+    "freeze": "none",
+}
+PAPER_FINAL_LEARNING_RATE = 1e-5
+# Fields a closed-form linear correction has no use for.
+_UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze")
 
 # The input featurisation: atom/bond/angle embeddings and their basis expansions.
 _EMBEDDINGS = (
@@ -173,8 +203,42 @@ class CHGNetTrainer:
         freeze: Literal["none", "embeddings", "all_but_readout"] = "embeddings"
         refit_atom_ref: bool = True
         seed: int = 0
+        # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
+        # recipes, which fill in the fields they fix (see PAPER_FULL, PAPER_LOSS_WEIGHTS).
+        mode: Literal["custom", "linear_correction", "full"] = "custom"
 
         _known_model = field_validator("base_model")(check_pretrained_name)
+
+        @model_validator(mode="after")
+        def _apply_mode(self) -> CHGNetTrainer.Params:
+            """Fill in the paper's values; a value the user set that contradicts the mode is
+            an error rather than silently overridden (``epochs`` is the user's in ``full``)."""
+            if self.mode == "custom":
+                return self
+            fixed = dict(PAPER_FULL if self.mode == "full" else PAPER_LOSS_WEIGHTS)
+            if self.mode == "full" and "epochs" in self.model_fields_set:
+                del fixed["epochs"]
+            if self.mode == "linear_correction":
+                defaults = type(self).model_fields
+                unused = [
+                    name
+                    for name in _UNUSED_BY_LINEAR
+                    if name in self.model_fields_set
+                    and getattr(self, name) != defaults[name].default
+                ]
+                if unused:
+                    raise ValueError(
+                        f"mode linear_correction fits one scale in closed form; "
+                        f"{', '.join(unused)} do not apply to it"
+                    )
+            for name, value in fixed.items():
+                if name in self.model_fields_set and getattr(self, name) != value:
+                    raise ValueError(
+                        f"mode {self.mode} fixes {name} = {value!r} (Deng et al. 2025); "
+                        f"got {getattr(self, name)!r}. Use mode custom to choose it."
+                    )
+                setattr(self, name, value)
+            return self
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -198,10 +262,13 @@ class CHGNetTrainer:
             raise ValueError("cannot fine-tune CHGNet on an empty training set")
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        device = pick_device(device)
         _seed_everything(p.seed)
 
         model = load_chgnet(p.base_model, p.base_checkpoint, device="cpu")
+        if p.mode == "linear_correction":
+            # One scalar in closed form: no optimiser, no device worth moving to.
+            return self._train_linear(model, train_set, val_set, workdir)
+        device = pick_device(device)
         atom_ref_shift = self._refit_atom_ref(model, train_set) if p.refit_atom_ref else {}
         _freeze(model, p.freeze)
 
@@ -224,6 +291,13 @@ class CHGNetTrainer:
             val_data, batch_size=p.batch_size, shuffle=False, collate_fn=_collate
         )
 
+        full = p.mode == "full"
+        extra: dict[str, Any] = {}
+        if full:
+            # chgnet's CosLR decays to decay_fraction * learning_rate.
+            extra["scheduler_params"] = {
+                "decay_fraction": PAPER_FINAL_LEARNING_RATE / p.learning_rate
+            }
         trainer = Trainer(
             model=model,
             targets=targets,
@@ -239,7 +313,21 @@ class CHGNetTrainer:
             torch_seed=p.seed,
             data_seed=p.seed,
             use_device=device,
+            **extra,
         )
+        schedule: dict[str, Any] = {"optimizer": "Adam", "criterion": "MSE", "scheduler": "CosLR"}
+        if full:
+            # chgnet's CosLR has T_max = 10 * epochs and steps min(10, batches) times per
+            # epoch, so on fewer than 10 batches per epoch (the paper's single structure is
+            # one) it would end far above 1e-5. Stretch the cosine over the steps that will
+            # really be taken, so the last one reaches the final learning rate.
+            steps = _scheduler_steps_per_epoch(len(train_loader)) * p.epochs
+            trainer.scheduler.T_max = steps
+            schedule |= {
+                "learning_rate_start": p.learning_rate,
+                "learning_rate_end": PAPER_FINAL_LEARNING_RATE,
+                "scheduler_steps": steps,
+            }
         meter = _LossMeter(trainer.criterion, model)
         trainer.criterion = meter
 
@@ -249,11 +337,11 @@ class CHGNetTrainer:
         epochs: list[dict[str, Any]] = []
         # If no epoch finishes with a finite loss we keep the (refit) base model, never
         # weights a NaN step may have touched.
-        best_loss, best_epoch, best_state = math.inf, -1, snapshot()
+        best_score, best_epoch, best_state = math.inf, -1, snapshot()
         stopped = None
         for epoch in range(p.epochs):
-            # One epoch per call so we can keep a copy of the weights with the lowest
-            # validation loss (chgnet's own "best" is a reference to the live model).
+            # One epoch per call so we can keep a copy of the best weights (chgnet's own
+            # "best" is a reference to the live model).
             # save_dir="" skips chgnet's per-epoch checkpoint files: we write our own.
             trainer.starting_epoch, trainer.epochs = epoch, epoch + 1
             meter.reset()
@@ -265,7 +353,8 @@ class CHGNetTrainer:
                 warnings.catch_warnings(),
             ):
                 warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
-                trainer.train(train_loader, val_loader, save_dir="", train_composition_model=False)
+                # full: every parameter trains, the (refit) AtomRef included.
+                trainer.train(train_loader, val_loader, save_dir="", train_composition_model=full)
             train_loss, val_loss = meter.mean("train"), meter.mean("val")
             if len(trainer.training_history["e"]["train"]) == done_before or not (
                 math.isfinite(train_loss) and math.isfinite(val_loss)
@@ -281,31 +370,31 @@ class CHGNetTrainer:
                     "val_loss": val_loss,
                     "train_mae": {k: float(history[k]["train"][-1]) for k in targets},
                     "val_mae": {k: float(history[k]["val"][-1]) for k in targets},
+                    "learning_rate": float(trainer.optimizer.param_groups[0]["lr"]),
                 }
             )
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
+            # The paper keeps the best validation force MAE; custom the best loss.
+            score = epochs[-1]["val_mae"]["f"] if full else val_loss
+            if score < best_score:
+                best_score, best_epoch = score, epoch
                 best_state = snapshot()
 
+        trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
         model.to("cpu")
         model.load_state_dict(best_state)
         model.eval()
-        self.model = model
-
-        checkpoint = save_checkpoint(
-            model,
-            workdir / CHECKPOINT_NAME,
-            {
-                "trainer": "chgnet",
-                "hyperparameters": p.model_dump(mode="json"),
-                "best_epoch": best_epoch,
-            },
-        )
+        best_loss = epochs[best_epoch]["val_loss"] if best_epoch >= 0 else None
+        if best_epoch < 0:
+            selection = "base model (no epoch)"
+        else:
+            selection = "lowest validation force MAE" if full else "lowest validation loss"
         metrics = {
+            "mode": p.mode,
             "epochs": epochs,
             "best_epoch": best_epoch,
-            "best_val_loss": best_loss if best_epoch >= 0 else None,
-            "selection": "lowest validation loss" if best_epoch >= 0 else "base model (no epoch)",
+            "best_val_loss": best_loss,
+            "best_val_force_mae": epochs[best_epoch]["val_mae"]["f"] if best_epoch >= 0 else None,
+            "selection": selection,
             "stopped": stopped,
             "val_source": val_source,
             "n_train": len(train_set),
@@ -313,10 +402,29 @@ class CHGNetTrainer:
             "targets": targets,
             "mae_units": {k: MAE_UNITS[k] for k in targets},
             "atom_ref_shift_eV_per_atom": atom_ref_shift,
-            "trainable_parameters": sum(x.numel() for x in model.parameters() if x.requires_grad),
+            "trainable_parameters": trainable,
+            "optimisation": schedule,
             "device": device,
-            "checkpoint_sha256": sha256_file(checkpoint),
         }
+        return self._finish(model, workdir, metrics, {"best_epoch": best_epoch})
+
+    def _finish(
+        self, model: CHGNet, workdir: Path, metrics: dict[str, Any], metadata: dict[str, Any]
+    ) -> TrainedModel:
+        """Keep ``model``, write its checkpoint and describe the result."""
+        p = self.params
+        self.model = model
+        checkpoint = save_checkpoint(
+            model,
+            workdir / CHECKPOINT_NAME,
+            {
+                "trainer": "chgnet",
+                "hyperparameters": p.model_dump(mode="json"),
+                "mode": p.mode,
+                **metadata,
+            },
+        )
+        metrics["checkpoint_sha256"] = sha256_file(checkpoint)
         return TrainedModel(
             checkpoint=checkpoint,
             potential="chgnet",
@@ -324,6 +432,69 @@ class CHGNetTrainer:
             hyperparameters=p.model_dump(mode="json"),
             metrics=metrics,
         )
+
+    def _train_linear(
+        self,
+        model: CHGNet,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+    ) -> TrainedModel:
+        """Deng et al.'s linear correction: one scale on the network energy, fitted in
+        closed form together with the AtomRef shift, then baked into the readout."""
+        import torch
+
+        p = self.params
+        model.eval()
+        model.requires_grad_(False)
+        has_stress = any(_reference(ls)[2] is not None for ls in train_set)
+        weights = {
+            "e": p.energy_weight,
+            "f": p.force_weight,
+            "s": p.stress_weight if has_stress else 0.0,
+        }
+        targets = "efs" if weights["s"] > 0 else "ef"
+        train = _linear_terms(model, self._dataset(model, train_set))
+        val = _linear_terms(model, self._dataset(model, val_set)) if val_set else None
+
+        scale, shift = fit_linear_scale(train, weights, refit_atom_ref=p.refit_atom_ref)
+        atom_ref_shift: dict[str, float] = {}
+        if p.refit_atom_ref:
+            with torch.no_grad():
+                model.composition_model.fc.weight += torch.as_tensor(
+                    shift, dtype=model.composition_model.fc.weight.dtype
+                ).view(1, -1)
+            numbers = sorted({int(z) for ls in train_set for z in ls.atoms.numbers})
+            atom_ref_shift = {chemical_symbols[z]: float(shift[z - 1]) for z in numbers}
+        scale_readout(model, scale)
+        _check_baked(model, self._dataset(model, train_set[:1]), train, scale, shift)
+
+        metrics: dict[str, Any] = {
+            "mode": p.mode,
+            "linear_scale": scale,
+            "loss_weights": weights,
+            "train_loss_before": train.loss(1.0, None, weights),
+            "train_loss_after": train.loss(scale, shift, weights),
+            "train_mae_before": train.maes(1.0, None),
+            "train_mae_after": train.maes(scale, shift),
+            "val_mae_before": val.maes(1.0, None) if val is not None else None,
+            "val_mae_after": val.maes(scale, shift) if val is not None else None,
+            "epochs": [],
+            "best_epoch": None,
+            "best_val_loss": None,
+            "selection": "closed-form weighted least squares (one scale)",
+            "stopped": None,
+            "val_source": "val_set" if val_set else "none (val_set was empty)",
+            "n_train": len(train_set),
+            "n_val": len(val_set),
+            "targets": targets,
+            "mae_units": {k: MAE_UNITS[k] for k in "efs"},
+            "atom_ref_shift_eV_per_atom": atom_ref_shift,
+            "trainable_parameters": 1,
+            "device": "cpu",
+        }
+        log.info("CHGNet linear correction: scale %.5f on %d structures", scale, len(train_set))
+        return self._finish(model, workdir, metrics, {"linear_scale": scale})
 
     def _dataset(self, model: CHGNet, labelled: Sequence[LabelledStructure]) -> _GraphDataset:
         import torch
@@ -393,6 +564,205 @@ class CHGNetTrainer:
             model.composition_model.fc.weight += shift
         numbers = sorted({int(z) for ls in labelled for z in ls.atoms.numbers})
         return {chemical_symbols[z]: float(shift[0, z - 1]) for z in numbers}
+
+
+def _scheduler_steps_per_epoch(n_batches: int) -> int:
+    """How often chgnet's Trainer steps its scheduler in an epoch of ``n_batches``: after
+    batch ``idx`` when ``idx + 1`` is in ``arange(1, 11) * n_batches // 10``."""
+    return len({int(i) for i in np.arange(1, 11) * n_batches // 10} - {0})
+
+
+class _LinearTerms:
+    """What the linear correction needs of a data set, in the model's energy unit (eV/atom
+    for intensive CHGNets, as its loss): labels, the AtomRef composition energy, the network
+    energy (prediction minus composition energy) and the network's forces and stresses.
+    Missing stress labels (NaN) are dropped with their predictions, as chgnet's loss does."""
+
+    def __init__(self, model: CHGNet, data: _GraphDataset) -> None:
+        import torch
+
+        e_ref, e_comp, e_net, f_ref, f_net, s_ref, s_net, features = ([] for _ in range(8))
+        sizes = [g.atomic_number.shape[0] for g in data.graphs]
+        n_elements = model.composition_model.fc.weight.shape[1]
+        for batch in pack_by_atom_count(sizes, 128):
+            graphs = [data.graphs[i] for i in batch]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+                out = model.predict_graph(graphs, task="efs", batch_size=len(graphs))
+            out = [out] if isinstance(out, dict) else out
+            with torch.no_grad():
+                comp = model.composition_model(graphs).detach().cpu().numpy().reshape(-1)
+            for i, o, c, g in zip(batch, out, comp, graphs, strict=True):
+                target = data.targets[i]
+                e_ref.append(float(target["e"]))
+                e_comp.append(float(c))
+                e_net.append(float(o["e"]) - float(c))
+                f_ref.append(target["f"].numpy().ravel())
+                f_net.append(np.asarray(o["f"]).ravel())
+                sr, sn = target["s"].numpy().ravel(), np.asarray(o["s"]).ravel()
+                valid = ~np.isnan(sr)
+                s_ref.append(sr[valid])
+                s_net.append(sn[valid])
+                counts = np.bincount(
+                    g.atomic_number.cpu().numpy() - 1, minlength=n_elements
+                ).astype(float)
+                # The feature AtomRef uses: element fractions (intensive) or counts.
+                intensive = model.composition_model.is_intensive
+                features.append(counts / counts.sum() if intensive else counts)
+        self.e_ref = np.asarray(e_ref, dtype=float)
+        self.e_comp = np.asarray(e_comp, dtype=float)
+        self.e_net = np.asarray(e_net, dtype=float)
+        self.f_ref, self.f_net = _joined(f_ref), _joined(f_net)
+        self.s_ref, self.s_net = _joined(s_ref), _joined(s_net)
+        self.features = np.asarray(features, dtype=float).reshape(len(e_ref), n_elements)
+
+    def predictions(self, scale: float, shift: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Energies, forces and stresses of the model after scaling the network by
+        ``scale`` and shifting the element references by ``shift``."""
+        energy = self.e_comp + scale * self.e_net
+        if shift is not None:
+            energy = energy + self.features @ shift
+        return {"e": energy, "f": scale * self.f_net, "s": scale * self.s_net}
+
+    def references(self) -> dict[str, np.ndarray]:
+        return {"e": self.e_ref, "f": self.f_ref, "s": self.s_ref}
+
+    def loss(self, scale: float, shift: np.ndarray | None, weights: dict[str, float]) -> float:
+        """chgnet's CombinedLoss (MSE) over the whole set as one batch."""
+        predicted = self.predictions(scale, shift)
+        total = 0.0
+        for key, ref in self.references().items():
+            if ref.size and weights[key]:
+                total += weights[key] * float(np.mean((predicted[key] - ref) ** 2))
+        return total
+
+    def maes(self, scale: float, shift: np.ndarray | None) -> dict[str, float | None]:
+        predicted = self.predictions(scale, shift)
+        return {
+            key: float(np.mean(np.abs(predicted[key] - ref))) if ref.size else None
+            for key, ref in self.references().items()
+        }
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(float) if parts else np.empty(0)
+
+
+def _linear_terms(model: CHGNet, data: _GraphDataset) -> _LinearTerms:
+    if model.composition_model is None:
+        raise ValueError("linear_correction needs a CHGNet with an AtomRef composition model")
+    return _LinearTerms(model, data)
+
+
+def fit_linear_scale(
+    terms: _LinearTerms, weights: dict[str, float], refit_atom_ref: bool
+) -> tuple[float, np.ndarray | None]:
+    """The scale ``s`` (and, with ``refit_atom_ref``, the per-element reference shift) that
+    minimise chgnet's loss ``w_e mean(r_e^2) + w_f mean(r_f^2) + w_s mean(r_s^2)`` with
+
+        r_e = E_ref - (E_comp + X.shift + s E_net),  r_f = F_ref - s F_net,  r_s = S_ref - s S_net
+
+    (X: AtomRef's composition features). Every prediction is linear in the unknowns, so the
+    loss is a convex quadratic in them: its single stationary point is the global minimum,
+    which is where gradient descent on that scalar (with the rest frozen) converges on the
+    same full-batch loss; we solve it directly instead of iterating towards it.
+
+    With the reference energies refit, minimising over the shift first leaves the energy
+    residual projected off the span of the compositions (P = I - X X^+), so only energy
+    *differences* between structures of like composition inform ``s``; an absolute offset
+    between codes (GPAW vs VASP) goes entirely into the references and cannot bias the
+    scale. This is the joint optimum: refitting the references first and then fitting ``s``
+    with the references held would let ``s`` absorb part of the offset. The shift returned
+    is AtomRef's own min-norm least-squares fit of the residual at that ``s``.
+    """
+    a = terms.e_ref - terms.e_comp
+    b = terms.e_net
+    if refit_atom_ref:
+        x = terms.features
+        projector = np.eye(len(a)) - x @ np.linalg.pinv(x)
+        a, b = projector @ a, projector @ b
+
+    def mean_weight(key: str, ref: np.ndarray) -> float:
+        return weights[key] / ref.size if ref.size else 0.0
+
+    w_e, w_f, w_s = (
+        mean_weight("e", a),
+        mean_weight("f", terms.f_ref),
+        mean_weight("s", terms.s_ref),
+    )
+    numerator = w_e * a @ b + w_f * terms.f_ref @ terms.f_net + w_s * terms.s_ref @ terms.s_net
+    denominator = w_e * b @ b + w_f * terms.f_net @ terms.f_net + w_s * terms.s_net @ terms.s_net
+    if not denominator > 0:
+        raise ValueError(
+            "linear_correction cannot fit a scale: the model predicts zero forces and stresses "
+            "(and no energy differences) on the training set"
+        )
+    scale = float(numerator / denominator)
+    if not refit_atom_ref:
+        return scale, None
+    residual = terms.e_ref - terms.e_comp - scale * terms.e_net
+    # AtomRef.fit's weights: pinv(X^T X) X^T r, the min-norm least-squares solution; elements
+    # absent from the labels get zero shift.
+    shift = np.linalg.pinv(terms.features.T @ terms.features) @ terms.features.T @ residual
+    return scale, shift
+
+
+def readout_output_layer(model: CHGNet) -> Any:
+    """The last linear layer of CHGNet's readout MLP (1 output: energy per atom or per
+    structure, before pooling).
+
+    In chgnet 0.4's ``CHGNet._compute`` the network energy is ``pooling(mlp(atom_feas))``
+    (``mlp_first``) or ``mlp(pooling(atom_feas)) * n_atoms``, pooling a sum or mean, then
+    divided by n_atoms when intensive; forces and stress are its gradients; ``forward`` adds
+    the composition model's energy and nothing else. So scaling this layer's weight and bias
+    by ``s`` scales the network energy, forces and stress by exactly ``s``.
+    """
+    from chgnet.model.functions import MLP
+    from torch import nn
+
+    if isinstance(model.mlp, MLP):
+        layer = model.mlp.layers[-1]
+    elif isinstance(model.mlp, nn.Sequential):
+        layer = model.mlp[-1]
+    else:
+        raise TypeError(f"unexpected CHGNet readout {type(model.mlp).__name__}")
+    if not isinstance(layer, nn.Linear) or layer.out_features != 1:
+        raise TypeError(f"CHGNet readout ends in {layer}, not a Linear(..., 1)")
+    return layer
+
+
+def scale_readout(model: CHGNet, scale: float) -> None:
+    """Multiply the network part of CHGNet's energy (and so forces, stress) by ``scale``."""
+    import torch
+
+    layer = readout_output_layer(model)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
+
+
+def _check_baked(
+    model: CHGNet,
+    first: _GraphDataset,
+    before: _LinearTerms,
+    scale: float,
+    shift: np.ndarray | None,
+) -> None:
+    """The model now predicts what the fit assumed (guards against a chgnet whose energy is
+    more than composition + readout)."""
+    after = _LinearTerms(model, first)
+    n_f, n_s = after.f_net.size, after.s_net.size
+    want = before.predictions(scale, shift)
+    got = np.concatenate([after.e_comp + after.e_net, after.f_net, after.s_net])
+    want = np.concatenate([want["e"][:1], want["f"][:n_f], want["s"][:n_s]])
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+        worst = float(np.max(np.abs(got - want)))
+        raise RuntimeError(
+            f"scaling CHGNet's readout by {scale:.5f} did not scale its predictions as "
+            f"assumed (largest deviation {worst:.3g}); this chgnet version's energy may not "
+            "be composition + readout"
+        )
 
 
 def _seed_everything(seed: int) -> None:
