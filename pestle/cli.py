@@ -26,8 +26,13 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The embedded local MongoDB-compatible server.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Labelling and training jobs.", invoke_without_command=True)
+daemon_app = typer.Typer(
+    help="Run campaigns continuously: rounds, scheduled retraining, promotion.",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(daemon_app, name="daemon")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -43,7 +48,22 @@ WorkDirOption = Annotated[
     ),
 ]
 
-COLLECTIONS = ("structures", "labels", "jobs", "models", "runs")
+COLLECTIONS = ("structures", "labels", "jobs", "models", "runs", "decisions")
+
+ElementsOption = Annotated[
+    str | None, typer.Option("--elements", help="Containing all of these, e.g. Li,F.")
+]
+SystemOption = Annotated[str | None, typer.Option("--system", help="Chemical system, e.g. Li-F.")]
+FormulaOption = Annotated[str | None, typer.Option("--formula", help="Reduced formula, e.g. LiF.")]
+SamplerOption = Annotated[str | None, typer.Option("--sampler", help="Sampler name, e.g. rattle.")]
+LabelledOption = Annotated[
+    bool | None,
+    typer.Option("--labelled/--unlabelled", help="Structures with a label / without one."),
+]
+EnergyMin = Annotated[float | None, typer.Option(help="Label energy per atom >= (eV/atom).")]
+EnergyMax = Annotated[float | None, typer.Option(help="Label energy per atom <= (eV/atom).")]
+ForceMin = Annotated[float | None, typer.Option(help="Label max force >= (eV/Å).")]
+ForceMax = Annotated[float | None, typer.Option(help="Label max force <= (eV/Å).")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -85,14 +105,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a campaign: sample, score, select, label, fine-tune, evaluate, report."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:
-        # Dask logs every worker start and stop at INFO; read at import by the scheduler
-        # and inherited by the worker processes.
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    _quiet_dask(verbose)
     cfg = _load(config)
     if workers is not None:
         cfg.dask.n_workers = workers
@@ -209,6 +222,23 @@ def parse_query(terms: list[str]) -> dict[str, Any]:
     return query
 
 
+def _filter_or_fail(
+    store, collection: str, terms: list[str] | None, named: dict[str, Any]
+) -> dict[str, Any]:
+    """The user's filter (JSON or key=value terms) AND the named options."""
+    from pestle.store.queries import build_filter
+
+    base = _parse_or_fail(terms)
+    if all(v is None for v in named.values()):
+        return base
+    if named.get("elements"):
+        named["elements"] = [e.strip() for e in named["elements"].split(",") if e.strip()]
+    try:
+        return build_filter(store, collection, base, **named)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _parse_or_fail(terms: list[str] | None) -> dict[str, Any]:
     try:
         return parse_query(terms or [])
@@ -271,14 +301,27 @@ def query(
     ] = "structures",
     limit: Annotated[int, typer.Option(help="At most this many documents (0: all).")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
+    elements: ElementsOption = None,
+    system: SystemOption = None,
+    formula: FormulaOption = None,
+    sampler: SamplerOption = None,
+    labelled: LabelledOption = None,
+    energy_min: EnergyMin = None,
+    energy_max: EnergyMax = None,
+    force_min: ForceMin = None,
+    force_max: ForceMax = None,
     config: ConfigOption = None,
     work_dir: WorkDirOption = None,
 ) -> None:
-    """Query the store with a MongoDB filter."""
+    """Query the store: a MongoDB filter and/or the named filters (elements, system, formula,
+    sampler, label status, energy and force ranges)."""
     if collection not in COLLECTIONS:
         _fail(f"--collection must be one of {', '.join(COLLECTIONS)}")
-    mongo_filter = _parse_or_fail(terms)
     store = _open_store(config, work_dir)
+    named = dict(elements=elements, system=system, formula=formula, sampler=sampler,
+                 labelled=labelled, energy_min=energy_min, energy_max=energy_max,
+                 force_min=force_min, force_max=force_max)  # fmt: skip
+    mongo_filter = _filter_or_fail(store, collection, terms, named)
     projection = None if as_json else dict.fromkeys(DEFAULT_COLUMNS[collection], 1)
     import pymongo
 
@@ -313,19 +356,55 @@ def export(
     terms: Annotated[
         list[str] | None, typer.Argument(help="Filter on labels (JSON or key=value).")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="extxyz")] = "extxyz",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="extxyz, ase-db, chgnet (JSON) or mace (extxyz)")
+    ] = "extxyz",
+    elements: ElementsOption = None,
+    system: SystemOption = None,
+    formula: FormulaOption = None,
+    sampler: SamplerOption = None,
+    energy_min: EnergyMin = None,
+    energy_max: EnergyMax = None,
+    force_min: ForceMin = None,
+    force_max: ForceMax = None,
     config: ConfigOption = None,
     work_dir: WorkDirOption = None,
 ) -> None:
-    """Export labelled structures (energy, forces, stress, provenance in info)."""
-    from pestle.export import write_extxyz
+    """Export labelled structures: extxyz (energy, forces, stress, provenance in info), an ASE
+    database, or the training inputs of CHGNet (StructureJsonData JSON) and MACE (extxyz with
+    REF_ keys)."""
+    from pestle.export import EXPORTERS
 
-    if fmt != "extxyz":
-        _fail(f"--format {fmt!r} is not supported (supported: extxyz)")
-    label_filter = _parse_or_fail(terms)
+    if fmt not in EXPORTERS:
+        _fail(f"--format {fmt!r} is not supported (supported: {', '.join(EXPORTERS)})")
     store = _open_store(config, work_dir)
-    n = write_extxyz(store, output, label_filter)
-    console.print(f"wrote {n} labelled structures to {output}")
+    named = dict(elements=elements, system=system, formula=formula, sampler=sampler,
+                 energy_min=energy_min, energy_max=energy_max, force_min=force_min,
+                 force_max=force_max)  # fmt: skip
+    label_filter = _filter_or_fail(store, "labels", terms, named)
+    n = EXPORTERS[fmt](store, output, label_filter)
+    console.print(f"wrote {n} labelled structures to {output} ({fmt})")
+
+
+@app.command()
+def report(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Directory (default <work_dir>/report).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="html or md")] = "html",
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Write the store's report: dataset growth, softening across model versions, parity
+    plots, job throughput and failures (PNG figures beside an HTML or markdown page)."""
+    from pestle.engine.store_report import write_store_report
+
+    if fmt not in ("html", "md"):
+        _fail(f"--format must be html or md, not {fmt!r}")
+    root, _ = _location(config, work_dir)
+    store = _open_store(config, work_dir)
+    path = write_store_report(store, Path(root), output or Path(root) / "report", fmt)
+    console.print(f"report: {path}")
 
 
 @jobs_app.callback()
@@ -578,6 +657,164 @@ def plugins() -> None:
         ("trainers", TRAINERS),
     ):
         _list_plugins(kind, registry)
+
+
+def _quiet_dask(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        # Dask logs every worker start and stop at INFO; read at import by the scheduler
+        # and inherited by the worker processes.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+@daemon_app.command("start")
+def daemon_start(
+    configs: Annotated[list[Path], typer.Argument(help="Campaign YAML files (one store).")],
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Run in this process instead of detaching.")
+    ] = False,
+    exit_when_idle: Annotated[
+        bool,
+        typer.Option(help="Exit once every campaign is finished or at its round limit."),
+    ] = False,
+    idle_poll: Annotated[float, typer.Option(help="Seconds between checks when idle.")] = 30.0,
+) -> None:
+    """Start the daemon: detaches with a PID file and a log file in <work_dir>/daemon/."""
+    import signal
+    import subprocess
+    import time
+
+    from pestle.engine.daemon import Daemon, log_file, pid_file
+    from pestle.store import StoreError
+
+    try:
+        daemon = Daemon(configs, exit_when_idle=exit_when_idle, idle_poll_seconds=idle_poll)
+    except ConfigError as exc:
+        _fail(str(exc))
+    first = daemon.configs[daemon.paths[0]]
+    if foreground:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        _quiet_dask(verbose=True)
+        signal.signal(signal.SIGTERM, daemon.request_stop)
+        signal.signal(signal.SIGINT, daemon.request_stop)
+        try:
+            daemon.run()
+        except StoreError as exc:
+            _fail(str(exc), code=3)
+        return
+    log_path, pid_path = log_file(first), pid_file(first)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if pid_path.is_file():
+        pid_path.unlink()  # a stale file from a killed daemon; a live one holds the lease
+    command = [sys.executable, "-m", "pestle", "daemon", "start", "--foreground",
+               f"--idle-poll={idle_poll}", *([] if not exit_when_idle else ["--exit-when-idle"]),
+               *[str(p.resolve()) for p in configs]]  # fmt: skip
+    with open(log_path, "ab") as log_handle:
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the terminal; SIGHUP does not reach it
+            env={**os.environ, "DASK_LOGGING__DISTRIBUTED": "warning"},
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if pid_path.is_file() and pid_path.read_text().strip() == str(child.pid):
+            console.print(f"daemon started: pid {child.pid}, log {log_path}")
+            return
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            _fail(f"the daemon exited ({child.returncode}):\n" + "\n".join(tail))
+        time.sleep(0.2)
+    _fail(f"the daemon (pid {child.pid}) did not report in 120 s; see {log_path}")
+
+
+def _daemon_pid(config: Path | None, work_dir: Path | None) -> tuple[Path, int | None]:
+    from pestle.store.server import pid_alive
+
+    root, _ = _location(config, work_dir)
+    path = Path(root).resolve() / "daemon" / "daemon.pid"
+    if not path.is_file():
+        return path, None
+    pid = int(path.read_text().strip() or 0)
+    return path, pid if pid and pid_alive(pid) else None
+
+
+@daemon_app.command("status")
+def daemon_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+    """Whether the daemon runs, its lease, and each campaign's round, systems and models."""
+    path, pid = _daemon_pid(config, work_dir)
+    console.print(f"daemon: {'running, pid ' + str(pid) if pid else 'not running'} ({path})")
+    store = _open_store(config, work_dir)
+    lease = store.daemon_lease()
+    if lease:
+        console.print(
+            f"store lease: pid {lease.get('pid')} on {lease.get('host')}, "
+            f"until {lease['expires_at']:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    table = Table(title="campaigns")
+    for column in ("campaign", "next round", "systems", "finished", "last retraining", "promoted"):
+        table.add_column(column)
+    for doc in store.meta.find({"_id": {"$regex": "^daemon:"}}):
+        retrain = doc.get("retrain") or {}
+        table.add_row(
+            doc["_id"].removeprefix("daemon:"),
+            str(doc.get("round", 0)),
+            ", ".join(doc.get("systems", [])),
+            ", ".join(doc.get("finished", {})),
+            f"{retrain.get('outcome', '')} {retrain.get('model_id', '')}".strip(),
+            ", ".join(
+                f"{d['family']}: {d['model_id']}"
+                for d in store.meta.find({"_id": {"$regex": "^promoted:"}})
+            ),
+        )
+    console.print(table)
+    console.print(
+        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.job_counts().items())) or "none")
+    )
+    for decision in store.decisions.find().sort("at", -1).limit(5):
+        console.print(
+            f"{decision['at']:%Y-%m-%d %H:%M} {decision['kind']}: {decision.get('reason', '')}"
+        )
+
+
+@daemon_app.command("stop")
+def daemon_stop(
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the current step.")] = 600,
+    kill: Annotated[bool, typer.Option(help="SIGKILL after the timeout.")] = False,
+) -> None:
+    """SIGTERM: the daemon finishes its current step and exits."""
+    import signal
+    import time
+
+    from pestle.store.server import pid_alive
+
+    path, pid = _daemon_pid(config, work_dir)
+    if pid is None:
+        console.print(f"no daemon is running ({path})")
+        return
+    os.kill(pid, signal.SIGTERM)
+    console.print(f"asked daemon {pid} to stop after its current step")
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if pid_alive(pid):
+        if not kill:
+            _fail(f"daemon {pid} still runs after {timeout:.0f} s (use --kill)", code=1)
+        # A detached daemon leads its own process group: its Dask workers go with it.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        console.print(f"killed daemon {pid}; a restart resumes where it stopped")
+    else:
+        console.print("daemon stopped")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -177,6 +177,71 @@ class EvaluationSpec(_Strict):
     holdout_fraction: float = Field(default=0.34, gt=0, lt=1)
 
 
+class RetrainSpec(_Strict):
+    """When the daemon retrains, and when it promotes what it trained."""
+
+    every_n_labels: int | None = Field(
+        default=None, ge=1, description="retrain once this many new labels are stored"
+    )
+    cron: str | None = Field(
+        default=None, description="cron times, e.g. '0 3 * * *' (03:00 UTC daily)"
+    )
+    min_train_labels: int = Field(default=2, ge=1, description="never train on fewer labels")
+    rule: Literal["force_mae", "softening"] = Field(
+        default="force_mae",
+        description="promote when held-out force MAE drops (force_mae) or the softening "
+        "scale moves towards 1 (softening), against the promoted model on the same labels",
+    )
+    min_improvement: float = Field(
+        default=0.0, ge=0, lt=1, description="relative improvement the rule demands"
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from croniter import croniter
+
+            if not croniter.is_valid(value):
+                raise ValueError(f"{value!r} is not a cron expression (minute hour dom month dow)")
+        return value
+
+
+class StopSpec(_Strict):
+    """A chemical system is finished when both hold for the promoted model."""
+
+    softening_band: tuple[float, float] = Field(
+        default=(0.95, 1.05), description="softening scale inside [low, high]"
+    )
+    committee_force_below: float | None = Field(
+        default=None, gt=0, description="mean committee force spread (eV/A) of a round's picks"
+    )
+    min_labels: int = Field(default=4, ge=1, description="labels a system needs before it stops")
+
+    @model_validator(mode="after")
+    def _ordered_band(self) -> StopSpec:
+        low, high = self.softening_band
+        if not 0 < low <= 1 <= high:
+            raise ValueError("softening_band must be [low, high] with 0 < low <= 1 <= high")
+        return self
+
+
+class DaemonSpec(_Strict):
+    """How ``pestle daemon`` runs this campaign: rounds, budgets, retraining, stopping."""
+
+    per_round: int = Field(default=2, ge=1, description="labels per chemical system per round")
+    max_rounds: int | None = Field(default=None, ge=1)
+    round_interval_seconds: float = Field(default=0.0, ge=0)
+    retrain: RetrainSpec = Field(default_factory=RetrainSpec)
+    stop: StopSpec = Field(default_factory=StopSpec)
+    withdraw_below: float | None = Field(
+        default=None,
+        gt=0,
+        description="after a promotion, withdraw queued labels whose expected softening "
+        "error (eV/A) under the new model falls below this",
+    )
+
+
 class CampaignConfig(_Strict):
     name: str
     seed: int = 0
@@ -191,6 +256,7 @@ class CampaignConfig(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     dask: DaskSpec = Field(default_factory=DaskSpec)
+    daemon: DaemonSpec = Field(default_factory=DaemonSpec)
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("name")

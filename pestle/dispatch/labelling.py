@@ -19,10 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pestle.store.store import JOB_TERMINAL as TERMINAL
+
 log = logging.getLogger("pestle.dispatch")
 
 DEFAULT_LEASE_SECONDS = 120.0
-TERMINAL = ("done", "failed")
 
 LabelProgress = Callable[[int, int, str, str], None]  # (done, total, job_id, state)
 

@@ -29,7 +29,7 @@ from pestle.samplers import SAMPLERS, Seed
 from pestle.samplers.validity import check_structure
 from pestle.selectors import SELECTORS, ScoredCandidate
 from pestle.store import Store, label_id
-from pestle.structures import fingerprint, settings_hash
+from pestle.structures import chemical_system, fingerprint, settings_hash
 from pestle.trainers import LabelledStructure
 
 log = logging.getLogger("pestle.engine")
@@ -54,7 +54,9 @@ class RunResult:
 
 def config_fingerprint(config: CampaignConfig) -> str:
     """Hash of what determines the science of a run (not where it is stored or dispatched)."""
-    content = config.model_dump(mode="json", exclude={"store", "dask", "work_dir", "source"})
+    content = config.model_dump(
+        mode="json", exclude={"store", "dask", "daemon", "work_dir", "source"}
+    )
     return settings_hash(content)
 
 
@@ -87,14 +89,30 @@ class Campaign:
         *,
         progress: Progress | None = None,
         seeds: list[Any] | None = None,
+        round_index: int | None = None,
+        model_id: str | None = None,
+        systems: set[str] | None = None,
+        per_system: int | None = None,
     ) -> None:
-        """``seeds``: ASE ``Atoms`` or pymatgen ``Structure`` objects, used beside the config's."""
+        """``seeds``: ASE ``Atoms`` or pymatgen ``Structure`` objects, used beside the config's.
+
+        The daemon runs a campaign in rounds (``round_index``): each round samples afresh (its
+        own random streams), scores with ``model_id`` (a stored model, e.g. the promoted one)
+        instead of the configured potential, samples only the chemical ``systems`` still
+        open, requests ``per_system`` labels per system and never re-selects a structure
+        that already has a label or a labelling job."""
         self.config = config
         self.store = store
         self.store_uri = store_uri
         self.progress = progress or (lambda stage, done, total: None)
         self.extra_seeds = [seed_from_object(s) for s in seeds or []]
+        self.round_index = round_index
+        self.model_id = model_id
+        self.systems = systems
+        self.per_system = per_system if per_system is not None else config.selection.per_system
         self.run_id = run_id_for(config, [fingerprint(s.atoms) for s in self.extra_seeds])
+        if round_index is not None:
+            self.run_id = f"{self.run_id}-r{round_index:04d}"
         self.run_dir = Path(config.work_dir).resolve() / "runs" / self.run_id
         self._potential: Potential | None = None
         self._committee: list[Potential] | None = None
@@ -103,10 +121,15 @@ class Campaign:
     @property
     def potential(self) -> Potential:
         if self._potential is None:
-            self._potential = POTENTIALS.build(
-                self.config.potential.name, self.config.potential.params
-            )
+            if self.model_id is not None:
+                self._potential = self.fine_tuned_potential(self.model_id)
+            else:
+                self._potential = self.base_potential()
         return self._potential
+
+    def base_potential(self) -> Potential:
+        """The configured (pretrained) potential that fine-tuning starts from."""
+        return POTENTIALS.build(self.config.potential.name, self.config.potential.params)
 
     def _record(self, stage: str, outcome: dict[str, Any]) -> None:
         self.store.update_run(self.run_id, {f"stages.{stage}": outcome})
@@ -116,7 +139,7 @@ class Campaign:
         return (run.get("stages") or {}).get(stage)
 
     # -- the run --------------------------------------------------------------------------
-    def run(self, client=None) -> RunResult:
+    def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from pestle.store import mask_uri
 
@@ -129,8 +152,13 @@ class Campaign:
                 "config_hash": config_fingerprint(self.config),
                 "store": mask_uri(self.store_uri),
                 "code_versions": code_versions(),
+                "round": self.round_index,
+                "scored_with_model": self.model_id,
             },
         )
+
+    def run(self, client=None) -> RunResult:
+        self._start()
         try:
             seeds = self.stage_seeds()
             self.stage_sample(seeds)
@@ -147,6 +175,23 @@ class Campaign:
         self.store.update_run(self.run_id, {"state": "finished", "report": str(report)})
         run = self.store.get_run(self.run_id)
         return RunResult(self.run_id, self.run_dir, report, run.get("stages", {}))
+
+    def run_round(self, client) -> dict[str, Any]:
+        """One daemon round: seed, sample, score, select and label (training and evaluation
+        are the daemon's scheduled retraining, not part of a round). Returns the stages."""
+        self._start()
+        try:
+            seeds = self.stage_seeds()
+            if self.systems is not None:
+                seeds = [s for s in seeds if chemical_system(s.atoms) in self.systems]
+            self.stage_sample(seeds)
+            self.stage_score()
+            self.stage_label(self.stage_select(), client)
+        except BaseException as exc:
+            self.store.update_run(self.run_id, {"state": "interrupted", "error": repr(exc)})
+            raise
+        self.store.update_run(self.run_id, {"state": "finished"})
+        return self.store.get_run(self.run_id).get("stages", {})
 
     # -- stages ---------------------------------------------------------------------------
     def stage_seeds(self) -> list[Seed]:
@@ -178,7 +223,11 @@ class Campaign:
         for index, spec in enumerate(self.config.samplers):
             sampler = SAMPLERS.build(spec.name, spec.params)
             for seed in seeds:
-                rng_seed = stable_seed(self.config.seed, index, spec.name, seed.id)
+                rng_seed = (
+                    stable_seed(self.config.seed, index, spec.name, seed.id)
+                    if self.round_index is None
+                    else stable_seed(self.config.seed, self.round_index, index, spec.name, seed.id)
+                )
                 for candidate in sampler.sample(seed, rng_seed):
                     reason = check_structure(candidate.atoms)
                     if reason is not None:
@@ -316,6 +365,9 @@ class Campaign:
             return [s["id"] for s in previous["selected"]]
         key = self.model_key
         docs = self._run_candidates()
+        if self.round_index is not None:
+            taken = self._labelled_or_queued([d["_id"] for d in docs])
+            docs = [d for d in docs if d["_id"] not in taken]
         scoring = self.config.scoring
         estimates: dict[str, dict] = {}
         scored = []
@@ -351,7 +403,7 @@ class Campaign:
                 candidate.scores["combined"] = float(value)
         spec = self.config.selection
         selector = SELECTORS.build(spec.selector.name, spec.selector.params)
-        picks = selector.select(scored, spec.per_system)
+        picks = selector.select(scored, self.per_system)
         by_id = {c.id: c for c in scored}
         for pick in picks:
             self.store.structures.update_one(
@@ -371,7 +423,7 @@ class Campaign:
             "select",
             {
                 "selector": spec.selector.model_dump(),
-                "per_system": spec.per_system,
+                "per_system": self.per_system,
                 "weights": scoring.weights,
                 "softening_estimates": estimates,
                 "candidates": len(scored),
@@ -379,6 +431,22 @@ class Campaign:
             },
         )
         return [p.id for p in picks]
+
+    def _labelled_or_queued(self, structure_ids) -> set[str]:
+        """Structures that already have a label, or a labelling job, at this level of theory."""
+        lot_hash = level_of_theory_hash(self.labeller())
+        ids = list(structure_ids)
+        labelled = {
+            d["structure_id"]
+            for d in self.store.labels.find(
+                {"structure_id": {"$in": ids}, "lot_hash": lot_hash}, {"structure_id": 1}
+            )
+        }
+        jobs = {f"label-{sid}-{lot_hash}": sid for sid in ids}
+        queued = {
+            jobs[d["_id"]] for d in self.store.jobs.find({"_id": {"$in": list(jobs)}}, {"_id": 1})
+        }
+        return labelled | queued
 
     def labeller(self):
         return LABELLERS.build(self.config.labeller.name, self.config.labeller.params)
@@ -429,7 +497,7 @@ class Campaign:
                 job_timeout_seconds=self.config.dask.job_timeout_seconds,
                 cpus_per_job=getattr(labeller, "cpus", lambda: 1)(),
             )
-        failed = {j: s for j, s in states.items() if s != "done"}
+        failed = {j: s for j, s in states.items() if s not in ("done", "withdrawn")}
         outcome = {
             "labeller": labeller.name,
             "lot_hash": lot_hash,
@@ -438,6 +506,7 @@ class Campaign:
             "already_labelled": already,
             "dispatched": len(job_ids),
             "failed": sorted(failed),
+            "withdrawn": sorted(j for j, s in states.items() if s == "withdrawn"),
             "rejected_before_dispatch": rejected,
         }
         self._record("label", outcome)
@@ -478,39 +547,71 @@ class Campaign:
         if not self.config.finetune.enabled:
             self._record("finetune", {"skipped": "finetune.enabled is false"})
             return None
-        from pestle.dispatch.training import train_model
 
         train_ids = sorted(i for part in split.values() for i in part["train"])
         val_ids = sorted(i for part in split.values() for i in part.get("validation", []))
         if not train_ids:
             self._record("finetune", {"skipped": "no training labels"})
             return None
+        label_stage = self._stage_done("label")
+        holdout_ids = sorted(i for p in split.values() for i in p["holdout"])
+        self.progress("finetune", 0, 1)
+        model_id = self.train_model(
+            client,
+            train_ids,
+            val_ids,
+            holdout_ids,
+            lot={"hash": label_stage["lot_hash"], "theory": label_stage["level_of_theory"]},
+            workdir=self.run_dir / "training",
+        )
+        self.progress("finetune", 1, 1)
+        self._record(
+            "finetune",
+            {"model_id": model_id, "n_train": len(train_ids), "n_validation": len(val_ids)},
+        )
+        return model_id
+
+    def train_model(
+        self,
+        client,
+        train_ids: list[str],
+        val_ids: list[str],
+        holdout_ids: list[str],
+        *,
+        lot: dict[str, Any],
+        workdir: Path,
+    ) -> str:
+        """Fine-tune the configured (pretrained) potential on these labels as a Dask job (a
+        GPU worker when there is one) and store the model version; returns its id. A model
+        with the same trainer, labels and parent is never trained twice."""
+        from pestle.dispatch.training import train_model
+
         spec = self.config.finetune.trainer
-        lot_hash = self._stage_done("label")["lot_hash"]
+        parent = self.base_potential().describe()
         model_id = "model-" + settings_hash(
             {
                 "trainer": spec.model_dump(),
                 "train": train_ids,
                 "validation": val_ids,
-                "parent": self.potential.describe(),
+                "parent": parent,
             }
         )
         if not self.store.models.count_documents({"_id": model_id}, limit=1):
             record = {
                 "family": spec.name,
                 "trainer": spec.model_dump(),
-                "parent": self.potential.describe(),
+                "parent": parent,
                 "training": {
                     "label_ids": train_ids,
                     "validation_label_ids": val_ids,
                     "query": {"_id": {"$in": train_ids}},
-                    "holdout_label_ids": sorted(i for p in split.values() for i in p["holdout"]),
+                    "holdout_label_ids": holdout_ids,
                 },
-                "level_of_theory_hash": lot_hash,
-                "level_of_theory": self._stage_done("label")["level_of_theory"],
+                "level_of_theory_hash": lot["hash"],
+                "level_of_theory": lot["theory"],
                 "run_id": self.run_id,
+                "campaign": self.config.name,
             }
-            self.progress("finetune", 0, 1)
             train_model(
                 client,
                 store_uri=self.store_uri,
@@ -519,14 +620,9 @@ class Campaign:
                 trainer=spec.model_dump(),
                 train_label_ids=train_ids,
                 val_label_ids=val_ids,
-                workdir=str(self.run_dir / "training" / model_id),
+                workdir=str(workdir / model_id),
                 record=record,
             )
-            self.progress("finetune", 1, 1)
-        self._record(
-            "finetune",
-            {"model_id": model_id, "n_train": len(train_ids), "n_validation": len(val_ids)},
-        )
         return model_id
 
     def _labelled(self, label_ids: list[str]) -> list[LabelledStructure]:

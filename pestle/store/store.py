@@ -47,6 +47,10 @@ SCHEMA_VERSION = 1
 INLINE_ARRAY_LIMIT = 30_000
 
 JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = "queued", "running", "done", "failed"
+# A queued label no longer worth computing (re-scored after a promotion); never claimed.
+JOB_WITHDRAWN = "withdrawn"
+JOB_TERMINAL = (JOB_DONE, JOB_FAILED, JOB_WITHDRAWN)
+DAEMON_LEASE = "daemon-lease"
 
 
 class StoreError(RuntimeError):
@@ -90,6 +94,7 @@ class Store:
         self.models = self.db["models"]
         self.runs = self.db["runs"]
         self.meta = self.db["meta"]
+        self.decisions = self.db["decisions"]
         self.fs = gridfs.GridFS(self.db)
         self._ensure_schema()
 
@@ -497,6 +502,72 @@ class Store:
                                       "replaced": previous.get("model_id")}}},
         )  # fmt: skip
         return {"family": family, "model_id": model_id, "previous": previous.get("model_id")}
+
+    def withdraw_job(self, job_id: str, reason: str) -> bool:
+        """Withdraw a job that is still queued (never one a worker holds); True if done."""
+        now = utcnow()
+        result = self.jobs.update_one(
+            {"_id": job_id, "state": JOB_QUEUED},
+            {
+                "$set": {"state": JOB_WITHDRAWN, "withdrawn_reason": reason, "finished_at": now},
+                "$push": {"history": {"at": now, "event": "withdrawn", "reason": reason}},
+            },
+        )
+        return result.modified_count == 1
+
+    def record_decision(self, decision: Mapping[str, Any]) -> str:
+        """Keep a daemon decision (retrain, promote or not, withdraw) with its reason."""
+        doc = {**dict(decision), "at": utcnow()}
+        return str(self.decisions.insert_one(doc).inserted_id)
+
+    # -- the daemon's lease on the store --------------------------------------------------
+    def acquire_daemon_lease(self, owner: str, lease_seconds: float, info: Mapping[str, Any]) -> dict:
+        """Take the store's single daemon lease, or raise StoreError naming its holder.
+
+        The lease is free when absent, expired, held by ``owner``, or held by a process on
+        this host that no longer exists (a SIGKILLed daemon needs no wait for its lease)."""
+        now = utcnow()
+        held = self.meta.find_one({"_id": DAEMON_LEASE})
+        if held is not None and held.get("owner") != owner:
+            expires = held.get("expires_at")
+            if expires is not None and expires.tzinfo is None:
+                expires = expires.replace(tzinfo=timezone.utc)
+            dead = held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid", 0)))
+            if expires is not None and expires > now and not dead:
+                raise StoreError(
+                    f"another pestle daemon holds this store: pid {held.get('pid')} on "
+                    f"{held.get('host')} (lease until {expires:%Y-%m-%d %H:%M:%S} UTC)"
+                )
+        fields = {**dict(info), "owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                  "expires_at": now + timedelta(seconds=lease_seconds), "heartbeat_at": now}  # fmt: skip
+        match: dict[str, Any] = {"_id": DAEMON_LEASE}
+        if held is not None:
+            # Compare-and-swap on what we read: two daemons starting at once cannot both win.
+            match["owner"] = held.get("owner")
+            match["heartbeat_at"] = held.get("heartbeat_at")
+        try:
+            result = self.meta.update_one(
+                match, {"$set": {**fields, "acquired_at": now}}, upsert=held is None
+            )
+        except DuplicateKeyError:
+            result = None
+        if result is None or (result.matched_count == 0 and result.upserted_id is None):
+            raise StoreError("another pestle daemon took this store's lease at the same moment")
+        return self.meta.find_one({"_id": DAEMON_LEASE})
+
+    def renew_daemon_lease(self, owner: str, lease_seconds: float) -> bool:
+        now = utcnow()
+        result = self.meta.update_one(
+            {"_id": DAEMON_LEASE, "owner": owner},
+            {"$set": {"expires_at": now + timedelta(seconds=lease_seconds), "heartbeat_at": now}},
+        )
+        return result.matched_count == 1
+
+    def release_daemon_lease(self, owner: str) -> None:
+        self.meta.delete_one({"_id": DAEMON_LEASE, "owner": owner})
+
+    def daemon_lease(self) -> dict | None:
+        return self.meta.find_one({"_id": DAEMON_LEASE})
 
     def promoted_model(self, family: str) -> str | None:
         doc = self.meta.find_one({"_id": f"promoted:{family}"})

@@ -1,0 +1,230 @@
+"""The daemon: the split that keeps trained labels out of every later held-out set, the
+store lease that admits one daemon, retraining triggers, withdrawal; and end to end, a real
+detached daemon (CHGNet scoring, GPAW labels on Dask, CHGNet fine-tuning) that is SIGKILLed
+in the middle of labelling, restarted, and ends with no lost or duplicated label and one
+promoted model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pestle.config import load_config
+from pestle.engine.daemon import Daemon, split_labels
+from pestle.store import Store, StoreError
+
+PESTLE = str(Path(sys.executable).with_name("pestle"))
+
+
+def tiny_config(tmp_path: Path, database: str, **daemon: object) -> Path:
+    config = {
+        "name": "tiny",
+        "seed": 5,
+        "work_dir": str(tmp_path / "work"),
+        "seeds": [
+            {"name": "LiF", "bulk": "LiF", "crystalstructure": "rocksalt", "a": 4.03},
+        ],
+        "samplers": [
+            {"name": "rattle", "params": {"amplitudes": [0.1, 0.2], "per_amplitude": 2}},
+        ],
+        "potential": {"name": "chgnet", "params": {"model": "0.3.0"}},
+        "labeller": {"name": "gpaw", "params": {"ecut": 300, "kpoint_density": 1.0}},
+        # Stress stays out of the loss: at 300 eV GPAW's LiF stress carries a large Pulay
+        # error (measured: ~125 GPa at 350 eV) that would swamp the forces.
+        "finetune": {"trainer": {"name": "chgnet", "params": {"epochs": 8, "stress_weight": 0}}},
+        "evaluation": {"holdout_fraction": 0.34},
+        "store": {"database": database},
+        "dask": {"n_workers": 2},
+        "daemon": {
+            "per_round": 2,
+            "max_rounds": 3,
+            "retrain": {"every_n_labels": 2},
+            "stop": {"softening_band": [0.98, 1.02], "min_labels": 20},
+            **daemon,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_trained_label_never_becomes_held_out(tmp_path) -> None:
+    config = load_config(tiny_config(tmp_path, "unused"))
+    ids = [f"label-{i:03d}" for i in range(40)]
+    trained: set[str] = set()
+    for n in range(2, 41):
+        split = split_labels(config, {"F-Li": ids[:n]})
+        assert not trained & set(split["holdout"]), n
+        assert sorted(split["holdout"] + split["validation"] + split["train"]) == sorted(ids[:n])
+        assert split["holdout"], "a system with two labels or more holds one out"
+        trained |= set(split["train"]) | set(split["validation"])
+    share = len(split_labels(config, {"F-Li": ids})["holdout"]) / len(ids)
+    assert 0.15 < share < 0.55  # holdout_fraction 0.34, decided per label by its hash
+
+
+def test_one_daemon_per_store(store: Store) -> None:
+    store.acquire_daemon_lease("first", 60, {})
+    with pytest.raises(StoreError, match="another pestle daemon holds this store: pid"):
+        store.acquire_daemon_lease("second", 60, {})
+    assert store.acquire_daemon_lease("first", 60, {})["owner"] == "first"  # renewal
+    assert store.renew_daemon_lease("first", 60)
+    assert not store.renew_daemon_lease("second", 60)
+
+    # A SIGKILLed daemon on this host: its pid is gone, its lease is taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.meta.update_one({"_id": "daemon-lease"}, {"$set": {"pid": dead.pid}})
+    assert store.acquire_daemon_lease("second", 60, {})["owner"] == "second"
+    # An expired lease is free whoever held it.
+    store.meta.update_one(
+        {"_id": "daemon-lease"},
+        {"$set": {"pid": os.getpid(), "expires_at": datetime.now(timezone.utc) - timedelta(1)}},
+    )
+    assert store.acquire_daemon_lease("third", 60, {})["owner"] == "third"
+    store.release_daemon_lease("third")
+    assert store.daemon_lease() is None
+
+
+def test_retraining_triggers(tmp_path) -> None:
+    path = tiny_config(tmp_path, "unused", retrain={"every_n_labels": 3, "cron": "0 3 * * *"})
+    daemon = Daemon([path])
+    config = daemon.configs[path.resolve()]
+    now = datetime.now(timezone.utc)
+    assert daemon.retrain_due(config, 2, {"retrain": {"n_labels": 0, "at": now}}) is None
+    assert "3 new labels" in daemon.retrain_due(config, 5, {"retrain": {"n_labels": 2, "at": now}})
+    assert daemon.retrain_due(config, 5, {"retrain": {"n_labels": 5, "at": now}}) is None
+    two_days_ago = now - timedelta(days=2)
+    due = daemon.retrain_due(config, 3, {"retrain": {"n_labels": 2, "at": two_days_ago}})
+    assert due.startswith("cron '0 3 * * *' fell due")
+
+
+def test_bad_cron_is_named(tmp_path) -> None:
+    from pestle.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"daemon\.retrain\.cron"):
+        load_config(tiny_config(tmp_path, "unused", retrain={"cron": "every day"}))
+
+
+def test_only_a_queued_job_is_withdrawn(store: Store) -> None:
+    store.enqueue_job("j1", "label", {"structure_id": "s1"})
+    store.enqueue_job("j2", "label", {"structure_id": "s2"})
+    assert store.claim_job("j2", "host:1", 60)
+    assert store.withdraw_job("j1", "not worth it")
+    assert not store.withdraw_job("j2", "a worker holds it")
+    assert store.jobs.find_one({"_id": "j1"})["state"] == "withdrawn"
+    assert store.claim_job("j1", "host:1", 60) is None  # never claimed again
+
+
+def _wait(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
+    database = f"pestle_daemon_{uuid.uuid4().hex[:8]}"
+    config = tiny_config(tmp_path, database)
+    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
+    store = Store(mongo_uri, database)
+    work = tmp_path / "work"
+
+    def pestle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([PESTLE, *args], env=env, capture_output=True, text=True, timeout=900)
+        if check and done.returncode != 0:
+            raise AssertionError(f"pestle {' '.join(args)}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    try:
+        started = pestle("daemon", "start", str(config))
+        assert "daemon started: pid" in started.stdout
+        pid = int((work / "daemon" / "daemon.pid").read_text())
+        assert f"running, pid {pid}" in pestle("daemon", "status", "-c", str(config)).stdout
+
+        # A second daemon on the same store is refused while the first holds the lease.
+        second = pestle("daemon", "start", "--foreground", str(config), check=False)
+        assert second.returncode == 3
+        assert "another pestle daemon holds this store" in second.stderr
+
+        # A round and a retraining, then SIGKILL while a later round's GPAW label runs.
+        _wait(lambda: store.decisions.count_documents({"kind": "retrain", "outcome": {"$in": ["promoted", "kept"]}}), 600, "a retraining")  # fmt: skip
+        _wait(
+            lambda: store.jobs.count_documents({"state": "running", "run_id": {"$regex": "-r000[12]$"}}),
+            600,
+            "a label job of round 1 or 2 in flight",
+        )  # fmt: skip
+        os.killpg(pid, signal.SIGKILL)  # the daemon with its Dask scheduler and workers
+        _wait(lambda: subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode, 30, "the process group to die")  # fmt: skip
+        in_flight = [j["_id"] for j in store.jobs.find({"state": "running"})]
+        assert in_flight, "the kill was meant to land in the middle of labelling"
+        assert store.daemon_lease() is not None  # left behind by the killed daemon
+
+        status = pestle("daemon", "status", "-c", str(config)).stdout
+        assert "not running" in status
+        pestle("daemon", "start", "--foreground", "--exit-when-idle", str(config))
+
+        state = store.meta.find_one({"_id": "daemon:tiny"})
+        assert state["round"] == 3
+        jobs = list(store.jobs.find({"kind": "label"}))
+        assert {j["state"] for j in jobs} <= {"done", "withdrawn"}, [j["state"] for j in jobs]
+        for job_id in in_flight:  # nothing lost: the killed jobs were computed after all
+            assert store.jobs.find_one({"_id": job_id})["state"] in ("done", "withdrawn")
+        done = [j for j in jobs if j["state"] == "done"]
+        labels = list(store.labels.find({}, {"structure_id": 1, "lot_hash": 1}))
+        assert len(labels) == len(done)  # one label per finished job, none twice
+        pairs = [(lab["structure_id"], lab["lot_hash"]) for lab in labels]
+        assert len(pairs) == len(set(pairs))
+        assert sorted(j["payload"]["structure_id"] for j in done) == sorted(
+            lab["structure_id"] for lab in labels
+        )
+        promoted = list(store.meta.find({"_id": {"$regex": "^promoted:"}}))
+        assert [p["family"] for p in promoted] == ["chgnet"]
+        assert store.models.count_documents({"_id": promoted[0]["model_id"]}) == 1
+        decisions = list(store.decisions.find({"kind": "retrain"}))
+        assert all(d.get("reason") for d in decisions)
+        assert any(d["outcome"] == "promoted" for d in decisions)
+        # Rounds after the promotion scored with the promoted model.
+        rounds = {r["_id"]: r for r in store.runs.find({"daemon_round": {"$exists": True}})}
+        assert len(rounds) == 3
+        assert any(r.get("scored_with_model") for r in rounds.values())
+        assert store.daemon_lease() is None  # released on a clean exit
+        assert not (work / "daemon" / "daemon.pid").exists()
+
+        # A queued label that the promoted model no longer finds worth DFT is withdrawn.
+        daemon = Daemon([config])
+        daemon.store, daemon.store_uri = store, mongo_uri
+        settings = daemon.configs[config.resolve()]
+        settings.daemon.withdraw_below = 1e3  # eV/A: every candidate falls below it
+        labelled = store.labels.distinct("structure_id")
+        spare = store.structures.find_one({"kind": "candidate", "_id": {"$nin": labelled}})
+        store.enqueue_job("spare", "label", {"structure_id": spare["_id"]}, run_id="tiny-x-r9999")
+        daemon.withdraw_unworthy(settings, promoted[0]["model_id"])
+        spare_job = store.jobs.find_one({"_id": "spare"})
+        assert spare_job["state"] == "withdrawn"
+        assert "expected softening error" in spare_job["withdrawn_reason"]
+
+        # The report draws its figures from what the store holds.
+        written = pestle("report", "-c", str(config)).stdout
+        report = work / "report"
+        assert str(report / "report.html") in written.replace("\n", "")
+        for png in ("dataset-growth.png", "softening-by-model.png", "jobs.png"):
+            assert (report / png).stat().st_size > 10_000
+        assert list(report.glob("parity-*.png"))
+        page = (report / "report.html").read_text()
+        assert promoted[0]["model_id"] in page and "F-Li" in page
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(config)], check=False)
+        store.client.drop_database(database)
+        store.close()

@@ -1,0 +1,138 @@
+"""Named query filters and the exports a user trains with: ASE database, CHGNet's JSON (read
+back by chgnet's own StructureJsonData) and MACE's extxyz (read back by mace's own loader),
+on labels computed with a real calculator (EMT)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from pestle.export import write_ase_db, write_chgnet_json, write_mace_xyz
+from pestle.store import Store
+from pestle.store.queries import build_filter, normalise_system
+
+
+def _label(store: Store, atoms, sampler: str, parent: str | None = None) -> str:
+    atoms = atoms.copy()
+    sid, _ = store.add_structure(
+        atoms, kind="candidate", provenance={"sampler": sampler, "parent_id": parent}
+    )
+    atoms.calc = EMT()
+    store.put_label(
+        sid,
+        labeller="emt",
+        level_of_theory={"code": "emt"},
+        lot_hash="emt",
+        energy=atoms.get_potential_energy(),
+        forces=atoms.get_forces(),
+        stress=atoms.get_stress(),
+    )
+    return sid
+
+
+@pytest.fixture
+def filled(store: Store) -> Store:
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.rattle(0.1, seed=1)
+    _label(store, cu, "rattle", parent="seed-cu")
+    hot = bulk("Cu", "fcc", a=3.6, cubic=True)
+    hot.rattle(0.3, seed=2)
+    _label(store, hot, "rattle", parent="seed-cu")
+    alloy = bulk("Cu", "fcc", a=3.7, cubic=True)
+    alloy.symbols[0] = "Au"
+    alloy.rattle(0.05, seed=3)
+    _label(store, alloy, "solid_solution", parent="seed-cu")
+    plain = bulk("Al", "fcc", a=4.05, cubic=True)
+    store.add_structure(plain, kind="candidate", provenance={"sampler": "strain"})
+    return store
+
+
+def test_named_filters(filled: Store) -> None:
+    def ids(collection: str, **named) -> int:
+        return filled.db[collection].count_documents(build_filter(filled, collection, **named))
+
+    assert normalise_system("Li-F") == normalise_system("LiF") == "F-Li"
+    assert ids("structures", elements=["Cu"]) == 3
+    assert ids("structures", elements=["Cu", "Au"]) == 1
+    assert ids("labels", system="Cu-Au") == 1
+    assert ids("structures", formula="Cu4") == 2  # reduced: Cu
+    assert ids("labels", sampler="rattle") == 2
+    assert ids("structures", labelled=False) == 1
+    assert ids("structures", labelled=True) == 3
+    hot = filled.labels.find_one(sort=[("max_force", -1)])
+    assert ids("labels", force_min=hot["max_force"] - 1e-9) == 1
+    assert ids("structures", force_max=hot["max_force"] - 1e-9) == 2
+    energy = hot["energy_per_atom"]
+    assert ids("labels", energy_min=energy, energy_max=energy) == 1
+    with pytest.raises(ValueError, match="empty range"):
+        build_filter(filled, "labels", force_min=2, force_max=1)
+    assert ids("labels", base={"natoms": 4}, elements=["Au"]) == 1
+
+
+def test_ase_db_round_trip(filled: Store, tmp_path) -> None:
+    import ase.db
+
+    path = tmp_path / "labels.db"
+    assert write_ase_db(filled, path) == 3
+    assert write_ase_db(filled, path) == 0  # rows already there are not duplicated
+    database = ase.db.connect(str(path))
+    for (atoms, _, label), row in zip(
+        filled.labelled_atoms({}), database.select(sort="id"), strict=True
+    ):
+        assert row.label_id == label["_id"]
+        np.testing.assert_allclose(row.forces, atoms.get_forces())
+        np.testing.assert_allclose(row.stress, atoms.get_stress())
+        assert row.energy == pytest.approx(atoms.get_potential_energy())
+
+
+def test_chgnet_json_reads_back_in_chgnets_units(filled: Store, tmp_path) -> None:
+    from chgnet.data.dataset import StructureJsonData
+    from chgnet.graph import CrystalGraphConverter
+
+    path = tmp_path / "chgnet.json"
+    assert write_chgnet_json(filled, path) == 3
+    assert list(json.loads(path.read_text())) == ["seed-cu"]  # grouped by parent
+    dataset = StructureJsonData(
+        str(path), graph_converter=CrystalGraphConverter(), targets="efs", shuffle=False
+    )
+    by_label = {label["_id"]: atoms for atoms, _, label in filled.labelled_atoms({})}
+    for index, (_, label_id) in enumerate(dataset.keys):
+        _, targets = dataset[index]
+        atoms = by_label[label_id]
+        np.testing.assert_allclose(targets["f"].numpy(), atoms.get_forces(), atol=1e-5)
+        # chgnet's targets are GPa with ASE's sign, what its model predicts.
+        expected = voigt_6_to_full_3x3_stress(atoms.get_stress()) / units.GPa
+        np.testing.assert_allclose(targets["s"].numpy(), expected, atol=1e-4)
+        assert float(targets["e"]) == pytest.approx(
+            atoms.get_potential_energy() / len(atoms), abs=1e-5
+        )
+
+
+def test_mace_xyz_reads_back_with_mace(filled: Store, tmp_path) -> None:
+    from ase.io import read
+
+    path = tmp_path / "mace.xyz"
+    assert write_mace_xyz(filled, path) == 3
+    frames = read(path, index=":")
+    assert {f.info["config_type"] for f in frames} == {"rattle", "solid_solution"}
+    for frame, (atoms, _, _) in zip(frames, filled.labelled_atoms({}), strict=True):
+        assert frame.calc is None  # references are data, not a calculator's predictions
+        assert frame.info["REF_energy"] == pytest.approx(atoms.get_potential_energy())
+        np.testing.assert_allclose(frame.arrays["REF_forces"], atoms.get_forces())
+        np.testing.assert_allclose(frame.info["REF_stress"], atoms.get_stress())
+
+    from pestle.potentials.mace import import_mace
+
+    mace_utils = import_mace("mace.data.utils")
+    _, configs = mace_utils.load_from_xyz(str(path), mace_utils.KeySpecification.from_defaults())
+    for config, (atoms, _, _) in zip(configs, filled.labelled_atoms({}), strict=True):
+        assert config.properties["energy"] == pytest.approx(atoms.get_potential_energy())
+        np.testing.assert_allclose(config.properties["forces"], atoms.get_forces())
+        # Voigt in ASE order and sign; mace turns it into a 3x3 matrix when it builds graphs.
+        np.testing.assert_allclose(config.properties["stress"], atoms.get_stress())
