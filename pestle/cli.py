@@ -659,6 +659,88 @@ def plugins() -> None:
         _list_plugins(kind, registry)
 
 
+@app.command()
+def evaluate(
+    model: Annotated[
+        str,
+        typer.Argument(help="A stored model id (model-...) or a potential: chgnet, chgnet:0.2.0."),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="An extxyz file with reference energies and forces, or a label query (JSON "
+            "or key=value). Default: the model's held-out labels.",
+        ),
+    ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(help="Compare against this model (default: a stored model's parent)."),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory.")] = None,
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Energy/force/stress errors and the softening scale per chemical system and sampler,
+    parity plots, and a comparison against the parent model."""
+    from pestle.engine.models import resolve_model
+    from pestle.evaluation.compare import compare_models, read_labelled_extxyz
+    from pestle.store import StoreError
+    from pestle.trainers import LabelledStructure
+
+    root, _ = _location(config, work_dir)
+    out = output or Path(root) / "evaluations" / model.replace(":", "-")
+    data_is_file = data is not None and Path(data).is_file()
+    needs_store = (
+        model.startswith("model-") or (parent or "").startswith("model-") or not data_is_file
+    )
+    store = _open_store(config, work_dir) if needs_store else None
+    doc = (
+        store.models.find_one({"_id": model}, {"parent": 1, "training": 1})
+        if store is not None
+        else None
+    )
+    samplers: dict[str, str] = {}
+    try:
+        if data_is_file:
+            labelled = read_labelled_extxyz(data)
+        else:
+            if data is not None:
+                label_filter = _parse_or_fail([data])
+            elif doc is not None and doc.get("training", {}).get("holdout_label_ids"):
+                label_filter = {"_id": {"$in": doc["training"]["holdout_label_ids"]}}
+            else:
+                _fail("--data is needed: an extxyz file or a label query")
+            labelled = []
+            for atoms, structure, label in store.labelled_atoms(label_filter):
+                labelled.append(LabelledStructure(atoms, structure["_id"], label["_id"]))
+                samplers[structure["_id"]] = label.get("sampler") or structure.get("kind")
+            if not labelled:
+                _fail(f"no labels match {label_filter}")
+        models = {}
+        if parent is None and doc is not None and (doc.get("parent") or {}).get("model"):
+            parent = f"{doc['parent']['family']}:{doc['parent']['model']}"
+        if parent is not None:
+            models[parent] = resolve_model(parent, store, out / "models")
+        models[model] = resolve_model(model, store, out / "models")
+    except (StoreError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    result = compare_models(models, labelled, samplers=samplers or None, plot_dir=out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.md").write_text(result["table"] + "\n")
+    (out / "evaluation.json").write_text(json.dumps(_jsonable(result), indent=1))
+    if doc is not None:
+        from pestle.structures import settings_hash
+
+        key = "cli-" + settings_hash({"data": sorted(ls.label_id for ls in labelled)})[:10]
+        store.models.update_one(
+            {"_id": model}, {"$set": {f"evaluation_{key}": result["overall"][model]}}
+        )
+    sys.stdout.write(result["table"] + "\n")  # unwrapped: a markdown table to paste
+    console.print(f"{len(labelled)} labelled structures; plots and tables in {out}")
+
+
 def _quiet_dask(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

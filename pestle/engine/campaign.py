@@ -632,14 +632,9 @@ class Campaign:
         ]
 
     def fine_tuned_potential(self, model_id: str) -> Potential:
-        doc = self.store.models.find_one({"_id": model_id})
-        path, sha256 = self.store.fetch_checkpoint(model_id, self.run_dir / "models")
-        params = {
-            **doc.get("potential_params", {}),
-            "checkpoint": str(path),
-            "checkpoint_sha256": sha256,
-        }
-        return POTENTIALS.build(doc.get("potential", doc["family"]), params)
+        from pestle.engine.models import load_stored_model
+
+        return load_stored_model(self.store, model_id, self.run_dir / "models")
 
     def stage_evaluate(
         self, split: dict[str, dict[str, list[str]]], model_id: str | None

@@ -69,14 +69,6 @@ def label_id(structure_id: str, lot_hash: str) -> str:
     return f"{structure_id}-{lot_hash}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Store:
     def __init__(self, uri: str, database: str = "pestle", timeout_ms: int = 10_000) -> None:
         self.uri_masked = mask_uri(uri)
@@ -441,21 +433,25 @@ class Store:
     def put_model(
         self, model_id: str, checkpoint: str | os.PathLike, record: Mapping[str, Any]
     ) -> bool:
-        """Store a model version with its checkpoint in GridFS; False if it already exists."""
+        """Store a model version with its checkpoint in GridFS; False if it already exists.
+
+        A checkpoint folder (matgl saves one) is stored as a tar archive built with sorted
+        names and zeroed times, so the same files always give the same sha256."""
         if self.models.count_documents({"_id": model_id}, limit=1):
             return False
         path = Path(checkpoint)
-        sha256 = file_sha256(path)
-        with open(path, "rb") as handle:
-            file_id = self.fs.put(handle, filename=path.name, sha256=sha256)
+        payload = _folder_tar(path) if path.is_dir() else path.read_bytes()
+        sha256 = hashlib.sha256(payload).hexdigest()
+        file_id = self.fs.put(payload, filename=path.name, sha256=sha256)
         doc = {
             **dict(record),
             "_id": model_id,
             "checkpoint": {
                 "gridfs": file_id,
                 "filename": path.name,
+                "archive": "tar" if path.is_dir() else None,
                 "sha256": sha256,
-                "bytes": path.stat().st_size,
+                "bytes": len(payload),
             },
             "code_versions": code_versions(),
             "created_at": utcnow(),
@@ -468,17 +464,27 @@ class Store:
         return True
 
     def fetch_checkpoint(self, model_id: str, directory: str | os.PathLike) -> tuple[Path, str]:
-        """Write a model's checkpoint to ``directory`` and verify its checksum."""
+        """Write a model's checkpoint (file, or folder for an archive) to ``directory`` after
+        verifying its checksum; returns the path and the stored sha256."""
         doc = self.models.find_one({"_id": model_id})
         if doc is None:
             raise StoreError(f"no model {model_id}")
         info = doc["checkpoint"]
+        payload = self.fs.get(info["gridfs"]).read()
+        if hashlib.sha256(payload).hexdigest() != info["sha256"]:
+            raise StoreError(f"checkpoint of model {model_id} fails its sha256 check")
         path = Path(directory) / f"{model_id}-{info['filename']}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.fs.get(info["gridfs"]).read())
-        if file_sha256(path) != info["sha256"]:
-            path.unlink()
-            raise StoreError(f"checkpoint of model {model_id} fails its sha256 check")
+        if info.get("archive") == "tar":
+            import shutil
+            import tarfile
+
+            if path.exists():
+                shutil.rmtree(path)
+            with tarfile.open(fileobj=io.BytesIO(payload)) as archive:
+                archive.extractall(path, filter="data")
+        else:
+            path.write_bytes(payload)
         return path, info["sha256"]
 
     def promote_model(self, model_id: str, reason: str) -> dict:
@@ -521,7 +527,9 @@ class Store:
         return str(self.decisions.insert_one(doc).inserted_id)
 
     # -- the daemon's lease on the store --------------------------------------------------
-    def acquire_daemon_lease(self, owner: str, lease_seconds: float, info: Mapping[str, Any]) -> dict:
+    def acquire_daemon_lease(
+        self, owner: str, lease_seconds: float, info: Mapping[str, Any]
+    ) -> dict:
         """Take the store's single daemon lease, or raise StoreError naming its holder.
 
         The lease is free when absent, expired, held by ``owner``, or held by a process on
@@ -532,7 +540,9 @@ class Store:
             expires = held.get("expires_at")
             if expires is not None and expires.tzinfo is None:
                 expires = expires.replace(tzinfo=timezone.utc)
-            dead = held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid", 0)))
+            dead = held.get("host") == socket.gethostname() and not pid_alive(
+                int(held.get("pid", 0))
+            )
             if expires is not None and expires > now and not dead:
                 raise StoreError(
                     f"another pestle daemon holds this store: pid {held.get('pid')} on "
@@ -599,6 +609,21 @@ class Store:
             name: self.db[name].estimated_document_count()
             for name in ("structures", "labels", "jobs", "models", "runs")
         }
+
+
+def _folder_tar(folder: Path) -> bytes:
+    """The files of ``folder`` (recursively) as an uncompressed tar, byte-identical for
+    identical files: sorted names, no times, owners or modes beyond 0o644."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            data = file.read_bytes()
+            info = tarfile.TarInfo(file.relative_to(folder).as_posix())
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def object_id_str(value: Any) -> Any:
