@@ -1,0 +1,423 @@
+"""Fine-tune a matgl ``Potential`` (TensorNet, M3GNet, ...) on pestle's labels with matgl's own
+training module: ``PotentialLightningModule`` driven by a Lightning ``Trainer``, data in
+``MGLDataset`` through ``MGLDataLoader`` with ``collate_fn_pes``.
+
+Units (checked against matgl 4.1's ``Potential`` and its training docs):
+
+* energy: total eV per structure (the module's loss divides by the atom count itself);
+* forces: eV/A;
+* stress: matgl trains and predicts GPa with ASE's sign (compressive negative), as 3x3 blocks
+  stacked per structure. ASE Voigt eV/A^3 -> 3x3 -> divided by ``ase.units.GPa``; no sign flip.
+
+Level of theory: with ``refit_element_refs`` the Potential's per-element reference energies
+(its ``AtomRef`` offsets, ``element_refs``) are shifted by a least-squares fit over
+compositions of the label-minus-model energy residuals on the training set, so the network
+learns only what the new labels change beyond a per-element constant. Elements absent from
+the training set keep their references.
+
+The Potential we load is the one trained: the Lightning module's own wrapper is swapped for
+it, so options such as a ZBL repulsion term survive and ``Potential.save`` writes a folder
+``pestle.potentials.matgl`` loads. We keep a copy of the weights from the epoch with the
+lowest validation loss. Lightning's logs go under ``workdir``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from ase import units
+from ase.stress import voigt_6_to_full_3x3_stress
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pestle.potentials.chgnet import ChecksumError
+from pestle.potentials.matgl import (
+    DEFAULT_MODEL,
+    MatGLPotential,
+    cached_model_folder,
+    check_model_folder,
+    check_structure,
+    folder_sha256,
+    matgl_version,
+)
+from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
+from pestle.trainers.mace import least_squares_shift, reference_labels
+
+if TYPE_CHECKING:
+    from matgl.apps.pes import Potential
+
+log = logging.getLogger("pestle.trainers.matgl")
+
+CHECKPOINT_NAME = "matgl_finetuned"  # the folder Potential.save writes
+# Lightning's advice for small CPU datasets; it does not apply to pre-built graphs.
+_QUIET = (
+    r".*does not have many workers.*",
+    r".*The number of training batches.*",
+    r".*GPU available but not used.*",
+)
+
+
+class _Split:
+    """Structures of one split with labels in matgl's units."""
+
+    def __init__(self, labelled: Sequence[LabelledStructure], with_stress: bool) -> None:
+        self.atoms = [ls.atoms for ls in labelled]
+        self.labels: dict[str, list] = {"energies": [], "forces": []}
+        if with_stress:
+            self.labels["stresses"] = []
+        for ls in labelled:
+            energy, forces, stress = reference_labels(ls)
+            self.labels["energies"].append(energy)
+            self.labels["forces"].append(forces.tolist())
+            if with_stress:
+                assert stress is not None
+                self.labels["stresses"].append(
+                    (voigt_6_to_full_3x3_stress(stress) / units.GPa).tolist()
+                )
+
+
+@TRAINERS.register("matgl")
+class MatGLTrainer:
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        model: str = DEFAULT_MODEL  # a pretrained name, found in matgl's cache
+        model_path: Path | None = None  # a folder written by Potential.save; takes precedence
+        model_sha256: str | None = None  # of the folder, as pestle.potentials.matgl computes it
+        epochs: int = Field(10, ge=1)
+        learning_rate: float = Field(1e-3, gt=0)
+        decay_alpha: float = Field(0.01, gt=0, le=1)  # cosine schedule ends at lr * decay_alpha
+        batch_size: int = Field(4, ge=1)
+        energy_weight: float = Field(1.0, ge=0)
+        force_weight: float = Field(1.0, ge=0)
+        stress_weight: float = Field(0.1, ge=0)
+        loss: Literal["mse_loss", "huber_loss", "smooth_l1_loss", "l1_loss"] = "mse_loss"
+        refit_element_refs: bool = True
+        seed: int = 0
+        # Torch threads while training (torch.set_num_threads, restored afterwards; it is
+        # process-wide). None: torch's default. One thread is fastest for small models on a
+        # busy CPU.
+        cpu_threads: int | None = Field(None, ge=1)
+
+        @field_validator("model_sha256")
+        @classmethod
+        def _hex_digest(cls, value: str | None) -> str | None:
+            if value is None:
+                return None
+            value = value.strip().lower()
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError("model_sha256 must be 64 hexadecimal characters")
+            return value
+
+    def __init__(self, params: Params | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+        self.potential: Potential | None = None  # the fine-tuned Potential after train()
+
+    def train(
+        self,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+        device: str = "cpu",
+    ) -> TrainedModel:
+        import lightning as pl
+        import torch
+        from lightning.pytorch.loggers import CSVLogger
+        from matgl.utils.training import PotentialLightningModule
+
+        from pestle.devices import pick_device
+
+        p = self.params
+        if not train_set:
+            raise ValueError("cannot fine-tune a matgl model on an empty training set")
+        workdir = Path(workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        device = pick_device(device)
+        pl.seed_everything(p.seed, workers=True, verbose=False)
+
+        folder = self._base_folder()
+        potential = self._load(folder)
+        model = potential.model
+        element_types = tuple(model.element_types)
+        for ls in list(train_set) + list(val_set):
+            check_structure(ls.atoms, element_types)
+
+        refs_before = self._element_refs(potential)
+        shift = np.zeros(len(element_types))
+        if p.refit_element_refs:
+            shift = self._refit(potential, folder, train_set)
+
+        everything = list(train_set) + list(val_set)
+        with_stress = p.stress_weight > 0 and all(
+            reference_labels(ls)[2] is not None for ls in everything
+        )
+        train_split = _Split(train_set, with_stress)
+        val_source = "val_set" if val_set else "train_set (val_set was empty)"
+        val_split = _Split(val_set, with_stress) if val_set else train_split
+        train_loader, val_loader = self._loaders(workdir, model, train_split, val_split)
+
+        module = PotentialLightningModule(
+            model=model,
+            element_refs=None,  # the refs live on `potential`, swapped in below
+            energy_weight=p.energy_weight,
+            force_weight=p.force_weight,
+            stress_weight=p.stress_weight if with_stress else 0.0,
+            loss=p.loss,
+            lr=p.learning_rate,
+            decay_steps=p.epochs,  # Lightning steps the cosine schedule once per epoch
+            decay_alpha=p.decay_alpha,
+        )
+        # Train the Potential we loaded (its refs, data_mean/std and options such as ZBL
+        # repulsion), not the bare wrapper the module builds around `model`: the module's
+        # step and loss only call self.model and read its calc_* flags.
+        calc_stresses = potential.calc_stresses
+        potential.calc_stresses = with_stress
+        potential.train()
+        potential.requires_grad_(True)
+        module.model = potential
+
+        history = _history_callback(potential)
+        accelerator, devices = (
+            ("gpu", [int(device.partition(":")[2] or 0)])
+            if device.startswith("cuda")
+            else ("cpu", 1)
+        )
+        logs = workdir / "lightning_logs"
+        trainer = pl.Trainer(
+            max_epochs=p.epochs,
+            accelerator=accelerator,
+            devices=devices,
+            inference_mode=False,  # forces and stresses are gradients, in validation too
+            default_root_dir=str(workdir),
+            logger=CSVLogger(save_dir=str(logs), name="matgl"),
+            callbacks=[history],
+            enable_checkpointing=False,  # the history callback keeps the best weights
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+        )
+        threads = torch.get_num_threads()
+        try:
+            if p.cpu_threads is not None:
+                torch.set_num_threads(p.cpu_threads)
+            with warnings.catch_warnings():
+                for pattern in _QUIET:
+                    warnings.filterwarnings("ignore", message=pattern)
+                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        finally:
+            torch.set_num_threads(threads)
+
+        best_epoch = history.best_epoch
+        if best_epoch is not None:
+            potential.load_state_dict(history.best_state)
+        else:
+            log.warning("matgl fine-tuning produced no finite validation loss: keeping the base")
+            potential.load_state_dict(history.initial_state)
+        potential.calc_stresses = calc_stresses
+        potential.to("cpu")
+        potential.requires_grad_(False)
+        potential.eval()
+        self.potential = potential
+
+        checkpoint = workdir / CHECKPOINT_NAME
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        potential.save(
+            checkpoint,
+            metadata={"trainer": "pestle matgl", "base": str(folder), "best_epoch": best_epoch},
+        )
+        refs_after = self._element_refs(potential)
+        hyperparameters = p.model_dump(mode="json")
+        metrics: dict[str, Any] = {
+            "epochs": history.epochs,
+            "best_epoch": best_epoch,
+            "best_val_loss": history.best_loss if best_epoch is not None else None,
+            "selection": "lowest validation loss" if best_epoch is not None else "base model",
+            "val_source": val_source,
+            "n_train": len(train_set),
+            "n_val": len(val_set) if val_set else len(train_set),
+            "targets": "efs" if with_stress else "ef",
+            "element_types": list(element_types),
+            "element_refs_before": refs_before,
+            "element_refs_after": refs_after,
+            "element_ref_shift_eV": {
+                element: float(s)
+                for element, s in zip(element_types, shift, strict=True)
+                if any(element in ls.atoms.get_chemical_symbols() for ls in train_set)
+            },
+            "architecture": type(model).__name__,
+            "base_model": str(folder),
+            "base_sha256": folder_sha256(folder),
+            "device": device,
+            "lightning_logs": str(logs),
+            "checkpoint_sha256": folder_sha256(checkpoint),
+            "matgl_version": matgl_version(),
+        }
+        return TrainedModel(
+            checkpoint=checkpoint,
+            potential="matgl",
+            potential_params={"default_dtype": "float32"},
+            hyperparameters=hyperparameters,
+            metrics=metrics,
+        )
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _base_folder(self) -> Path:
+        p = self.params
+        folder = (
+            check_model_folder(p.model_path)
+            if p.model_path is not None
+            else (cached_model_folder(p.model))
+        )
+        if p.model_sha256 is not None:
+            actual = folder_sha256(folder)
+            if actual != p.model_sha256:
+                raise ChecksumError(
+                    f"matgl model {folder} has sha256 {actual}, expected {p.model_sha256}"
+                )
+        return folder
+
+    @staticmethod
+    def _load(folder: Path) -> Potential:
+        from matgl.apps.pes import Potential
+        from matgl.utils.io import load_model
+
+        potential = load_model(folder)  # torch.load(weights_only=True) inside
+        if not isinstance(potential, Potential):
+            raise ValueError(f"{folder} holds a matgl {type(potential).__name__}, not a Potential")
+        if potential.calc_charge or potential.calc_magmom:
+            raise ValueError(
+                "fine-tuning matgl potentials with charge or magnetic-moment outputs needs those "
+                "labels too; pestle's labels have energies, forces and stresses only"
+            )
+        if potential.element_refs is not None and potential.element_refs.property_offset.ndim > 1:
+            raise ValueError("matgl potentials with state-dependent element refs are not supported")
+        return potential
+
+    @staticmethod
+    def _element_refs(potential: Potential) -> dict[str, float] | None:
+        refs = potential.element_refs
+        if refs is None:
+            return None
+        values = refs.property_offset.detach().cpu().numpy().astype(float)
+        return {e: float(v) for e, v in zip(potential.model.element_types, values, strict=True)}
+
+    def _refit(
+        self, potential: Potential, folder: Path, labelled: Sequence[LabelledStructure]
+    ) -> np.ndarray:
+        """Shift the element refs by the least-squares fit of label-minus-model energies;
+        returns the shift per element in ``element_types`` order (eV/atom)."""
+        import torch
+        from ase.data import atomic_numbers
+        from matgl.layers import AtomRef
+
+        element_types = tuple(potential.model.element_types)
+        # The model as saved in `folder`, which `potential` still is at this point.
+        base = MatGLPotential(
+            MatGLPotential.Params(
+                model_path=folder, model_sha256=folder_sha256(folder), device="cpu"
+            )
+        )
+        structures = [ls.atoms for ls in labelled]
+        predicted = [pred.energy for pred in base.predict(structures)]
+        residuals = [reference_labels(ls)[0] - e for ls, e in zip(labelled, predicted, strict=True)]
+        numbers = [atomic_numbers[e] for e in element_types]
+        shift = least_squares_shift(structures, residuals, numbers)
+        dtype = potential.data_mean.dtype
+        if potential.element_refs is None:
+            offsets = torch.tensor(shift, dtype=dtype)
+            potential.element_refs = AtomRef(property_offset=offsets)
+        else:
+            with torch.no_grad():
+                potential.element_refs.property_offset += torch.tensor(shift, dtype=dtype)
+            offsets = potential.element_refs.property_offset
+        # Potential.save writes its constructor arguments: record the refs there too.
+        potential._init_args["element_refs"] = offsets.detach().cpu().tolist()
+        return shift
+
+    def _loaders(self, workdir: Path, model: Any, train: _Split, val: _Split) -> tuple:
+        import torch
+        from matgl.ext.ase import Atoms2Graph
+        from matgl.graph.data import MGLDataLoader, MGLDataset
+
+        converter = Atoms2Graph(tuple(model.element_types), float(model.cutoff))
+        datasets = []
+        for name, split in (("train", train), ("val", val)):
+            root = workdir / "graphs" / name
+            if root.exists():
+                shutil.rmtree(root)
+            datasets.append(
+                MGLDataset(
+                    structures=split.atoms,
+                    labels={k: list(v) for k, v in split.labels.items()},
+                    converter=converter,
+                    root=str(root),
+                    save_cache=False,
+                )
+            )
+        return MGLDataLoader(
+            train_data=datasets[0],
+            val_data=datasets[1],
+            batch_size=self.params.batch_size,
+            num_workers=0,  # graphs are built already; workers would only add processes
+            generator=torch.Generator().manual_seed(self.params.seed),
+        )
+
+
+def _history_callback(potential: Any) -> Any:
+    """A Lightning callback recording per-epoch losses and keeping a copy of the weights with
+    the lowest validation loss (Lightning's ModelCheckpoint writes files; we want the state).
+    Defined here so that importing this module does not import Lightning."""
+    import lightning as pl
+
+    class History(pl.Callback):
+        def __init__(self) -> None:
+            self.epochs: list[dict[str, Any]] = []
+            self.best_loss = math.inf
+            self.best_epoch: int | None = None
+            self.initial_state = _snapshot(potential)
+            self.best_state: dict[str, Any] = self.initial_state
+
+        def _entry(self, epoch: int) -> dict[str, Any]:
+            for entry in self.epochs:
+                if entry["epoch"] == epoch:
+                    return entry
+            self.epochs.append({"epoch": epoch})
+            return self.epochs[-1]
+
+        def on_validation_end(self, trainer: Any, module: Any) -> None:
+            if trainer.sanity_checking:
+                return
+            metrics = trainer.callback_metrics
+            epoch = int(trainer.current_epoch)
+            loss = float(metrics.get("val_Total_Loss", math.nan))
+            entry = self._entry(epoch)
+            entry["val_loss"] = loss
+            entry["val_mae"] = {
+                key: float(metrics[f"val_{key}_MAE"])
+                for key in ("Energy", "Force", "Stress")
+                if f"val_{key}_MAE" in metrics
+            }
+            if math.isfinite(loss) and loss < self.best_loss:
+                self.best_loss, self.best_epoch = loss, epoch
+                self.best_state = _snapshot(potential)
+
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            loss = trainer.callback_metrics.get("train_Total_Loss")
+            self._entry(int(trainer.current_epoch))["train_loss"] = (
+                float(loss) if loss is not None else None
+            )
+
+    return History()
+
+
+def _snapshot(module: Any) -> dict[str, Any]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
