@@ -489,3 +489,13 @@ def test_matgl_molecule_has_no_stress_and_slab_is_refused(matgl_folder: Path) ->
     slab.pbc = (True, True, False)
     with pytest.raises(ValueError, match="pbc"):
         potential.predict([slab])
+
+
+def test_without_stress_same_energy_and_forces(mace_file: Path, matgl_folder: Path) -> None:
+    for potential in (build_mace(mace_file), build_matgl(matgl_folder, default_dtype="float64")):
+        full = potential.predict(structures())
+        lean = potential.predict(structures(), stress=False)
+        for a, b in zip(full, lean, strict=True):
+            assert b.stress is None
+            assert a.energy == pytest.approx(b.energy, rel=1e-9)
+            np.testing.assert_allclose(a.forces, b.forces, rtol=1e-9, atol=1e-12)

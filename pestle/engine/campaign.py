@@ -299,10 +299,11 @@ class Campaign:
         for start in range(0, total, 32):
             chunk = todo[start : start + 32]
             atoms_list = [self.store.atoms_from_doc(d) for d in chunk]
-            predictions = self.potential.predict(atoms_list)
+            predictions = self.potential.predict(atoms_list, stress=False)
             committee = (
                 committee_disagreement(
-                    atoms_list, [predictions] + [m.predict(atoms_list) for m in self.committee]
+                    atoms_list,
+                    [predictions] + [m.predict(atoms_list, stress=False) for m in self.committee],
                 )
                 if self.committee
                 else [{}] * len(chunk)

@@ -326,7 +326,7 @@ class Daemon:
         for system, members in by_system.items():
             if len(members) < stop.min_labels:
                 continue
-            predictions = campaign.potential.predict(members)
+            predictions = campaign.potential.predict(members, stress=False)
             fit = softening_scale(
                 np.concatenate([p.forces.ravel() for p in predictions]),
                 np.concatenate([a.calc.results["forces"].ravel() for a in members]),
@@ -555,7 +555,7 @@ class Daemon:
         ids = [j["payload"]["structure_id"] for j in queued]
         docs = {d["_id"]: d for d in self.store.structures.find({"_id": {"$in": ids}})}
         atoms = [self.store.atoms_from_doc(docs[i]) for i in ids]
-        predictions = campaign.potential.predict(atoms)
+        predictions = campaign.potential.predict(atoms, stress=False)
         softening = campaign.softening_model(sorted({d["chemical_system"] for d in docs.values()}))
         threshold = config.daemon.withdraw_below
         withdrawn = 0

@@ -28,7 +28,10 @@ class Potential(Protocol):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]: ...
+    def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
+        """``stress=False``: leave stresses out (``None``); scoring needs only energies and
+        forces, and the strain derivative is a large share of a forward pass."""
+        ...
 
     def describe(self) -> dict:
         """Identity of the model for provenance: family, version/checkpoint, checksum."""

@@ -237,19 +237,23 @@ class CHGNetPotential:
                 raw = model.predict_structure(pmg, batch_size=len(pmg), **options)
             yield from ([raw] if isinstance(raw, dict) else raw)
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+    def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         if not structures:
             return []
         per_atom = self.load_model().is_intensive  # CHGNet's energy is per atom when intensive
+        task = "efs" if stress else "ef"
         results = []
-        for atoms, out in zip(structures, self._raw_outputs(structures, task="efs"), strict=True):
+        for atoms, out in zip(structures, self._raw_outputs(structures, task=task), strict=True):
             n_atoms = len(atoms)
-            stress = full_3x3_to_voigt_6_stress(np.asarray(out["s"], dtype=float) * units.GPa)
+            voigt = None
+            if stress:
+                full = np.asarray(out["s"], dtype=float) * units.GPa
+                voigt = np.asarray(full_3x3_to_voigt_6_stress(full), dtype=float)
             results.append(
                 Prediction(
                     energy=float(out["e"]) * (n_atoms if per_atom else 1),
                     forces=np.asarray(out["f"], dtype=float).reshape(n_atoms, 3),
-                    stress=np.asarray(stress, dtype=float),
+                    stress=voigt,
                 )
             )
         return results

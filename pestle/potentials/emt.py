@@ -22,13 +22,13 @@ class EMTPotential:
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+    def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         out = []
         for atoms in structures:
             atoms = atoms.copy()
             atoms.calc = EMT()
-            stress = atoms.get_stress(voigt=True) if atoms.pbc.all() else None
-            out.append(Prediction(atoms.get_potential_energy(), atoms.get_forces(), stress))
+            voigt = atoms.get_stress(voigt=True) if stress and atoms.pbc.all() else None
+            out.append(Prediction(atoms.get_potential_energy(), atoms.get_forces(), voigt))
         return out
 
     def describe(self) -> dict:

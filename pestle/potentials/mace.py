@@ -277,7 +277,7 @@ class MACEPotential:
         return graphs
 
     def _batches(
-        self, structures: Sequence[Atoms], forces: bool
+        self, structures: Sequence[Atoms], forces: bool, stress: bool | None = None
     ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], np.ndarray]]:
         """Model outputs per batch of structures (bounded by atom count), with the indices
         of the structures and the batch's ``ptr`` (atom offsets per structure)."""
@@ -294,18 +294,19 @@ class MACEPotential:
                 batch.to_dict(),
                 training=False,
                 compute_force=forces,
-                compute_stress=forces,
+                compute_stress=forces if stress is None else stress,
             )
             yield indices, out, batch["ptr"].cpu().numpy()
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+    def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         results: list[Prediction | None] = [None] * len(structures)
         if not structures:
             return []
-        for indices, out, ptr in self._batches(structures, forces=True):
+        for indices, out, ptr in self._batches(structures, forces=True, stress=stress):
             energies = out["energy"].detach().cpu().numpy().astype(float)
             forces = out["forces"].detach().cpu().numpy().astype(float)
-            stresses = out["stress"].detach().cpu().numpy().astype(float)
+            if stress:
+                stresses = out["stress"].detach().cpu().numpy().astype(float)
             for k, i in enumerate(indices):
                 periodic = bool(np.all(structures[i].pbc))
                 results[i] = Prediction(
@@ -313,7 +314,7 @@ class MACEPotential:
                     forces=forces[ptr[k] : ptr[k + 1]].copy(),
                     # A stress needs a volume: none for molecules or slabs.
                     stress=np.asarray(full_3x3_to_voigt_6_stress(stresses[k]), dtype=float)
-                    if periodic
+                    if periodic and stress
                     else None,
                 )
         return results  # type: ignore[return-value]

@@ -207,7 +207,7 @@ class MatGLPotential:
             return self._potential
 
     def _batches(
-        self, structures: Sequence[Atoms], features: bool
+        self, structures: Sequence[Atoms], features: bool, stress: bool = True
     ) -> Iterator[tuple[list[int], tuple, np.ndarray, torch.Tensor | None]]:
         """``Potential`` outputs per batch of structures (bounded by atom count), with the
         structures' indices, atom offsets per structure and, when asked, pooled features."""
@@ -236,28 +236,33 @@ class MatGLPotential:
                 charges = [float(structures[i].get_initial_charges().sum()) for i in indices]
                 kwargs["total_charge"] = torch.tensor(charges, dtype=lattice.dtype)
             with self._run_lock:
-                out = potential(g, lattice, state, **kwargs)
+                potential.calc_stresses = stress
+                try:
+                    out = potential(g, lattice, state, **kwargs)
+                finally:
+                    potential.calc_stresses = True
                 pooled = pooled_features(model, g) if features else None
             offsets = np.concatenate([[0], np.cumsum([sizes[i] for i in indices])])
             yield indices, out, offsets, pooled
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+    def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         if not structures:
             return []
         results: list[Prediction | None] = [None] * len(structures)
-        for indices, out, offsets, _ in self._batches(structures, features=False):
+        for indices, out, offsets, _ in self._batches(structures, features=False, stress=stress):
             energies = out[0].detach().cpu().numpy().astype(float).reshape(-1)
             forces = out[1].detach().cpu().numpy().astype(float)
-            stresses = out[2].detach().cpu().numpy().astype(float).reshape(-1, 3, 3)
+            if stress:
+                stresses = out[2].detach().cpu().numpy().astype(float).reshape(-1, 3, 3)
             for k, i in enumerate(indices):
-                stress = None
+                voigt = None
                 # matgl treats anything not periodic in 3D as a molecule: no volume, no stress.
-                if np.all(structures[i].pbc):
-                    stress = np.asarray(full_3x3_to_voigt_6_stress(stresses[k] * units.GPa))
+                if stress and np.all(structures[i].pbc):
+                    voigt = np.asarray(full_3x3_to_voigt_6_stress(stresses[k] * units.GPa))
                 results[i] = Prediction(
                     energy=float(energies[k]),
                     forces=forces[offsets[k] : offsets[k + 1]].copy(),
-                    stress=stress,
+                    stress=voigt,
                 )
         return results  # type: ignore[return-value]
 

@@ -57,7 +57,7 @@ class SofteningModel:
     ) -> SofteningModel:
         """``labelled``: (atoms with reference forces in ``atoms.calc``, chemical system,
         sampler). The model's forces come from ``potential``."""
-        predicted = potential.predict([atoms for atoms, _, _ in labelled])
+        predicted = potential.predict([atoms for atoms, _, _ in labelled], stress=False)
         pairs: dict[tuple[str, str | None], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
         for (atoms, system, sampler), prediction in zip(labelled, predicted, strict=True):
             reference = np.asarray(atoms.calc.results["forces"], dtype=float).ravel()
