@@ -25,9 +25,32 @@ and would leave the others at 0 eV).
 
 Multihead fine-tuning: mace switches multihead replay off *silently* for a local foundation
 file unless ``--pt_train_file`` names the pretraining data, and then fine-tunes naively. We
-refuse ``mode: multihead`` without ``replay_file`` and, after training, check that the saved
-model has mace's ``pt_head`` beside the fine-tuned head (and that mace's log says it used
-the multihead mode); otherwise the run fails instead of passing off a naive fine-tune.
+refuse ``finetuning: multihead`` without ``replay_file`` and, after training, check that the
+saved model has mace's ``pt_head`` beside the fine-tuned head (and that mace's log says it
+used the multihead mode); otherwise the run fails instead of passing off a naive fine-tune.
+(``finetuning`` was called ``mode`` before the paper's modes below took that name; the old
+spelling ``mode: naive`` / ``mode: multihead`` is still read.)
+
+Modes of Deng et al. (2025) (``Params.mode``, see ``pestle.trainers.modes``):
+
+* ``custom``: the fields as given, mace's run_train as above;
+* ``full``: run_train with every parameter trainable, MSE loss (mace's ``weighted``, or
+  ``stress`` with stress labels) weighted 0.1/100/0.1, Adam (``--weight_decay=0``, no gradient
+  clipping) at 1e-3 decayed to 1e-5 over the run (100 epochs unless ``epochs`` is given), and
+  the epoch with the lowest validation force MAE kept. Two deviations are forced by mace
+  0.3's command line: its schedulers are ``ExponentialLR`` and ``ReduceLROnPlateau`` only, so
+  the cosine becomes ``ExponentialLR`` with the gamma that takes 1e-3 to exactly 1e-5 on the
+  last epoch (same end points, geometric rather than cosine in between; the plateau scheduler
+  would not reach 1e-5 on any fixed schedule); and ``--amsgrad`` is ``store_true`` with
+  default True, so Adam runs in its AMSGrad variant. mace keeps the checkpoint with the
+  lowest validation *loss*; we have it save every epoch (``--save_all_checkpoints``), delete
+  the ones that cannot win while it runs, and put the weights of the epoch with the lowest
+  validation force MAE into the saved model;
+* ``linear_correction``: no run_train. The verified foundation is loaded, the scale on its
+  interaction energy (everything but the E0s: ScaleShiftMACE's ``scale_shift`` block holds
+  ``scale`` and ``shift`` of the per-atom interaction energy, and both are multiplied by s)
+  is fitted in closed form jointly with the E0 shift (``e0s: refit``), baked in and the
+  module saved with ``torch.save`` like mace saves it.
 """
 
 from __future__ import annotations
@@ -52,6 +75,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pestle.potentials.chgnet import ChecksumError, sha256_file
 from pestle.potentials.mace import MACEPotential, choose_head, load_mace_model, mace_version
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
+from pestle.trainers.modes import (
+    PAPER_EPOCHS,
+    PAPER_FINAL_LEARNING_RATE,
+    PAPER_LEARNING_RATE,
+    PAPER_LOSS_WEIGHTS,
+    LinearTerms,
+    Mode,
+    apply_mode,
+    check_baked,
+    fit_linear_scale,
+    linear_metrics,
+    torch_threads,
+)
 
 log = logging.getLogger("pestle.trainers.mace")
 
@@ -60,6 +96,28 @@ CHECKPOINT_NAME = f"{RUN_NAME}.model"
 FINETUNE_HEAD = "Default"  # the head mace gives the fine-tuning data (prepare_default_head)
 REPLAY_HEAD = "pt_head"  # the head mace trains on the replay data in multihead mode
 MULTIHEAD_LOG_LINE = "Using multiheads finetuning mode"
+# How often the full mode looks for checkpoints it can delete while mace runs (seconds).
+PRUNE_INTERVAL = 2.0
+
+PAPER_FULL: dict[str, Any] = {
+    **PAPER_LOSS_WEIGHTS,
+    "learning_rate": PAPER_LEARNING_RATE,
+    "epochs": PAPER_EPOCHS,
+    "ema": False,
+}
+# Fields a closed-form linear correction has no use for.
+_UNUSED_BY_LINEAR = (
+    "epochs",
+    "learning_rate",
+    "batch_size",
+    "ema",
+    "ema_decay",
+    "keep_foundation_elements",
+    "finetuning",
+    "replay_file",
+    "replay_max_structures",
+    "replay_weight",
+)
 
 
 def reference_labels(ls: LabelledStructure) -> tuple[float, np.ndarray, np.ndarray | None]:
@@ -178,7 +236,7 @@ class MACETrainer:
         # .model files are pickles: without a sha256, using one needs this explicit opt-in.
         trust_model_file: bool = False
         foundation_head: str | None = None  # which head of a multi-head foundation to start from
-        mode: Literal["naive", "multihead"] = "naive"
+        finetuning: Literal["naive", "multihead"] = "naive"
         replay_file: Path | None = None  # pretraining data for multihead replay (extxyz)
         replay_max_structures: int | None = Field(None, ge=1)  # random subset of the replay
         replay_weight: float = Field(1.0, ge=0)  # mace's --weight_pt_head
@@ -198,9 +256,27 @@ class MACETrainer:
         ema_decay: float = Field(0.99, gt=0, lt=1)
         default_dtype: Literal["float32", "float64"] = "float64"
         seed: int = 0
-        # Threads of mace's training process (OMP_NUM_THREADS); None: torch's default. One
-        # thread is fastest for small models on a busy CPU.
+        # Threads of mace's training process (OMP_NUM_THREADS; torch threads of the linear
+        # correction); None: torch's default. One thread is fastest for small models on a
+        # busy CPU.
         cpu_threads: int | None = Field(None, ge=1)
+        # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
+        # recipes, which fill in the fields they fix (see PAPER_FULL, PAPER_LOSS_WEIGHTS).
+        mode: Mode = "custom"
+
+        @model_validator(mode="before")
+        @classmethod
+        def _legacy_mode(cls, data: Any) -> Any:
+            """``mode: naive|multihead`` is the old name of ``finetuning``."""
+            if isinstance(data, dict) and data.get("mode") in ("naive", "multihead"):
+                data = dict(data)
+                legacy = data.pop("mode")
+                if data.setdefault("finetuning", legacy) != legacy:
+                    raise ValueError(
+                        f"mode {legacy!r} (the old name of finetuning) contradicts "
+                        f"finetuning {data['finetuning']!r}"
+                    )
+            return data
 
         @field_validator("foundation_model_sha256")
         @classmethod
@@ -214,15 +290,22 @@ class MACETrainer:
 
         @model_validator(mode="after")
         def _replay_for_multihead(self) -> MACETrainer.Params:
-            if self.mode == "multihead" and self.replay_file is None:
+            apply_mode(self, full=PAPER_FULL, linear=PAPER_LOSS_WEIGHTS,
+                       unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
+            if self.finetuning == "multihead" and self.mode == "full":
                 raise ValueError(
-                    "mode 'multihead' needs replay_file (the pretraining data, passed to mace "
-                    "as --pt_train_file): without it mace silently turns multihead replay off "
-                    "for a local foundation model and fine-tunes naively. Set replay_file, or "
-                    "use mode 'naive'"
+                    "mode full is the paper's naive fine-tune with an MSE loss; mace's multihead "
+                    "replay trains with its own 'universal' loss. Use finetuning 'naive'"
                 )
-            if self.mode == "naive" and self.replay_file is not None:
-                raise ValueError("replay_file is only used with mode 'multihead'")
+            if self.finetuning == "multihead" and self.replay_file is None:
+                raise ValueError(
+                    "finetuning 'multihead' needs replay_file (the pretraining data, passed to "
+                    "mace as --pt_train_file): without it mace silently turns multihead replay "
+                    "off for a local foundation model and fine-tunes naively. Set replay_file, "
+                    "or use finetuning 'naive'"
+                )
+            if self.finetuning == "naive" and self.replay_file is not None:
+                raise ValueError("replay_file is only used with finetuning 'multihead'")
             return self
 
     def __init__(self, params: Params) -> None:
@@ -241,8 +324,8 @@ class MACETrainer:
         p = self.params
         if not train_set:
             raise ValueError("cannot fine-tune MACE on an empty training set")
-        if p.mode == "multihead" and p.replay_file is None:  # Params refuses it; belt and braces
-            raise ValueError("mode 'multihead' needs replay_file")
+        if p.finetuning == "multihead" and p.replay_file is None:  # Params refuses it
+            raise ValueError("finetuning 'multihead' needs replay_file")
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         device = pick_device(device)
@@ -275,7 +358,7 @@ class MACETrainer:
         val_frames = [_labelled_frame(ls) for ls in val_set] if val_set else train_frames
         replay_frames = (
             _replay_frames(p.replay_file, p.replay_max_structures, p.seed)
-            if p.mode == "multihead" and p.replay_file is not None
+            if p.finetuning == "multihead" and p.replay_file is not None
             else []
         )
         data_zs = {int(z) for frame in train_frames + val_frames for z in frame.numbers}
@@ -287,6 +370,9 @@ class MACETrainer:
                 f"the foundation model has no parameters for element(s) {names}: MACE "
                 "fine-tuning keeps the foundation's element embedding"
             )
+        if p.mode == "linear_correction":
+            return self._train_linear(base, foundation_heads.index(head), foundation, train_set,
+                                      val_set, run_dir)  # fmt: skip
         model_zs = (
             sorted(foundation_zs) if p.keep_foundation_elements else sorted(data_zs | replay_zs)
         )
@@ -316,13 +402,20 @@ class MACETrainer:
 
         argv = self._argv(run_dir, foundation, train_file, valid_file, replay_file, e0s, loss,
                           device)  # fmt: skip
-        self._run(argv, run_dir, device)
+        full = p.mode == "full"
+        self._run(argv, run_dir, device, prune=full)
 
         checkpoint = run_dir / CHECKPOINT_NAME
         if not checkpoint.is_file():
             raise RuntimeError(
                 f"mace finished without writing {checkpoint}; see {run_dir / 'logs'}"
             )
+        if full:
+            # mace saved its latest checkpoint; the paper keeps the best validation forces.
+            best_epoch, selection = self._keep_best_force_epoch(run_dir, checkpoint)
+        else:
+            best_epoch = self._best_epoch_from_checkpoints(run_dir)
+            selection = "lowest validation loss of the fine-tuning head (mace's checkpoint)"
         checkpoint_sha256 = sha256_file(checkpoint)
         tuned = load_mace_model(checkpoint, checkpoint_sha256, device="cpu")
         heads = [str(h) for h in getattr(tuned, "heads", [FINETUNE_HEAD])]
@@ -330,28 +423,28 @@ class MACETrainer:
         del tuned
         log_text = self._log_text(run_dir)
         multihead_used = REPLAY_HEAD in heads and MULTIHEAD_LOG_LINE in log_text
-        if p.mode == "multihead" and not multihead_used:
+        if p.finetuning == "multihead" and not multihead_used:
             raise RuntimeError(
                 f"mace did not fine-tune in multihead mode with replay (heads of the saved "
                 f"model: {heads}); see the log in {run_dir / 'logs'}"
             )
-        if p.mode == "naive" and REPLAY_HEAD in heads:
+        if p.finetuning == "naive" and REPLAY_HEAD in heads:
             raise RuntimeError(f"mace trained a replay head in naive mode (heads: {heads})")
 
         foundation_sha256 = sha256_file(foundation)
         foundation.unlink()  # only a verified copy; the checkpoints dir holds mace's own
         history = self._history(run_dir)
-        best_epoch = self._best_epoch_from_checkpoints(run_dir)
         hyperparameters = p.model_dump(mode="json")
         metrics: dict[str, Any] = {
             **history,
             "best_epoch": best_epoch,
-            "selection": "lowest validation loss of the fine-tuning head (mace's checkpoint)",
+            "selection": selection,
             "val_source": val_source,
             "n_train": len(train_frames),
             "n_val": len(val_frames),
             "n_replay": len(replay_frames),
             "mode": p.mode,
+            "finetuning": p.finetuning,
             "multihead_replay": multihead_used,
             "heads": heads,
             "loss": "universal" if multihead_used else loss,
@@ -364,6 +457,10 @@ class MACETrainer:
             "mace_version": mace_version(),
             "argv": argv,
         }
+        if full:
+            best = [e for e in history["epochs"] if e["epoch"] == best_epoch]
+            metrics["best_val_force_mae"] = best[0]["val_mae_f"] if best else None
+            metrics["optimisation"] = self._full_schedule(loss)
         return TrainedModel(
             checkpoint=checkpoint,
             potential="mace",
@@ -459,7 +556,18 @@ class MACETrainer:
             argv.append(f"--foundation_head={self._foundation_head}")
         if p.ema:
             argv += ["--ema", f"--ema_decay={p.ema_decay}"]
-        if p.mode == "multihead":
+        if p.mode == "full":
+            argv += [
+                "--optimizer=adam",
+                "--weight_decay=0.0",  # plain Adam (mace's default adds 5e-7 L2)
+                "--clip_grad=None",  # and no gradient clipping (mace's default clips at 10)
+                "--scheduler=ExponentialLR",  # mace has no cosine (see the module docstring)
+                f"--lr_scheduler_gamma={exponential_gamma(p.learning_rate, p.epochs)!r}",
+                # Every epoch's weights, so the best validation forces can be kept; the
+                # parent deletes the checkpoints that cannot win while mace runs.
+                "--save_all_checkpoints",
+            ]
+        if p.finetuning == "multihead":
             argv += [
                 "--multiheads_finetuning=True",
                 f"--pt_train_file={replay_file}",
@@ -471,7 +579,9 @@ class MACETrainer:
             argv.append("--multiheads_finetuning=False")
         return argv
 
-    def _run(self, argv: list[str], run_dir: Path, device: str) -> None:
+    def _run(self, argv: list[str], run_dir: Path, device: str, prune: bool = False) -> None:
+        """Run mace's training script; with ``prune``, delete superseded checkpoints (see
+        :meth:`_prune_checkpoints`) every ``PRUNE_INTERVAL`` seconds while it runs."""
         env = dict(os.environ)
         match = re.fullmatch(r"cuda:(\d+)", device)
         if match:  # mace takes "cuda" only: show it the one GPU we were given
@@ -481,14 +591,211 @@ class MACETrainer:
         command = [sys.executable, "-m", "mace.cli.run_train", *argv]
         log.info("running mace fine-tuning in %s", run_dir)
         with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
-            completed = subprocess.run(command, cwd=run_dir, env=env, stdout=out, stderr=err,
-                                       check=False)  # fmt: skip
-        if completed.returncode != 0:
+            process = subprocess.Popen(command, cwd=run_dir, env=env, stdout=out, stderr=err)
+            try:
+                while True:
+                    try:
+                        returncode = process.wait(timeout=PRUNE_INTERVAL if prune else None)
+                        break
+                    except subprocess.TimeoutExpired:
+                        self._prune_checkpoints(run_dir)
+            finally:
+                if process.poll() is None:  # interrupted: do not leave mace running
+                    process.kill()
+                    process.wait()
+        if returncode != 0:
             tail = (run_dir / "stderr.log").read_text(errors="replace").strip().splitlines()[-15:]
             raise RuntimeError(
-                f"mace fine-tuning failed (exit code {completed.returncode}); last lines of "
+                f"mace fine-tuning failed (exit code {returncode}); last lines of "
                 f"{run_dir / 'stderr.log'}:\n" + "\n".join(tail)
             )
+
+    # -- full mode: keep the epoch with the best validation forces ---------------------------
+
+    @staticmethod
+    def _checkpoint_files(run_dir: Path) -> dict[int, Path]:
+        """mace's per-epoch checkpoints (stage one) by epoch."""
+        files = {}
+        for path in (run_dir / "checkpoints").glob(f"{RUN_NAME}*_epoch-*.pt"):
+            match = re.search(r"_epoch-(\d+)\.pt$", path.name)
+            if match:
+                files[int(match.group(1))] = path
+        return files
+
+    @staticmethod
+    def _val_force_errors(run_dir: Path) -> dict[int, float]:
+        """Validation force MAE of the fine-tuning head per epoch, from mace's results file
+        (read while mace may be appending to it: an incomplete last line is skipped)."""
+        errors: dict[int, float] = {}
+        for path in sorted((run_dir / "results").glob(f"{RUN_NAME}*_train.txt")):
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (
+                    record.get("mode") == "eval"
+                    and record.get("epoch") is not None
+                    and str(record.get("head", FINETUNE_HEAD)) == FINETUNE_HEAD
+                ):
+                    value = _number(record.get("mae_f"))
+                    if value is not None and math.isfinite(value):
+                        errors[int(record["epoch"])] = value
+        return errors
+
+    def _prune_checkpoints(self, run_dir: Path) -> None:
+        """Delete checkpoints that can no longer be the best: every one older than the
+        newest except that of the lowest validation force MAE so far. The newest is never
+        touched (mace may be writing it, and loads the newest when it finishes), nor one
+        whose epoch has no validation record yet. Bounds the disk use of
+        ``--save_all_checkpoints`` to about two checkpoints."""
+        files = self._checkpoint_files(run_dir)
+        if len(files) < 2:
+            return
+        errors = self._val_force_errors(run_dir)
+        best = min(errors, key=lambda epoch: (errors[epoch], epoch)) if errors else None
+        newest = max(files)
+        for epoch, path in files.items():
+            if epoch not in (newest, best) and epoch in errors:
+                path.unlink(missing_ok=True)
+
+    def _keep_best_force_epoch(self, run_dir: Path, model_file: Path) -> tuple[int | None, str]:
+        """Put the weights of the epoch with the lowest validation force MAE into mace's
+        saved model (``model_file``, which holds the latest epoch's) and delete the other
+        checkpoints. Returns that epoch and how it was chosen."""
+        import torch
+
+        errors = self._val_force_errors(run_dir)
+        files = self._checkpoint_files(run_dir)
+        candidates = {epoch: error for epoch, error in errors.items() if epoch in files}
+        if not candidates:
+            log.warning("mace full fine-tune: no finite validation force error; keeping its model")
+            return None, "mace's latest model (no finite validation force MAE)"
+        best = min(candidates, key=lambda epoch: (candidates[epoch], epoch))
+        if any(errors[e] < candidates[best] for e in errors):  # pruning kept the best always
+            raise RuntimeError(f"the checkpoint of the best epoch is missing from {run_dir}")
+        # A checkpoint is a dict of state dicts: the safe loader reads it.
+        state = torch.load(files[best], map_location="cpu", weights_only=True)["model"]
+        dtype = self.params.default_dtype
+        model = load_mace_model(model_file, sha256_file(model_file), device="cpu",
+                                default_dtype=dtype)  # fmt: skip
+        model.load_state_dict(state)
+        _save_mace(model, model_file, dtype)
+        for epoch, path in files.items():
+            if epoch != best:
+                path.unlink(missing_ok=True)
+        # mace's other copies of its latest model (in checkpoints/, and TorchScript-compiled)
+        # are not the model kept: remove them rather than leave them to be mistaken for it.
+        stale = [*(run_dir / "checkpoints").glob(f"{RUN_NAME}*.model"),
+                 *run_dir.glob(f"{RUN_NAME}*_compiled.model")]  # fmt: skip
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return best, "lowest validation force MAE"
+
+    def _full_schedule(self, loss: str) -> dict[str, Any]:
+        p = self.params
+        gamma = exponential_gamma(p.learning_rate, p.epochs)
+        return {
+            "optimizer": "adam (amsgrad: mace's command line cannot turn it off)",
+            "loss": f"mace '{loss}' (MSE)",
+            "scheduler": "ExponentialLR (mace has no cosine schedule)",
+            "gamma": gamma,
+            "learning_rate_start": p.learning_rate,
+            "learning_rate_end": p.learning_rate * gamma ** (p.epochs - 1),
+            "weight_decay": 0.0,
+            "clip_grad": None,
+        }
+
+    # -- linear correction -----------------------------------------------------------------
+
+    def _train_linear(
+        self,
+        base: MACEPotential,
+        head_index: int,
+        foundation: Path,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        run_dir: Path,
+    ) -> TrainedModel:
+        """Deng et al.'s linear correction: one scale on the interaction energy, fitted in
+        closed form together with the E0 shift (``e0s: refit``), baked into the model."""
+        import torch
+
+        p = self.params
+        model = base.load_model()  # float64, on the CPU, frozen
+        heads = [str(h) for h in getattr(model, "heads", [FINETUNE_HEAD])]
+        head = heads[head_index]
+        check_scalable(model, len(heads))
+        numbers = [int(z) for z in model.atomic_numbers]
+        foundation_e0s = self._e0s(model, head_index)
+        references = [foundation_e0s[z] for z in numbers]
+        with torch_threads(p.cpu_threads):
+            train = LinearTerms.collect(base, train_set, numbers, references)
+            val = LinearTerms.collect(base, val_set, numbers, references) if val_set else None
+        weights = {
+            "e": p.energy_weight,
+            "f": p.force_weight,
+            "s": p.stress_weight if train.s_ref.size else 0.0,
+        }
+        scale, shift = fit_linear_scale(train, weights, refit_references=p.e0s == "refit")
+
+        with torch.no_grad():
+            if shift is not None:
+                energies = model.atomic_energies_fn.atomic_energies
+                delta = torch.as_tensor(shift, dtype=energies.dtype)
+                if energies.ndim == 2:
+                    energies[head_index] += delta
+                else:
+                    energies += delta
+            scale_interaction_energy(model, scale, head_index, len(heads))
+        saved_e0s = self._e0s(model, head_index)
+        checkpoint = run_dir / CHECKPOINT_NAME
+        _save_mace(model, checkpoint, p.default_dtype)
+        del model, base
+        checkpoint_sha256 = sha256_file(checkpoint)
+        tuned = MACEPotential(
+            MACEPotential.Params(model_path=checkpoint, model_sha256=checkpoint_sha256,
+                                 head=head, device="cpu", default_dtype="float64")
+        )  # fmt: skip
+        with torch_threads(p.cpu_threads):
+            check_baked(tuned, train_set[0], train, scale, shift, numbers, references,
+                        family="MACE model")  # fmt: skip
+        del tuned
+        foundation_sha256 = sha256_file(foundation)
+        foundation.unlink()
+        data_zs = {int(z) for ls in [*train_set, *val_set] for z in ls.atoms.numbers}
+        metrics: dict[str, Any] = {
+            **linear_metrics(train, val, scale, shift, weights),
+            "mode": p.mode,
+            "finetuning": None,
+            "val_source": "val_set" if val_set else "none (val_set was empty)",
+            "n_train": len(train_set),
+            "n_val": len(val_set),
+            "targets": "efs" if weights["s"] > 0 else "ef",
+            "heads": heads,
+            "head": head,
+            "e0s": {chemical_symbols[z]: e for z, e in saved_e0s.items()},
+            "e0_shift_eV": {
+                chemical_symbols[z]: float(c)
+                for z, c in zip(numbers, shift, strict=True)
+                if z in data_zs
+            }
+            if shift is not None
+            else {},
+            "elements": [chemical_symbols[z] for z in sorted(saved_e0s)],
+            "device": "cpu",
+            "foundation_sha256": foundation_sha256,
+            "checkpoint_sha256": checkpoint_sha256,
+            "mace_version": mace_version(),
+        }
+        log.info("MACE linear correction: scale %.5f on %d structures", scale, len(train_set))
+        return TrainedModel(
+            checkpoint=checkpoint,
+            potential="mace",
+            potential_params={"head": head, "default_dtype": p.default_dtype},
+            hyperparameters=p.model_dump(mode="json"),
+            metrics=metrics,
+        )
 
     @staticmethod
     def _log_text(run_dir: Path) -> str:
@@ -513,7 +820,7 @@ class MACETrainer:
                     epoch = record.get("epoch")
                     valid.setdefault(head, {})[epoch] = {
                         key: _number(record.get(key))
-                        for key in ("loss", "rmse_e_per_atom", "rmse_f", "rmse_stress")
+                        for key in ("loss", "rmse_e_per_atom", "rmse_f", "mae_f", "rmse_stress")
                     }
         epochs = []
         for epoch in sorted(train):
@@ -523,6 +830,7 @@ class MACETrainer:
                     suffix = "" if head == FINETUNE_HEAD else f"_{head}"
                     entry[f"val_loss{suffix}"] = per_epoch[epoch]["loss"]
                     entry[f"val_rmse_f{suffix}"] = per_epoch[epoch]["rmse_f"]
+                    entry[f"val_mae_f{suffix}"] = per_epoch[epoch]["mae_f"]
                     entry[f"val_rmse_e_per_atom{suffix}"] = per_epoch[epoch]["rmse_e_per_atom"]
             epochs.append(entry)
         initial = valid.get(FINETUNE_HEAD, {}).get(None)
@@ -547,6 +855,82 @@ class MACETrainer:
             if match:
                 epochs.append(int(match.group(1)))
         return max(epochs) if epochs else None
+
+
+def exponential_gamma(learning_rate: float, epochs: int) -> float:
+    """The ExponentialLR factor that takes ``learning_rate`` to the paper's final 1e-5 on the
+    last of ``epochs`` epochs (mace steps the scheduler before every epoch but the first)."""
+    if epochs < 2:
+        return 1.0
+    return (PAPER_FINAL_LEARNING_RATE / learning_rate) ** (1.0 / (epochs - 1))
+
+
+def check_scalable(model: Any, n_heads: int) -> None:
+    """Refuse models whose non-E0 energy :func:`scale_interaction_energy` cannot scale."""
+    if hasattr(model, "embedding_readout"):
+        raise ValueError(
+            "linear_correction: this MACE adds an embedding-readout energy to the E0s, outside "
+            "the scaled interaction energy; it is not supported"
+        )
+    if hasattr(model, "scale_shift"):
+        return
+    if n_heads > 1:
+        raise ValueError(
+            "linear_correction: a multi-head MACE without a scale_shift block cannot have one "
+            "head's energy scaled (its readouts are shared)"
+        )
+    if hasattr(model, "pair_repulsion"):
+        raise ValueError(
+            "linear_correction: a MACE without a scale_shift block adds its ZBL pair repulsion "
+            "outside the readouts, with no factor to scale"
+        )
+
+
+def scale_interaction_energy(model: Any, scale: float, head_index: int, n_heads: int) -> None:
+    """Multiply the MACE model's energy minus its E0s (and so forces, stress) by ``scale``.
+
+    mace 0.3's ``ScaleShiftMACE.forward``: E = sum_i E0(Z_i) + sum_i [scale * (pair_i +
+    sum_readouts e_i) + shift] (``ScaleShiftBlock``: ``scale[head] * x + shift[head]``), so
+    multiplying ``scale`` and ``shift`` of the head by ``s`` multiplies the interaction energy
+    by ``s``. A scale/shift shared by several heads becomes a per-head vector first. Plain
+    ``MACE``: E = sum E0 + pair + sum over readouts, each ending in a linear layer; scaling that
+    layer's weights (and bias) scales its energy (refused with a pair repulsion or several
+    heads, see :func:`check_scalable`)."""
+    import torch
+
+    check_scalable(model, n_heads)
+    with torch.no_grad():
+        block = getattr(model, "scale_shift", None)
+        if block is not None:
+            for name in ("scale", "shift"):
+                value = getattr(block, name).detach().clone()
+                if n_heads > 1:
+                    if value.numel() == 1:
+                        value = value.reshape(1).repeat(n_heads)
+                    value[head_index] *= scale
+                else:
+                    value = value * scale
+                setattr(block, name, value)
+            return
+        for readout in model.readouts:
+            layer = getattr(readout, "linear_2", None)
+            if layer is None:
+                layer = getattr(readout, "linear", None)
+            if layer is None:
+                raise TypeError(f"unexpected MACE readout {type(readout).__name__}")
+            for param in layer.parameters():
+                param.mul_(scale)
+
+
+def _save_mace(model: Any, path: Path, default_dtype: str) -> None:
+    """Save the module the way mace's run_train does (``torch.save`` of the whole module, on
+    the CPU, in the training dtype), trainable again so it can be fine-tuned further."""
+    import torch
+
+    model = model.float() if default_dtype == "float32" else model.double()
+    model.to("cpu")
+    model.requires_grad_(True)
+    torch.save(model, path)
 
 
 def _number(value: Any) -> float | None:

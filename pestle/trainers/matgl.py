@@ -19,6 +19,19 @@ The Potential we load is the one trained: the Lightning module's own wrapper is 
 it, so options such as a ZBL repulsion term survive and ``Potential.save`` writes a folder
 ``pestle.potentials.matgl`` loads. We keep a copy of the weights from the epoch with the
 lowest validation loss. Lightning's logs go under ``workdir``; nothing is downloaded.
+
+Modes of Deng et al. (2025) (``Params.mode``, see ``pestle.trainers.modes``):
+
+* ``custom``: the fields as given;
+* ``full``: every parameter trainable, ``loss: mse_loss`` with energy/force/stress weights
+  0.1/100/0.1, Adam (matgl's default optimiser) at 1e-3 with matgl's cosine schedule down to
+  1e-5 (``decay_alpha`` 0.01; ``decay_steps`` = epochs - 1, so the last epoch trains at 1e-5),
+  100 epochs unless ``epochs`` is given, the epoch with the lowest validation force MAE kept;
+* ``linear_correction``: no training. ``Potential.forward`` computes
+  E = data_std * model(g) + data_mean [+ ZBL repulsion, ``ke * ...``] + element_refs, so the
+  scale multiplies ``data_std``, ``data_mean`` (and the repulsion's ``ke``), fitted in closed
+  form jointly with the element-ref shift (``refit_element_refs``); the Potential is saved
+  with ``Potential.save`` as always.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from ase import units
 from ase.stress import voigt_6_to_full_3x3_stress
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pestle.potentials.chgnet import ChecksumError
 from pestle.potentials.matgl import (
@@ -48,6 +61,19 @@ from pestle.potentials.matgl import (
 )
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
 from pestle.trainers.mace import least_squares_shift, reference_labels
+from pestle.trainers.modes import (
+    PAPER_EPOCHS,
+    PAPER_FINAL_LEARNING_RATE,
+    PAPER_LEARNING_RATE,
+    PAPER_LOSS_WEIGHTS,
+    LinearTerms,
+    Mode,
+    apply_mode,
+    check_baked,
+    fit_linear_scale,
+    linear_metrics,
+    torch_threads,
+)
 
 if TYPE_CHECKING:
     from matgl.apps.pes import Potential
@@ -61,6 +87,19 @@ _QUIET = (
     r".*The number of training batches.*",
     r".*GPU available but not used.*",
 )
+
+# matgl's cosine ends at lr * decay_alpha: 1e-3 * 0.01 = 1e-5.
+PAPER_DECAY_ALPHA = PAPER_FINAL_LEARNING_RATE / PAPER_LEARNING_RATE
+PAPER_FULL: dict[str, Any] = {
+    **PAPER_LOSS_WEIGHTS,
+    "learning_rate": PAPER_LEARNING_RATE,
+    "decay_alpha": PAPER_DECAY_ALPHA,
+    "epochs": PAPER_EPOCHS,
+    "loss": "mse_loss",
+}
+PAPER_LINEAR: dict[str, Any] = {**PAPER_LOSS_WEIGHTS, "loss": "mse_loss"}
+# Fields a closed-form linear correction has no use for.
+_UNUSED_BY_LINEAR = ("epochs", "learning_rate", "decay_alpha", "batch_size")
 
 
 class _Split:
@@ -104,6 +143,15 @@ class MatGLTrainer:
         # process-wide). None: torch's default. One thread is fastest for small models on a
         # busy CPU.
         cpu_threads: int | None = Field(None, ge=1)
+        # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
+        # recipes, which fill in the fields they fix (see PAPER_FULL, PAPER_LINEAR).
+        mode: Mode = "custom"
+
+        @model_validator(mode="after")
+        def _apply_mode(self) -> MatGLTrainer.Params:
+            apply_mode(self, full=PAPER_FULL, linear=PAPER_LINEAR,
+                       unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
+            return self
 
         @field_validator("model_sha256")
         @classmethod
@@ -147,6 +195,8 @@ class MatGLTrainer:
         element_types = tuple(model.element_types)
         for ls in list(train_set) + list(val_set):
             check_structure(ls.atoms, element_types)
+        if p.mode == "linear_correction":
+            return self._train_linear(potential, folder, train_set, val_set, workdir)
 
         refs_before = self._element_refs(potential)
         shift = np.zeros(len(element_types))
@@ -162,6 +212,7 @@ class MatGLTrainer:
         val_split = _Split(val_set, with_stress) if val_set else train_split
         train_loader, val_loader = self._loaders(workdir, model, train_split, val_split)
 
+        full = p.mode == "full"
         module = PotentialLightningModule(
             model=model,
             element_refs=None,  # the refs live on `potential`, swapped in below
@@ -170,7 +221,9 @@ class MatGLTrainer:
             stress_weight=p.stress_weight if with_stress else 0.0,
             loss=p.loss,
             lr=p.learning_rate,
-            decay_steps=p.epochs,  # Lightning steps the cosine schedule once per epoch
+            # Lightning steps the cosine schedule once per epoch. full: the last epoch trains
+            # at the final learning rate (the paper's cosine "to 1e-5 over the run").
+            decay_steps=max(p.epochs - 1, 1) if full else p.epochs,
             decay_alpha=p.decay_alpha,
         )
         # Train the Potential we loaded (its refs, data_mean/std and options such as ZBL
@@ -181,8 +234,9 @@ class MatGLTrainer:
         potential.train()
         potential.requires_grad_(True)
         module.model = potential
+        trainable = sum(x.numel() for x in potential.parameters() if x.requires_grad)
 
-        history = _history_callback(potential)
+        history = _history_callback(potential, select="force" if full else "loss")
         accelerator, devices = (
             ("gpu", [int(device.partition(":")[2] or 0)])
             if device.startswith("cuda")
@@ -235,11 +289,18 @@ class MatGLTrainer:
         )
         refs_after = self._element_refs(potential)
         hyperparameters = p.model_dump(mode="json")
+        if best_epoch is None:
+            selection = "base model"
+        else:
+            selection = "lowest validation force MAE" if full else "lowest validation loss"
+        best = [e for e in history.epochs if e["epoch"] == best_epoch]
         metrics: dict[str, Any] = {
+            "mode": p.mode,
             "epochs": history.epochs,
             "best_epoch": best_epoch,
-            "best_val_loss": history.best_loss if best_epoch is not None else None,
-            "selection": "lowest validation loss" if best_epoch is not None else "base model",
+            "best_val_loss": best[0].get("val_loss") if best else None,
+            "best_val_force_mae": best[0].get("val_mae", {}).get("Force") if best else None,
+            "selection": selection,
             "val_source": val_source,
             "n_train": len(train_set),
             "n_val": len(val_set) if val_set else len(train_set),
@@ -259,12 +320,114 @@ class MatGLTrainer:
             "lightning_logs": str(logs),
             "checkpoint_sha256": folder_sha256(checkpoint),
             "matgl_version": matgl_version(),
+            "optimisation": {
+                "optimizer": "Adam (matgl's PotentialLightningModule default)",
+                "loss": p.loss,
+                "scheduler": "CosineAnnealingLR (matgl's default)",
+                "learning_rate_start": p.learning_rate,
+                "learning_rate_end": p.learning_rate * p.decay_alpha,
+                "decay_steps": module.decay_steps,
+                "trainable_parameters": trainable,
+            },
         }
         return TrainedModel(
             checkpoint=checkpoint,
             potential="matgl",
             potential_params={"default_dtype": "float32"},
             hyperparameters=hyperparameters,
+            metrics=metrics,
+        )
+
+    def _train_linear(
+        self,
+        potential: Potential,
+        folder: Path,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+    ) -> TrainedModel:
+        """Deng et al.'s linear correction: one scale on the energy without the element
+        refs, fitted in closed form together with the refs' shift, baked into the
+        Potential's ``data_std``/``data_mean`` (and ZBL ``ke``)."""
+        from ase.data import atomic_numbers
+
+        p = self.params
+        element_types = tuple(potential.model.element_types)
+        numbers = [atomic_numbers[e] for e in element_types]
+        refs_before = self._element_refs(potential)
+        references = (
+            [refs_before[e] for e in element_types] if refs_before else [0.0] * len(numbers)
+        )
+        # The fit evaluates the saved base in float64 (the Potential follows its dtype).
+        base = MatGLPotential(
+            MatGLPotential.Params(model_path=folder, model_sha256=folder_sha256(folder),
+                                  device="cpu", default_dtype="float64")
+        )  # fmt: skip
+        gpa = 1.0 / units.GPa  # matgl's loss sees stresses in GPa
+        with torch_threads(p.cpu_threads):
+            train = LinearTerms.collect(base, train_set, numbers, references, gpa)
+            val = LinearTerms.collect(base, val_set, numbers, references, gpa) if val_set else None
+        del base
+        weights = {
+            "e": p.energy_weight,
+            "f": p.force_weight,
+            "s": p.stress_weight if train.s_ref.size else 0.0,
+        }
+        scale, shift = fit_linear_scale(train, weights, refit_references=p.refit_element_refs)
+        if shift is not None:
+            self._shift_refs(potential, shift)
+        scale_energy(potential, scale)
+        potential.requires_grad_(False)
+        potential.eval()
+        self.potential = potential
+
+        checkpoint = workdir / CHECKPOINT_NAME
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        potential.save(
+            checkpoint,
+            metadata={"trainer": "pestle matgl", "base": str(folder), "mode": p.mode,
+                      "linear_correction_scale": scale},
+        )  # fmt: skip
+        checkpoint_sha256 = folder_sha256(checkpoint)
+        tuned = MatGLPotential(
+            MatGLPotential.Params(model_path=checkpoint, model_sha256=checkpoint_sha256,
+                                  device="cpu", default_dtype="float64")
+        )  # fmt: skip
+        with torch_threads(p.cpu_threads):
+            check_baked(tuned, train_set[0], train, scale, shift, numbers, references, gpa,
+                        family="matgl Potential")  # fmt: skip
+        present = {e for ls in [*train_set, *val_set] for e in ls.atoms.get_chemical_symbols()}
+        metrics: dict[str, Any] = {
+            **linear_metrics(train, val, scale, shift, weights),
+            "mode": p.mode,
+            "val_source": "val_set" if val_set else "none (val_set was empty)",
+            "n_train": len(train_set),
+            "n_val": len(val_set),
+            "targets": "efs" if weights["s"] > 0 else "ef",
+            "element_types": list(element_types),
+            "element_refs_before": refs_before,
+            "element_refs_after": self._element_refs(potential),
+            "element_ref_shift_eV": {
+                element: float(c)
+                for element, c in zip(element_types, shift, strict=True)
+                if element in present
+            }
+            if shift is not None
+            else {},
+            "architecture": type(potential.model).__name__,
+            "base_model": str(folder),
+            "base_sha256": folder_sha256(folder),
+            "device": "cpu",
+            "checkpoint_sha256": checkpoint_sha256,
+            "matgl_version": matgl_version(),
+        }
+        log.info("matgl linear correction: scale %.5f on %d structures", scale, len(train_set))
+        return TrainedModel(
+            checkpoint=checkpoint,
+            potential="matgl",
+            potential_params={"default_dtype": "float32"},
+            hyperparameters=p.model_dump(mode="json"),
             metrics=metrics,
         )
 
@@ -315,9 +478,7 @@ class MatGLTrainer:
     ) -> np.ndarray:
         """Shift the element refs by the least-squares fit of label-minus-model energies;
         returns the shift per element in ``element_types`` order (eV/atom)."""
-        import torch
         from ase.data import atomic_numbers
-        from matgl.layers import AtomRef
 
         element_types = tuple(potential.model.element_types)
         # The model as saved in `folder`, which `potential` still is at this point.
@@ -331,6 +492,16 @@ class MatGLTrainer:
         residuals = [reference_labels(ls)[0] - e for ls, e in zip(labelled, predicted, strict=True)]
         numbers = [atomic_numbers[e] for e in element_types]
         shift = least_squares_shift(structures, residuals, numbers)
+        self._shift_refs(potential, shift)
+        return shift
+
+    @staticmethod
+    def _shift_refs(potential: Potential, shift: np.ndarray) -> None:
+        """Add ``shift`` (eV/atom, ``element_types`` order) to the Potential's element refs,
+        creating them when it has none."""
+        import torch
+        from matgl.layers import AtomRef
+
         dtype = potential.data_mean.dtype
         if potential.element_refs is None:
             offsets = torch.tensor(shift, dtype=dtype)
@@ -341,7 +512,6 @@ class MatGLTrainer:
             offsets = potential.element_refs.property_offset
         # Potential.save writes its constructor arguments: record the refs there too.
         potential._init_args["element_refs"] = offsets.detach().cpu().tolist()
-        return shift
 
     def _loaders(self, workdir: Path, model: Any, train: _Split, val: _Split) -> tuple:
         import torch
@@ -372,10 +542,30 @@ class MatGLTrainer:
         )
 
 
-def _history_callback(potential: Any) -> Any:
-    """A Lightning callback recording per-epoch losses and keeping a copy of the weights with
-    the lowest validation loss (Lightning's ModelCheckpoint writes files; we want the state).
-    Defined here so that importing this module does not import Lightning."""
+def scale_energy(potential: Any, scale: float) -> None:
+    """Multiply a matgl Potential's energy minus its element refs (and so forces, stress) by
+    ``scale``: matgl 4.1's ``Potential.forward`` is E = data_std * model(g) + data_mean
+    [+ repuls(g), linear in its buffer ``ke``] + element_refs(g)."""
+    import torch
+
+    with torch.no_grad():
+        for name in ("data_std", "data_mean"):
+            value = getattr(potential, name)
+            value.mul_(scale)
+            # Potential.save also writes the constructor arguments: keep them in step.
+            if name in potential._init_args:
+                potential._init_args[name] = (
+                    float(value) if value.numel() == 1 else value.detach().cpu().tolist()
+                )
+        if potential.calc_repuls:
+            potential.repuls.ke.mul_(scale)
+
+
+def _history_callback(potential: Any, select: str = "loss") -> Any:
+    """A Lightning callback recording per-epoch losses and learning rates, and keeping a copy
+    of the weights with the lowest validation loss (``select="loss"``) or validation force
+    MAE (``"force"``) (Lightning's ModelCheckpoint writes files; we want the state). Defined
+    here so that importing this module does not import Lightning."""
     import lightning as pl
 
     class History(pl.Callback):
@@ -406,9 +596,15 @@ def _history_callback(potential: Any) -> Any:
                 for key in ("Energy", "Force", "Stress")
                 if f"val_{key}_MAE" in metrics
             }
-            if math.isfinite(loss) and loss < self.best_loss:
-                self.best_loss, self.best_epoch = loss, epoch
+            score = entry["val_mae"].get("Force", math.nan) if select == "force" else loss
+            # The loss must be finite too: a NaN step leaves no weights worth keeping.
+            if math.isfinite(loss) and math.isfinite(score) and score < self.best_loss:
+                self.best_loss, self.best_epoch = score, epoch
                 self.best_state = _snapshot(potential)
+
+        def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+            self._entry(int(trainer.current_epoch))["learning_rate"] = lr
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
             loss = trainer.callback_metrics.get("train_Total_Loss")
