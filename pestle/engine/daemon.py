@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -57,6 +58,11 @@ def pid_file(config: CampaignConfig) -> Path:
 
 def log_file(config: CampaignConfig) -> Path:
     return daemon_dir(config) / "daemon.log"
+
+
+def campaign_runs(config: CampaignConfig) -> dict[str, Any]:
+    """Filter on ``run_id`` for the runs (one-shot and rounds) of this campaign."""
+    return {"run_id": {"$regex": f"^{re.escape(config.name)}-"}}
 
 
 def is_holdout(config: CampaignConfig, label_id: str) -> bool:
@@ -362,7 +368,7 @@ class Daemon:
             {
                 "kind": "label",
                 "state": {"$in": [JOB_QUEUED, JOB_RUNNING]},
-                "run_id": {"$regex": f"^{config.name}-"},
+                **campaign_runs(config),
             },
             {"run_id": 1},
         ):
@@ -545,7 +551,7 @@ class Daemon:
 
         queued = list(
             self.store.jobs.find(
-                {"kind": "label", "state": JOB_QUEUED, "run_id": {"$regex": f"^{config.name}-"}},
+                {"kind": "label", "state": JOB_QUEUED, **campaign_runs(config)},
                 {"payload.structure_id": 1},
             )
         )
