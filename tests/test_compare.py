@@ -31,13 +31,14 @@ class ScaledEMT:
         self.noise = noise
         self.rng = np.random.default_rng(seed)
 
-    def predict(self, structures: Sequence[Atoms]) -> list[Prediction]:
+    def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         out = []
-        for pred in EMTPotential().predict(structures):
+        for pred in EMTPotential().predict(structures, stress=stress):
             forces = self.scale * pred.forces
             if self.noise:
                 forces = forces + self.rng.normal(0.0, self.noise, forces.shape)
-            out.append(Prediction(self.scale * pred.energy, forces, self.scale * pred.stress))
+            scaled_stress = None if pred.stress is None else self.scale * pred.stress
+            out.append(Prediction(self.scale * pred.energy, forces, scaled_stress))
         return out
 
     def describe(self) -> dict:
