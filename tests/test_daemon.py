@@ -202,6 +202,13 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         assert store.daemon_lease() is None  # released on a clean exit
         assert not (work / "daemon" / "daemon.pid").exists()
 
+        # Started again with every round done it idles; `daemon stop` (SIGTERM) ends it.
+        assert "daemon started" in pestle("daemon", "start", str(config)).stdout
+        stopped = pestle("daemon", "stop", "-c", str(config), "--timeout", "120").stdout
+        assert "daemon stopped" in stopped
+        assert store.daemon_lease() is None
+        assert "stop requested" in (work / "daemon" / "daemon.log").read_text()
+
         # A queued label that the promoted model no longer finds worth DFT is withdrawn.
         daemon = Daemon([config])
         daemon.store, daemon.store_uri = store, mongo_uri
