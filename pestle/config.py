@@ -240,6 +240,11 @@ class DaemonSpec(_Strict):
         description="after a promotion, withdraw queued labels whose expected softening "
         "error (eV/A) under the new model falls below this",
     )
+    md_with_promoted_model: bool = Field(
+        default=False,
+        description="md samplers run their dynamics with the promoted model (once there is "
+        "one): new candidates are the structures the current model reaches",
+    )
 
 
 class CampaignConfig(_Strict):

@@ -241,3 +241,39 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         subprocess.run(["pkill", "-9", "-f", str(config)], check=False)
         store.client.drop_database(database)
         store.close()
+
+
+def test_md_runs_with_the_promoted_model(store: Store, tmp_path) -> None:
+    import torch
+    from ase.build import bulk
+
+    from pestle.potentials import POTENTIALS
+    from pestle.potentials.chgnet import save_checkpoint
+    from pestle.samplers import SAMPLERS, Seed
+
+    path = tiny_config(tmp_path, store.db.name, md_with_promoted_model=True)
+    raw = yaml.safe_load(path.read_text())
+    md = {"temperatures": [300.0], "equilibration_steps": 2, "snapshot_every": 1,
+          "snapshots_per_temperature": 1}  # fmt: skip
+    raw["samplers"].append({"name": "md", "params": md})
+    path.write_text(yaml.safe_dump(raw))
+    daemon = Daemon([path])
+    daemon.store = store
+    config = daemon.configs[path.resolve()]
+    assert daemon.round_config(config, None) is config  # nothing promoted yet
+
+    model = POTENTIALS.build("chgnet", {"device": "cpu"}).load_model()
+    with torch.no_grad():
+        model.composition_model.fc.weight.add_(0.01)  # a version that differs from the wheel's
+    checkpoint = save_checkpoint(model, tmp_path / "tuned.pt", {})
+    store.put_model("model-md", checkpoint, {"family": "chgnet", "potential": "chgnet"})
+    spec = daemon.round_config(config, "model-md").samplers[1]
+    assert spec.params["potential"]["params"]["checkpoint"].endswith("tuned.pt")
+    assert config.samplers[1].params == md  # the config itself is left as it is
+
+    seed_atoms = bulk("Si", "diamond", a=5.43)
+    sampler = SAMPLERS.build("md", spec.params)
+    (candidate,) = sampler.sample(Seed(atoms=seed_atoms, id="si", name="Si"), 1)
+    used = candidate.params["potential"]
+    stored_sha = store.models.find_one({"_id": "model-md"})["checkpoint"]["sha256"]
+    assert used["checkpoint_sha256"] == stored_sha

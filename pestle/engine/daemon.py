@@ -261,6 +261,7 @@ class Daemon:
         finished = state.get("finished", {})
         open_systems = set(state["systems"]) - set(finished) if state.get("systems") else None
         model_id = self.promoted(config)
+        config = self.round_config(config, model_id)
         campaign = self.campaign(
             config,
             round_index=index,
@@ -297,6 +298,20 @@ class Daemon:
             },
         )
         self.store.update_run(campaign.run_id, {"daemon_round": index})
+
+    def round_config(self, config: CampaignConfig, model_id: str | None) -> CampaignConfig:
+        """The config a round runs: with ``daemon.md_with_promoted_model``, every md sampler
+        drives its dynamics with the promoted model (a verified copy of its checkpoint)."""
+        if not config.daemon.md_with_promoted_model or model_id is None:
+            return config
+        from pestle.engine.models import stored_model_spec
+
+        name, params = stored_model_spec(self.store, model_id, daemon_dir(config) / "models")
+        config = config.model_copy(deep=True)
+        for spec in config.samplers:
+            if spec.name == "md":
+                spec.params = {**spec.params, "potential": {"name": name, "params": params}}
+        return config
 
     def finished_systems(
         self, config: CampaignConfig, campaign: Campaign, stages: dict[str, Any]

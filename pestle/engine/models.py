@@ -22,6 +22,13 @@ CHECKPOINT_PARAMS = {
 
 def load_stored_model(store: Store, model_id: str, directory: str | Path) -> Potential:
     """The Potential of a stored model version, loaded from its verified checkpoint."""
+    name, params = stored_model_spec(store, model_id, directory)
+    return POTENTIALS.build(name, params)
+
+
+def stored_model_spec(store: Store, model_id: str, directory: str | Path) -> tuple[str, dict]:
+    """(registered potential name, its params) for a stored model version, with the verified
+    checkpoint written under ``directory`` and named in the params with its digest."""
     doc = store.models.find_one({"_id": model_id}, {"checkpoint": 1, "potential": 1,
                                                      "potential_params": 1, "family": 1})  # fmt: skip
     if doc is None:
@@ -39,8 +46,7 @@ def load_stored_model(store: Store, model_id: str, directory: str | Path) -> Pot
         from pestle.potentials.chgnet import sha256_file
 
         digest = sha256_file(path)
-    params = {**doc.get("potential_params", {}), path_key: str(path), sha_key: digest}
-    return POTENTIALS.build(name, params)
+    return name, {**doc.get("potential_params", {}), path_key: str(path), sha_key: digest}
 
 
 def resolve_model(spec: str, store: Store | None, directory: str | Path) -> Potential:
