@@ -277,3 +277,18 @@ def test_md_runs_with_the_promoted_model(store: Store, tmp_path) -> None:
     used = candidate.params["potential"]
     stored_sha = store.models.find_one({"_id": "model-md"})["checkpoint"]["sha256"]
     assert used["checkpoint_sha256"] == stored_sha
+
+
+def test_a_failing_step_is_recorded_and_the_daemon_goes_on(store: Store, tmp_path) -> None:
+    daemon = Daemon([tiny_config(tmp_path, store.db.name)], idle_poll_seconds=0)
+    daemon.store = store
+    config = next(iter(daemon.configs.values()))
+
+    def broken_step(config, client):
+        raise RuntimeError("the store hiccuped")
+
+    daemon.step = broken_step
+    assert daemon.guarded_step(config, client=None) is False
+    (decision,) = store.decisions.find({"kind": "error"})
+    assert decision["campaign"] == "tiny" and "the store hiccuped" in decision["reason"]
+    assert not daemon.stopping.is_set()

@@ -187,7 +187,7 @@ class Daemon:
                     for path in self.paths:
                         if self.stopping.is_set():
                             break
-                        worked |= self.step(self._reload(path), client)
+                        worked |= self.guarded_step(self._reload(path), client)
                     if not worked:
                         if self.exit_when_idle:
                             log.info("every campaign is finished or at its round limit")
@@ -200,6 +200,21 @@ class Daemon:
                 pid_path.unlink()
             self.store.close()
             log.info("daemon stopped")
+
+    def guarded_step(self, config: CampaignConfig, client) -> bool:
+        """A step whose failure is recorded and waited out instead of ending the service:
+        the other campaigns go on, and this one is tried again after ``idle_poll_seconds``."""
+        try:
+            return self.step(config, client)
+        except Exception as exc:
+            log.exception(
+                "%s: step failed; retrying after %.0f s", config.name, self.idle_poll_seconds
+            )
+            self.store.record_decision(
+                {"kind": "error", "campaign": config.name, "reason": f"step failed: {exc!r}"}
+            )
+            self.stopping.wait(self.idle_poll_seconds)
+            return False
 
     def _reload(self, path: Path) -> CampaignConfig:
         """The config as it is on disk now (changes apply from the next step); the last good
