@@ -6,9 +6,10 @@ Voigt 6-vector in ASE order (xx, yy, zz, yz, xz, xy), sign convention of ASE (po
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from ase import Atoms
@@ -36,6 +37,47 @@ class Potential(Protocol):
     def describe(self) -> dict:
         """Identity of the model for provenance: family, version/checkpoint, checksum."""
         ...
+
+
+def check_sha256(value: str | None) -> str | None:
+    """A pydantic field validator for a checkpoint's sha256: 64 hexadecimal characters
+    (normalised to lower case), or None."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("a sha256 must be 64 hexadecimal characters")
+    return value
+
+
+class LazyModel:
+    """Shared plumbing of potentials that load their model on first use: the device chosen
+    once from ``params.device``, and pickling (Dask ships instances to workers) that sends
+    the settings, never the loaded weights (``_transient`` is reset) or the locks
+    (``_locks`` are made anew)."""
+
+    _transient: ClassVar[tuple[str, ...]] = ("_model", "_device")
+    _locks: ClassVar[tuple[str, ...]] = ("_lock",)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(dict.fromkeys(self._transient))
+        for name in self._locks:
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name in self._locks:
+            setattr(self, name, threading.Lock())
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            from pestle.devices import pick_device
+
+            self._device = pick_device(self.params.device)
+        return self._device
 
 
 POTENTIALS: Registry[Potential] = Registry("potential")

@@ -23,7 +23,7 @@ from ase import Atoms, units
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, Prediction
+from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -150,7 +150,7 @@ def pack_by_atom_count(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
 
 
 @POTENTIALS.register("chgnet")
-class CHGNetPotential:
+class CHGNetPotential(LazyModel):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -164,15 +164,7 @@ class CHGNetPotential:
 
         _known_model = field_validator("model")(check_pretrained_name)
 
-        @field_validator("checkpoint_sha256")
-        @classmethod
-        def _hex_digest(cls, value: str | None) -> str | None:
-            if value is None:
-                return None
-            value = value.strip().lower()
-            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError("checkpoint_sha256 must be 64 hexadecimal characters")
-            return value
+        _hex_digest = field_validator("checkpoint_sha256")(check_sha256)
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -180,26 +172,6 @@ class CHGNetPotential:
         self._device: str | None = None
         self._sha256: str | None = self.params.checkpoint_sha256
         self._lock = threading.Lock()
-
-    # Dask ships instances to workers: send the settings, never the loaded weights.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        state["_device"] = None
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            from pestle.devices import pick_device
-
-            self._device = pick_device(self.params.device)
-        return self._device
 
     def load_model(self) -> CHGNet:
         """The CHGNet behind this potential, loaded on first use and kept."""

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from ase import Atoms
@@ -37,7 +37,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, Prediction
+from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
 from pestle.potentials.chgnet import ChecksumError, pack_by_atom_count, sha256_file
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ def choose_head(heads: Sequence[str], wanted: str | None) -> str:
 
 
 @POTENTIALS.register("mace")
-class MACEPotential:
+class MACEPotential(LazyModel):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -192,15 +192,7 @@ class MACEPotential:
         default_dtype: Literal["float32", "float64"] = "float64"
         max_atoms_per_batch: int = Field(256, ge=1)
 
-        @field_validator("model_sha256")
-        @classmethod
-        def _hex_digest(cls, value: str | None) -> str | None:
-            if value is None:
-                return None
-            value = value.strip().lower()
-            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError("model_sha256 must be 64 hexadecimal characters")
-            return value
+        _hex_digest = field_validator("model_sha256")(check_sha256)
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -210,26 +202,6 @@ class MACEPotential:
         self._device: str | None = None
         self._sha256: str | None = self.params.model_sha256
         self._lock = threading.Lock()
-
-    # Dask ships instances to workers: send the settings, never the loaded weights.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_model"] = None
-        state["_device"] = None
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            from pestle.devices import pick_device
-
-            self._device = pick_device(self.params.device)
-        return self._device
 
     def model_file(self) -> Path:
         """The .model file behind this potential (raises FileNotFoundError when missing)."""

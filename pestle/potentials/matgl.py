@@ -28,7 +28,7 @@ from ase import Atoms, units
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, Prediction
+from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
 from pestle.potentials.chgnet import ChecksumError, pack_by_atom_count, sha256_file
 
 if TYPE_CHECKING:
@@ -124,7 +124,10 @@ def load_matgl_potential(folder: str | Path, device: str = "cpu", dtype: str = "
 
 
 @POTENTIALS.register("matgl")
-class MatGLPotential:
+class MatGLPotential(LazyModel):
+    _transient = ("_potential", "_device")
+    _locks = ("_lock", "_run_lock")
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -137,15 +140,7 @@ class MatGLPotential:
         default_dtype: Literal["float32", "float64"] = "float32"
         max_atoms_per_batch: int = Field(256, ge=1)
 
-        @field_validator("model_sha256")
-        @classmethod
-        def _hex_digest(cls, value: str | None) -> str | None:
-            if value is None:
-                return None
-            value = value.strip().lower()
-            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError("model_sha256 must be 64 hexadecimal characters")
-            return value
+        _hex_digest = field_validator("model_sha256")(check_sha256)
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -156,27 +151,6 @@ class MatGLPotential:
         self._lock = threading.Lock()
         # A forward pass leaves its features on the model (feature_dict): one at a time.
         self._run_lock = threading.Lock()
-
-    # Dask ships instances to workers: send the settings, never the loaded weights.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_potential"] = None
-        state["_device"] = None
-        del state["_lock"], state["_run_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._run_lock = threading.Lock()
-
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            from pestle.devices import pick_device
-
-            self._device = pick_device(self.params.device)
-        return self._device
 
     def model_folder(self) -> Path:
         """The folder of model files behind this potential (FileNotFoundError if missing)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
@@ -26,6 +27,30 @@ class LabelledStructure:
     atoms: Atoms
     structure_id: str
     label_id: str
+
+
+def reference_results(ls: LabelledStructure) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """Total energy (eV), forces (eV/A) and ASE Voigt stress (eV/A^3) or None of a label,
+    checked for presence and shape; errors name the structure and label."""
+    where = f"structure {ls.structure_id} (label {ls.label_id})"
+    calc = ls.atoms.calc
+    if calc is None:
+        raise ValueError(f"{where} has no reference results in atoms.calc")
+    results = calc.results
+    if results.get("energy") is None or results.get("forces") is None:
+        raise ValueError(f"{where} lacks a reference energy or forces")
+    forces = np.asarray(results["forces"], dtype=float)
+    if forces.shape != (len(ls.atoms), 3):
+        raise ValueError(f"{where}: forces have shape {forces.shape}, not ({len(ls.atoms)}, 3)")
+    stress = results.get("stress")
+    if stress is not None:
+        stress = np.asarray(stress, dtype=float)
+        if stress.shape == (3, 3):
+            stress = np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2],
+                               stress[0, 2], stress[0, 1]])  # fmt: skip
+        if stress.shape != (6,):
+            raise ValueError(f"{where}: stress has shape {stress.shape}, not (6,) or (3, 3)")
+    return float(results["energy"]), forces, stress
 
 
 @dataclass

@@ -54,7 +54,7 @@ from pestle.potentials.chgnet import (
     save_checkpoint,
     sha256_file,
 )
-from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
+from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -106,27 +106,6 @@ def _freeze(model: CHGNet, what: str) -> None:
     for module in modules:
         for param in module.parameters():
             param.requires_grad = False
-
-
-def _reference(ls: LabelledStructure) -> tuple[float, np.ndarray, np.ndarray | None]:
-    """Total energy (eV), forces (eV/A) and ASE Voigt stress (eV/A^3) or None."""
-    where = f"structure {ls.structure_id} (label {ls.label_id})"
-    calc = ls.atoms.calc
-    if calc is None:
-        raise ValueError(f"{where} has no reference results in atoms.calc")
-    results = calc.results
-    if results.get("energy") is None or results.get("forces") is None:
-        raise ValueError(f"{where} lacks a reference energy or forces")
-    forces = np.asarray(results["forces"], dtype=float)
-    if forces.shape != (len(ls.atoms), 3):
-        raise ValueError(f"{where}: forces have shape {forces.shape}, not ({len(ls.atoms)}, 3)")
-    stress = results.get("stress")
-    if stress is not None:
-        stress = np.asarray(stress, dtype=float)
-        if stress.shape == (3, 3):
-            stress = np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2],
-                               stress[0, 2], stress[0, 1]])  # fmt: skip
-    return float(results["energy"]), forces, stress
 
 
 class _GraphDataset:
@@ -272,7 +251,7 @@ class CHGNetTrainer:
         atom_ref_shift = self._refit_atom_ref(model, train_set) if p.refit_atom_ref else {}
         _freeze(model, p.freeze)
 
-        has_stress = any(_reference(ls)[2] is not None for ls in train_set)
+        has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
         targets = "efs" if has_stress and p.stress_weight > 0 else "ef"
         train_data = self._dataset(model, train_set)
         val_source = "val_set" if val_set else "train_set (val_set was empty)"
@@ -447,7 +426,7 @@ class CHGNetTrainer:
         p = self.params
         model.eval()
         model.requires_grad_(False)
-        has_stress = any(_reference(ls)[2] is not None for ls in train_set)
+        has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
         weights = {
             "e": p.energy_weight,
             "f": p.force_weight,
@@ -502,7 +481,7 @@ class CHGNetTrainer:
 
         graphs, targets = [], []
         for ls in labelled:
-            energy, forces, stress = _reference(ls)
+            energy, forces, stress = reference_results(ls)
             n_atoms = len(ls.atoms)
             try:
                 graph = model.graph_converter(
@@ -555,7 +534,8 @@ class CHGNetTrainer:
             predicted += [float(o["e"]) for o in out]
         scale = [len(s) if model.is_intensive else 1 for s in structures]
         residual = [
-            _reference(ls)[0] / k - e for ls, k, e in zip(labelled, scale, predicted, strict=True)
+            reference_results(ls)[0] / k - e
+            for ls, k, e in zip(labelled, scale, predicted, strict=True)
         ]
         fit = AtomRef(is_intensive=model.composition_model.is_intensive)
         fit.fit(structures, residual)

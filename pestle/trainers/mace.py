@@ -72,9 +72,10 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pestle.potentials import check_sha256
 from pestle.potentials.chgnet import ChecksumError, sha256_file
 from pestle.potentials.mace import MACEPotential, choose_head, load_mace_model, mace_version
-from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
+from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
 from pestle.trainers.modes import (
     PAPER_EPOCHS,
     PAPER_FINAL_LEARNING_RATE,
@@ -121,28 +122,11 @@ _UNUSED_BY_LINEAR = (
 
 
 def reference_labels(ls: LabelledStructure) -> tuple[float, np.ndarray, np.ndarray | None]:
-    """Total energy (eV), forces (eV/A) and ASE Voigt stress (eV/A^3) or None."""
-    where = f"structure {ls.structure_id} (label {ls.label_id})"
-    calc = ls.atoms.calc
-    if calc is None:
-        raise ValueError(f"{where} has no reference results in atoms.calc")
-    results = calc.results
-    if results.get("energy") is None or results.get("forces") is None:
-        raise ValueError(f"{where} lacks a reference energy or forces")
-    forces = np.asarray(results["forces"], dtype=float)
-    if forces.shape != (len(ls.atoms), 3):
-        raise ValueError(f"{where}: forces have shape {forces.shape}, not ({len(ls.atoms)}, 3)")
-    stress = results.get("stress")
-    if stress is not None:
-        stress = np.asarray(stress, dtype=float)
-        if stress.shape == (3, 3):
-            stress = np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2],
-                               stress[0, 2], stress[0, 1]])  # fmt: skip
-        if stress.shape != (6,):
-            raise ValueError(f"{where}: stress has shape {stress.shape}, not (6,) or (3, 3)")
-        if not np.all(ls.atoms.pbc):
-            stress = None  # no volume, no stress
-    return float(results["energy"]), forces, stress
+    """``reference_results``, with no stress for structures that are not periodic in 3D."""
+    energy, forces, stress = reference_results(ls)
+    if not np.all(ls.atoms.pbc):
+        stress = None  # no volume, no stress
+    return energy, forces, stress
 
 
 def composition_matrix(structures: Sequence[Atoms], numbers: Sequence[int]) -> np.ndarray:
@@ -278,15 +262,7 @@ class MACETrainer:
                     )
             return data
 
-        @field_validator("foundation_model_sha256")
-        @classmethod
-        def _hex_digest(cls, value: str | None) -> str | None:
-            if value is None:
-                return None
-            value = value.strip().lower()
-            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError("foundation_model_sha256 must be 64 hexadecimal characters")
-            return value
+        _hex_digest = field_validator("foundation_model_sha256")(check_sha256)
 
         @model_validator(mode="after")
         def _replay_for_multihead(self) -> MACETrainer.Params:

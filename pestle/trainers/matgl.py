@@ -49,6 +49,7 @@ from ase import units
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pestle.potentials import check_sha256
 from pestle.potentials.chgnet import ChecksumError
 from pestle.potentials.matgl import (
     DEFAULT_MODEL,
@@ -153,15 +154,7 @@ class MatGLTrainer:
                        unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
             return self
 
-        @field_validator("model_sha256")
-        @classmethod
-        def _hex_digest(cls, value: str | None) -> str | None:
-            if value is None:
-                return None
-            value = value.strip().lower()
-            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError("model_sha256 must be 64 hexadecimal characters")
-            return value
+        _hex_digest = field_validator("model_sha256")(check_sha256)
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
