@@ -25,7 +25,7 @@ Three modes (``Params.mode``):
   MAE kept;
 * ``linear_correction``: the same paper's one-parameter correction: a single scale ``s`` on the
   network's energy (everything but the AtomRef composition model), so forces and stress scale
-  by ``s`` too, all else frozen. Solved in closed form (see ``fit_linear_scale``) and baked
+  by ``s`` too, all else frozen. Solved in closed form (see ``pestle.trainers.modes.fit_linear_scale``) and baked
   into the readout's last linear layer, so the checkpoint is an ordinary CHGNet.
 """
 
@@ -55,6 +55,7 @@ from pestle.potentials.chgnet import (
     sha256_file,
 )
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
+from pestle.trainers.modes import LinearTerms, fit_linear_scale
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -436,7 +437,7 @@ class CHGNetTrainer:
         train = _linear_terms(model, self._dataset(model, train_set))
         val = _linear_terms(model, self._dataset(model, val_set)) if val_set else None
 
-        scale, shift = fit_linear_scale(train, weights, refit_atom_ref=p.refit_atom_ref)
+        scale, shift = fit_linear_scale(train, weights, refit_references=p.refit_atom_ref)
         atom_ref_shift: dict[str, float] = {}
         if p.refit_atom_ref:
             with torch.no_grad():
@@ -552,139 +553,62 @@ def _scheduler_steps_per_epoch(n_batches: int) -> int:
     return len({int(i) for i in np.arange(1, 11) * n_batches // 10} - {0})
 
 
-class _LinearTerms:
+def _linear_terms(model: CHGNet, data: _GraphDataset) -> LinearTerms:
     """What the linear correction needs of a data set, in the model's energy unit (eV/atom
-    for intensive CHGNets, as its loss): labels, the AtomRef composition energy, the network
-    energy (prediction minus composition energy) and the network's forces and stresses.
-    Missing stress labels (NaN) are dropped with their predictions, as chgnet's loss does."""
+    for intensive CHGNets, as its loss): labels, the AtomRef composition energy (the
+    element references), the network energy (prediction minus composition energy) and the
+    network's forces and stresses. Missing stress labels (NaN) are dropped with their
+    predictions, as chgnet's loss does."""
+    import torch
 
-    def __init__(self, model: CHGNet, data: _GraphDataset) -> None:
-        import torch
-
-        e_ref, e_comp, e_net, f_ref, f_net, s_ref, s_net, features = ([] for _ in range(8))
-        sizes = [g.atomic_number.shape[0] for g in data.graphs]
-        n_elements = model.composition_model.fc.weight.shape[1]
-        for batch in pack_by_atom_count(sizes, 128):
-            graphs = [data.graphs[i] for i in batch]
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
-                out = model.predict_graph(graphs, task="efs", batch_size=len(graphs))
-            out = [out] if isinstance(out, dict) else out
-            with torch.no_grad():
-                comp = model.composition_model(graphs).detach().cpu().numpy().reshape(-1)
-            for i, o, c, g in zip(batch, out, comp, graphs, strict=True):
-                target = data.targets[i]
-                e_ref.append(float(target["e"]))
-                e_comp.append(float(c))
-                e_net.append(float(o["e"]) - float(c))
-                f_ref.append(target["f"].numpy().ravel())
-                f_net.append(np.asarray(o["f"]).ravel())
-                sr, sn = target["s"].numpy().ravel(), np.asarray(o["s"]).ravel()
-                valid = ~np.isnan(sr)
-                s_ref.append(sr[valid])
-                s_net.append(sn[valid])
-                counts = np.bincount(
-                    g.atomic_number.cpu().numpy() - 1, minlength=n_elements
-                ).astype(float)
-                # The feature AtomRef uses: element fractions (intensive) or counts.
-                intensive = model.composition_model.is_intensive
-                features.append(counts / counts.sum() if intensive else counts)
-        self.e_ref = np.asarray(e_ref, dtype=float)
-        self.e_comp = np.asarray(e_comp, dtype=float)
-        self.e_net = np.asarray(e_net, dtype=float)
-        self.f_ref, self.f_net = _joined(f_ref), _joined(f_net)
-        self.s_ref, self.s_net = _joined(s_ref), _joined(s_net)
-        self.features = np.asarray(features, dtype=float).reshape(len(e_ref), n_elements)
-
-    def predictions(self, scale: float, shift: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Energies, forces and stresses of the model after scaling the network by
-        ``scale`` and shifting the element references by ``shift``."""
-        energy = self.e_comp + scale * self.e_net
-        if shift is not None:
-            energy = energy + self.features @ shift
-        return {"e": energy, "f": scale * self.f_net, "s": scale * self.s_net}
-
-    def references(self) -> dict[str, np.ndarray]:
-        return {"e": self.e_ref, "f": self.f_ref, "s": self.s_ref}
-
-    def loss(self, scale: float, shift: np.ndarray | None, weights: dict[str, float]) -> float:
-        """chgnet's CombinedLoss (MSE) over the whole set as one batch."""
-        predicted = self.predictions(scale, shift)
-        total = 0.0
-        for key, ref in self.references().items():
-            if ref.size and weights[key]:
-                total += weights[key] * float(np.mean((predicted[key] - ref) ** 2))
-        return total
-
-    def maes(self, scale: float, shift: np.ndarray | None) -> dict[str, float | None]:
-        predicted = self.predictions(scale, shift)
-        return {
-            key: float(np.mean(np.abs(predicted[key] - ref))) if ref.size else None
-            for key, ref in self.references().items()
-        }
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts).astype(float) if parts else np.empty(0)
-
-
-def _linear_terms(model: CHGNet, data: _GraphDataset) -> _LinearTerms:
     if model.composition_model is None:
         raise ValueError("linear_correction needs a CHGNet with an AtomRef composition model")
-    return _LinearTerms(model, data)
+    e_ref, e_comp, e_net, f_ref, f_net, s_ref, s_net, features = ([] for _ in range(8))
+    n_forces, n_stresses = [], []
+    sizes = [g.atomic_number.shape[0] for g in data.graphs]
+    n_elements = model.composition_model.fc.weight.shape[1]
+    for batch in pack_by_atom_count(sizes, 128):
+        graphs = [data.graphs[i] for i in batch]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+            out = model.predict_graph(graphs, task="efs", batch_size=len(graphs))
+        out = [out] if isinstance(out, dict) else out
+        with torch.no_grad():
+            comp = model.composition_model(graphs).detach().cpu().numpy().reshape(-1)
+        for i, o, c, g in zip(batch, out, comp, graphs, strict=True):
+            target = data.targets[i]
+            e_ref.append(float(target["e"]))
+            e_comp.append(float(c))
+            e_net.append(float(o["e"]) - float(c))
+            f_ref.append(target["f"].numpy().ravel())
+            f_net.append(np.asarray(o["f"]).ravel())
+            n_forces.append(f_ref[-1].size)
+            sr, sn = target["s"].numpy().ravel(), np.asarray(o["s"]).ravel()
+            valid = ~np.isnan(sr)
+            s_ref.append(sr[valid])
+            s_net.append(sn[valid])
+            n_stresses.append(int(valid.sum()))
+            counts = np.bincount(g.atomic_number.cpu().numpy() - 1, minlength=n_elements)
+            counts = counts.astype(float)
+            # The feature AtomRef uses: element fractions (intensive) or counts.
+            intensive = model.composition_model.is_intensive
+            features.append(counts / counts.sum() if intensive else counts)
 
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(float) if parts else np.empty(0)
 
-def fit_linear_scale(
-    terms: _LinearTerms, weights: dict[str, float], refit_atom_ref: bool
-) -> tuple[float, np.ndarray | None]:
-    """The scale ``s`` (and, with ``refit_atom_ref``, the per-element reference shift) that
-    minimise chgnet's loss ``w_e mean(r_e^2) + w_f mean(r_f^2) + w_s mean(r_s^2)`` with
-
-        r_e = E_ref - (E_comp + X.shift + s E_net),  r_f = F_ref - s F_net,  r_s = S_ref - s S_net
-
-    (X: AtomRef's composition features). Every prediction is linear in the unknowns, so the
-    loss is a convex quadratic in them: its single stationary point is the global minimum,
-    which is where gradient descent on that scalar (with the rest frozen) converges on the
-    same full-batch loss; we solve it directly instead of iterating towards it.
-
-    With the reference energies refit, minimising over the shift first leaves the energy
-    residual projected off the span of the compositions (P = I - X X^+), so only energy
-    *differences* between structures of like composition inform ``s``; an absolute offset
-    between codes (GPAW vs VASP) goes entirely into the references and cannot bias the
-    scale. This is the joint optimum: refitting the references first and then fitting ``s``
-    with the references held would let ``s`` absorb part of the offset. The shift returned
-    is AtomRef's own min-norm least-squares fit of the residual at that ``s``.
-    """
-    a = terms.e_ref - terms.e_comp
-    b = terms.e_net
-    if refit_atom_ref:
-        x = terms.features
-        projector = np.eye(len(a)) - x @ np.linalg.pinv(x)
-        a, b = projector @ a, projector @ b
-
-    def mean_weight(key: str, ref: np.ndarray) -> float:
-        return weights[key] / ref.size if ref.size else 0.0
-
-    w_e, w_f, w_s = (
-        mean_weight("e", a),
-        mean_weight("f", terms.f_ref),
-        mean_weight("s", terms.s_ref),
+    return LinearTerms(
+        e_ref=np.asarray(e_ref, dtype=float),
+        e_refs=np.asarray(e_comp, dtype=float),
+        e_net=np.asarray(e_net, dtype=float),
+        features=np.asarray(features, dtype=float).reshape(len(e_ref), n_elements),
+        f_ref=joined(f_ref),
+        f_net=joined(f_net),
+        s_ref=joined(s_ref),
+        s_net=joined(s_net),
+        n_forces=n_forces,
+        n_stresses=n_stresses,
     )
-    numerator = w_e * a @ b + w_f * terms.f_ref @ terms.f_net + w_s * terms.s_ref @ terms.s_net
-    denominator = w_e * b @ b + w_f * terms.f_net @ terms.f_net + w_s * terms.s_net @ terms.s_net
-    if not denominator > 0:
-        raise ValueError(
-            "linear_correction cannot fit a scale: the model predicts zero forces and stresses "
-            "(and no energy differences) on the training set"
-        )
-    scale = float(numerator / denominator)
-    if not refit_atom_ref:
-        return scale, None
-    residual = terms.e_ref - terms.e_comp - scale * terms.e_net
-    # AtomRef.fit's weights: pinv(X^T X) X^T r, the min-norm least-squares solution; elements
-    # absent from the labels get zero shift.
-    shift = np.linalg.pinv(terms.features.T @ terms.features) @ terms.features.T @ residual
-    return scale, shift
 
 
 def readout_output_layer(model: CHGNet) -> Any:
@@ -725,16 +649,16 @@ def scale_readout(model: CHGNet, scale: float) -> None:
 def _check_baked(
     model: CHGNet,
     first: _GraphDataset,
-    before: _LinearTerms,
+    before: LinearTerms,
     scale: float,
     shift: np.ndarray | None,
 ) -> None:
     """The model now predicts what the fit assumed (guards against a chgnet whose energy is
     more than composition + readout)."""
-    after = _LinearTerms(model, first)
+    after = _linear_terms(model, first)
     n_f, n_s = after.f_net.size, after.s_net.size
     want = before.predictions(scale, shift)
-    got = np.concatenate([after.e_comp + after.e_net, after.f_net, after.s_net])
+    got = np.concatenate([after.e_refs + after.e_net, after.f_net, after.s_net])
     want = np.concatenate([want["e"][:1], want["f"][:n_f], want["s"][:n_s]])
     if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
         worst = float(np.max(np.abs(got - want)))
