@@ -55,7 +55,7 @@ from pestle.potentials.chgnet import (
     sha256_file,
 )
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
-from pestle.trainers.modes import LinearTerms, fit_linear_scale
+from pestle.trainers.modes import LinearTerms, fit_linear_scale, joined_arrays, linear_metrics
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -452,17 +452,7 @@ class CHGNetTrainer:
         metrics: dict[str, Any] = {
             "mode": p.mode,
             "linear_scale": scale,
-            "loss_weights": weights,
-            "train_loss_before": train.loss(1.0, None, weights),
-            "train_loss_after": train.loss(scale, shift, weights),
-            "train_mae_before": train.maes(1.0, None),
-            "train_mae_after": train.maes(scale, shift),
-            "val_mae_before": val.maes(1.0, None) if val is not None else None,
-            "val_mae_after": val.maes(scale, shift) if val is not None else None,
-            "epochs": [],
-            "best_epoch": None,
-            "best_val_loss": None,
-            "selection": "closed-form weighted least squares (one scale)",
+            **linear_metrics(train, val, scale, shift, weights),
             "stopped": None,
             "val_source": "val_set" if val_set else "none (val_set was empty)",
             "n_train": len(train_set),
@@ -594,18 +584,15 @@ def _linear_terms(model: CHGNet, data: _GraphDataset) -> LinearTerms:
             intensive = model.composition_model.is_intensive
             features.append(counts / counts.sum() if intensive else counts)
 
-    def joined(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts).astype(float) if parts else np.empty(0)
-
     return LinearTerms(
         e_ref=np.asarray(e_ref, dtype=float),
         e_refs=np.asarray(e_comp, dtype=float),
         e_net=np.asarray(e_net, dtype=float),
         features=np.asarray(features, dtype=float).reshape(len(e_ref), n_elements),
-        f_ref=joined(f_ref),
-        f_net=joined(f_net),
-        s_ref=joined(s_ref),
-        s_net=joined(s_net),
+        f_ref=joined_arrays(f_ref),
+        f_net=joined_arrays(f_net),
+        s_ref=joined_arrays(s_ref),
+        s_net=joined_arrays(s_net),
         n_forces=n_forces,
         n_stresses=n_stresses,
     )

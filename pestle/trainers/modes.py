@@ -160,10 +160,10 @@ class LinearTerms:
             e_refs=np.asarray(e_refs),
             e_net=np.asarray(e_net),
             features=np.asarray(features).reshape(len(e_ref), len(numbers)),
-            f_ref=_joined(f_ref),
-            f_net=_joined(f_net),
-            s_ref=_joined(s_ref),
-            s_net=_joined(s_net),
+            f_ref=joined_arrays(f_ref),
+            f_net=joined_arrays(f_net),
+            s_ref=joined_arrays(s_ref),
+            s_net=joined_arrays(s_net),
             n_forces=n_forces,
             n_stresses=n_stresses,
         )
@@ -196,7 +196,7 @@ class LinearTerms:
         }
 
 
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
+def joined_arrays(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(float) if parts else np.empty(0)
 
 
