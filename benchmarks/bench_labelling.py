@@ -21,7 +21,7 @@ from ase.build import bulk
 from pestle.config import DaskSpec
 from pestle.dispatch.cluster import make_client
 from pestle.dispatch.labelling import label_jobs
-from pestle.labelers import LABELLERS, level_of_theory_hash
+from pestle.labellers import LABELLERS, level_of_theory_hash
 from pestle.store import EmbeddedServer, Store
 
 

@@ -32,7 +32,7 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pestle.evaluation.compare import compare_models
-from pestle.labelers import LABELLERS, level_of_theory_hash
+from pestle.labellers import LABELLERS, level_of_theory_hash
 from pestle.potentials import POTENTIALS
 from pestle.samplers import SAMPLERS, Seed
 from pestle.structures import atoms_from_dict, atoms_to_dict, chemical_system, fingerprint

@@ -643,7 +643,7 @@ def samplers() -> None:
 @app.command()
 def plugins() -> None:
     """List every registered sampler, potential, selector, labeller and trainer."""
-    from pestle.labelers import LABELLERS
+    from pestle.labellers import LABELLERS
     from pestle.potentials import POTENTIALS
     from pestle.samplers import SAMPLERS
     from pestle.selectors import SELECTORS

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pestle.registry import Registry, RegistryError, format_validation_error
+from pestle.plugins import Registry, RegistryError, format_validation_error
 
 
 class ConfigError(ValueError):
@@ -282,7 +282,7 @@ def _check_plugin(registry: Registry, spec: PluginSpec, where: str, errors: list
 
 
 def validate_plugins(config: CampaignConfig) -> list[str]:
-    from pestle.labelers import LABELLERS
+    from pestle.labellers import LABELLERS
     from pestle.potentials import POTENTIALS
     from pestle.samplers import SAMPLERS
     from pestle.selectors import SELECTORS

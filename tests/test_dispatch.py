@@ -16,7 +16,7 @@ from pestle.config import DaskSpec
 from pestle.dispatch.cluster import make_client
 from pestle.dispatch.labelling import label_jobs, run_label_job
 from pestle.dispatch.training import workers_with_gpu
-from pestle.labelers import LABELLERS, level_of_theory_hash
+from pestle.labellers import LABELLERS, level_of_theory_hash
 from pestle.store import Store, label_id
 from pestle.store.store import utcnow
 

@@ -10,7 +10,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from pydantic import ValidationError
 
-from pestle.labelers import LABELLERS, LabelError, level_of_theory_hash
+from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
 
 FAST_GPAW = {"ecut": 200, "kpoint_density": 1.0}
 
@@ -79,7 +79,7 @@ def test_gpaw_unconverged_scf_is_an_error(rattled_si, tmp_path) -> None:
 def test_gpaw_missing_setups_name_the_variable(monkeypatch) -> None:
     import gpaw
 
-    from pestle.labelers.gpaw import setup_dataset
+    from pestle.labellers.gpaw import setup_dataset
 
     setup_dataset.cache_clear()
     monkeypatch.setattr(gpaw, "setup_paths", ["/nonexistent"])
@@ -124,7 +124,7 @@ def test_debian_setups_first_however_pestle_is_launched(monkeypatch) -> None:
     another level of theory. pestle puts Debian's gpaw-data first, as the setup script does."""
     import gpaw
 
-    from pestle.labelers.gpaw import DEBIAN_SETUPS, setup_dataset, setup_search_paths
+    from pestle.labellers.gpaw import DEBIAN_SETUPS, setup_dataset, setup_search_paths
 
     assert DEBIAN_SETUPS.is_dir(), "scripts/bootstrap.sh installs Debian's gpaw-data"
     with_variable = level_of_theory_hash(LABELLERS.build("gpaw", FAST_GPAW))

@@ -11,8 +11,8 @@ import pytest
 from ase.build import bulk
 from ase.io import read
 
-from pestle.labelers import LABELLERS, LabelError, level_of_theory_hash
-from pestle.labelers.vasp import parse_vasprun
+from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
+from pestle.labellers.vasp import parse_vasprun
 
 ASE_VASP_DATA = Path(ase.__file__).parent / "test" / "testdata" / "vasp"
 

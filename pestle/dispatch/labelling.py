@@ -100,7 +100,7 @@ def run_label_job(
     timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Claim, compute and store one label. Runs on a Dask worker; returns the job's state."""
-    from pestle.labelers import LABELLERS, LabelError, level_of_theory_hash
+    from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
     from pestle.store import Store, label_id, worker_name
 
     worker = worker_name()

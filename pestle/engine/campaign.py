@@ -22,7 +22,7 @@ import numpy as np
 
 from pestle.config import CampaignConfig
 from pestle.engine.seeds import build_seeds, seed_from_object
-from pestle.labelers import LABELLERS, level_of_theory_hash
+from pestle.labellers import LABELLERS, level_of_theory_hash
 from pestle.potentials import POTENTIALS, Potential
 from pestle.provenance import code_versions
 from pestle.samplers import SAMPLERS, Seed

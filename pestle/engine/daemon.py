@@ -38,7 +38,7 @@ import numpy as np
 
 from pestle.config import CampaignConfig, ConfigError, load_config
 from pestle.engine.campaign import Campaign, stable_seed
-from pestle.labelers import level_of_theory_hash
+from pestle.labellers import level_of_theory_hash
 from pestle.store import JOB_QUEUED, JOB_RUNNING, Store, resolve_uri
 from pestle.structures import settings_hash
 

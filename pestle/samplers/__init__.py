@@ -13,7 +13,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.registry import Registry, import_submodules
+from pestle.plugins import Registry, import_submodules
 
 
 @dataclass

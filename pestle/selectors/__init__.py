@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from pestle.registry import Registry, import_submodules
+from pestle.plugins import Registry, import_submodules
 
 
 @dataclass

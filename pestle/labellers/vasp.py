@@ -16,8 +16,8 @@ import numpy as np
 from ase import Atoms, units
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labelers import LABELLERS, LabelError, LabelResult
-from pestle.labelers.gpaw import check_result
+from pestle.labellers import LABELLERS, LabelError, LabelResult
+from pestle.labellers.gpaw import check_result
 
 INPUT_SETS = ("MPStaticSet", "MPRelaxSet", "MPScanStaticSet")
 

@@ -1,5 +1,5 @@
 """Run one GPAW labelling calculation under MPI: ``mpiexec -n N python -m
-pestle.labelers.gpaw_mpi WORKDIR``. The labeller writes ``input.json`` (structure and
+pestle.labellers.gpaw_mpi WORKDIR``. The labeller writes ``input.json`` (structure and
 parameters) into WORKDIR; rank 0 writes ``result.json`` (numbers or the error)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 def main(workdir: str) -> None:
     from gpaw.mpi import world
 
-    from pestle.labelers import LABELLERS, LabelError
+    from pestle.labellers import LABELLERS, LabelError
     from pestle.structures import atoms_from_dict
 
     folder = Path(workdir)

@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.calculators.calculator import kptdensity2monkhorstpack
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labelers import LABELLERS, LabelError, LabelResult
+from pestle.labellers import LABELLERS, LabelError, LabelResult
 
 # Elements whose compounds are routinely magnetic: spin polarisation is switched on for them
 # when ``spinpol`` is left to pestle. Everything else is computed spin-paired.
@@ -198,7 +198,7 @@ class GPAWLabeller:
         if os.geteuid() == 0:  # OpenMPI refuses root unless told twice
             env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         command = [mpiexec, "-n", str(self.params.parallel_ranks), sys.executable, "-m",
-                   "pestle.labelers.gpaw_mpi", str(workdir)]  # fmt: skip
+                   "pestle.labellers.gpaw_mpi", str(workdir)]  # fmt: skip
         with open(workdir / "mpi.log", "w") as log_file:
             done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         result_file = workdir / "result.json"

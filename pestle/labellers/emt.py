@@ -11,8 +11,8 @@ from ase import Atoms
 from ase.calculators.emt import EMT, parameters
 from pydantic import BaseModel, ConfigDict
 
-from pestle.labelers import LABELLERS, LabelError, LabelResult
-from pestle.labelers.gpaw import check_result
+from pestle.labellers import LABELLERS, LabelError, LabelResult
+from pestle.labellers.gpaw import check_result
 
 
 @LABELLERS.register("emt")

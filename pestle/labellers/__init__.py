@@ -19,7 +19,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.registry import Registry, import_submodules
+from pestle.plugins import Registry, import_submodules
 from pestle.structures import settings_hash
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labelers import LABELLERS, LabelResult
-from pestle.labelers.gpaw import check_result
+from pestle.labellers import LABELLERS, LabelResult
+from pestle.labellers.gpaw import check_result
 
 
 class _PotentialSpec(BaseModel):
