@@ -30,9 +30,9 @@ def enqueue(store: Store, structures, spec: dict) -> list[str]:
     lot_hash = level_of_theory_hash(labeller)
     jobs = []
     for atoms in structures:
-        sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "bench"})
+        sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "bench"})
         job_id = f"label-{sid}-{lot_hash}"
-        store.enqueue_job(
+        store.jobs.enqueue(
             job_id, "label", {"structure_id": sid, "labeller": spec, "lot_hash": lot_hash}
         )
         jobs.append(job_id)
@@ -49,7 +49,7 @@ def engine_seconds(uri: str, structures, spec: dict, workers: int, work: Path) -
                                 poll_seconds=0.05)  # fmt: skip
             seconds = time.perf_counter() - start
         assert set(states.values()) == {"done"}, states
-        store.client.drop_database(store.db.name)
+        store.client.drop_database(store.database)
     return seconds
 
 

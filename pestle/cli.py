@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pestle.config import CampaignConfig, ConfigError, load_config
+from pestle.store.queries import parse_query
 
 app = typer.Typer(
     help="Grow training data for universal interatomic potentials where they soften.",
@@ -110,7 +111,8 @@ def run(
     if workers is not None:
         cfg.dask.n_workers = workers
     from pestle.dispatch.cluster import make_client
-    from pestle.engine.campaign import Campaign
+    from pestle.engine.run import run_campaign
+    from pestle.stages.context import run_id_for
     from pestle.store import Store, StoreError, resolve_uri
 
     try:
@@ -132,10 +134,9 @@ def run(
                 tasks[stage] = bars.add_task(stage, total=total)
             bars.update(tasks[stage], completed=done, total=total)
 
-        campaign = Campaign(cfg, store, uri, progress=progress)
-        console.print(f"run [bold]{campaign.run_id}[/] (store {store.uri_masked})")
+        console.print(f"run [bold]{run_id_for(cfg)}[/] (store {store.uri_masked})")
         with make_client(cfg.dask) as client:
-            result = campaign.run(client)
+            result = run_campaign(cfg, store, uri, client, progress=progress)
     _print_summary(result.stages)
     console.print(f"report: {result.report}")
 
@@ -171,55 +172,17 @@ def status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
             f"embedded server: {'running on ' + state.uri if state else 'stopped'} ({root / 'db'})"
         )
     store = _open_store(config, work_dir)
-    table = Table(title=f"store {store.uri_masked} / {store.db.name}")
+    table = Table(title=f"store {store.uri_masked} / {store.database}")
     table.add_column("collection")
     table.add_column("documents", justify="right")
     for name, n in store.counts().items():
         table.add_row(name, str(n))
     console.print(table)
     console.print(
-        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.job_counts().items())) or "none")
+        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.jobs.counts().items())) or "none")
     )
-    for run_doc in (
-        store.runs.find({}, {"state": 1, "started_at": 1, "report": 1})
-        .sort("started_at", -1)
-        .limit(5)
-    ):
-        console.print(f"run {run_doc['_id']}: {run_doc.get('state')} {run_doc.get('report') or ''}")
-
-
-def parse_query(terms: list[str]) -> dict[str, Any]:
-    """A MongoDB filter from a JSON document or ``key=value`` terms (numbers and booleans
-    are typed; ``key>v``, ``key>=v``, ``key<v``, ``key<=v``, ``key!=v`` compare)."""
-    if len(terms) == 1 and terms[0].lstrip().startswith("{"):
-        try:
-            query = json.loads(terms[0])
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"query is not valid JSON: {exc}") from None
-        if not isinstance(query, dict):
-            raise ValueError("a JSON query must be an object")
-        return query
-    query: dict[str, Any] = {}
-    for term in terms:
-        for op, mongo in (
-            (">=", "$gte"),
-            ("<=", "$lte"),
-            ("!=", "$ne"),
-            (">", "$gt"),
-            ("<", "$lt"),
-            ("=", None),
-        ):
-            if op in term:
-                key, value = term.split(op, 1)
-                key = key.strip()
-                if not key:
-                    raise ValueError(f"query term {term!r} has no field name")
-                typed = _typed(value.strip())
-                query[key] = typed if mongo is None else {**query.get(key, {}), mongo: typed}
-                break
-        else:
-            raise ValueError(f"query term {term!r} is not key=value (or a JSON filter)")
-    return query
+    for run_doc in store.runs.recent(5):
+        console.print(f"run {run_doc.id}: {run_doc.state} {run_doc.report or ''}")
 
 
 def _filter_or_fail(
@@ -244,19 +207,6 @@ def _parse_or_fail(terms: list[str] | None) -> dict[str, Any]:
         return parse_query(terms or [])
     except ValueError as exc:
         _fail(str(exc))
-
-
-def _typed(value: str) -> Any:
-    if value in ("true", "false"):
-        return value == "true"
-    if value in ("null", "none"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            continue
-    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -322,15 +272,13 @@ def query(
                  labelled=labelled, energy_min=energy_min, energy_max=energy_max,
                  force_min=force_min, force_max=force_max)  # fmt: skip
     mongo_filter = _filter_or_fail(store, collection, terms, named)
-    projection = None if as_json else dict.fromkeys(DEFAULT_COLUMNS[collection], 1)
-    import pymongo
+    from pestle.store import StoreError
 
+    fields = None if as_json else DEFAULT_COLUMNS[collection]
     try:
-        docs = list(
-            store.db[collection].find(mongo_filter, projection).sort("_id", 1).limit(max(limit, 0))
-        )
-    except pymongo.errors.PyMongoError as exc:
-        _fail(f"the store refused the query {mongo_filter}: {exc}")
+        docs = list(store.query(collection, mongo_filter, fields, limit=max(limit, 0)))
+    except StoreError as exc:
+        _fail(str(exc))
     if as_json:
         for doc in docs:
             sys.stdout.write(json.dumps(_jsonable(doc)) + "\n")
@@ -397,7 +345,7 @@ def report(
 ) -> None:
     """Write the store's report: dataset growth, softening across model versions, parity
     plots, job throughput and failures (PNG figures beside an HTML or markdown page)."""
-    from pestle.engine.store_report import write_store_report
+    from pestle.reports.store_report import write_store_report
 
     if fmt not in ("html", "md"):
         _fail(f"--format must be html or md, not {fmt!r}")
@@ -421,10 +369,12 @@ def jobs(
     table = Table(title="jobs")
     for column in DEFAULT_COLUMNS["jobs"]:
         table.add_column(column)
-    for doc in store.jobs.find({} if state is None else {"state": state}).sort("_id", 1):
-        table.add_row(*[_cell(_get(doc, c)) for c in DEFAULT_COLUMNS["jobs"]])
+    for doc in store.jobs.find(state=state):
+        table.add_row(*[_cell(_get(doc.model_dump(), c)) for c in DEFAULT_COLUMNS["jobs"]])
     console.print(table)
-    console.print(", ".join(f"{k} {v}" for k, v in sorted(store.job_counts().items())) or "no jobs")
+    console.print(
+        ", ".join(f"{k} {v}" for k, v in sorted(store.jobs.counts().items())) or "no jobs"
+    )
 
 
 @jobs_app.command("retry")
@@ -437,7 +387,7 @@ def jobs_retry(
     if not failed:
         _fail("say which jobs: --failed")
     store = _open_store(config, work_dir)
-    console.print(f"re-queued {store.requeue_failed()} failed jobs")
+    console.print(f"re-queued {store.jobs.requeue_failed()} failed jobs")
 
 
 @db_app.command("start")
@@ -489,20 +439,21 @@ def models(ctx: typer.Context, config: ConfigOption = None, work_dir: WorkDirOpt
     table = Table(title="models")
     for column in ("id", "family", "parent", "train labels", "held-out softening", "current"):
         table.add_column(column, overflow="fold")
-    for doc in store.models.find({}, {"checkpoint": 0}).sort("created_at", 1):
-        family = doc.get("family", "")
-        parent = doc.get("parent") or {}
-        evaluation = next(iter((doc.get("evaluation") or {}).values()), {})
+    for doc in store.models.all():
+        # The latest evaluation of the model, whoever made it (a run, the daemon, the CLI).
+        evaluation = doc.evaluations[-1].metrics if doc.evaluations else {}
         slopes = ", ".join(
-            f"{system} {m['softening']['slope']:.3f}" for system, m in sorted(evaluation.items())
+            f"{system} {m['softening']['slope']:.3f}"
+            for system, m in sorted(evaluation.items())
+            if isinstance(m, dict) and "softening" in m
         )
         table.add_row(
-            doc["_id"],
-            family,
-            str(parent.get("model") or parent.get("checkpoint_sha256") or ""),
-            str(len((doc.get("training") or {}).get("label_ids", []))),
+            doc.id,
+            doc.family,
+            str(doc.parent.get("model") or doc.parent.get("checkpoint_sha256") or ""),
+            str(len(doc.training.label_ids)),
             slopes,
-            "yes" if store.promoted_model(family) == doc["_id"] else "",
+            "yes" if store.models.promoted(doc.family) == doc.id else "",
         )
     console.print(table)
 
@@ -519,7 +470,7 @@ def models_promote(
 
     store = _open_store(config, work_dir)
     try:
-        outcome = store.promote_model(model_id, reason)
+        outcome = store.models.promote(model_id, reason)
     except StoreError as exc:
         _fail(str(exc))
     console.print(
@@ -536,55 +487,41 @@ def explain(
 ) -> None:
     """Why a candidate was, or was not, picked for labelling in each run it took part in."""
 
+    from pestle.engine.explain import explain_structure
+    from pestle.store import StoreError
+
     store = _open_store(config, work_dir)
-    matches = list(
-        store.structures.find({"_id": {"$regex": f"^{re.escape(structure_id)}"}}).limit(2)
-    )
-    if len(matches) != 1:
-        _fail(f"{len(matches) or 'no'} structures match {structure_id!r}" + (
-            " (give more characters)" if matches else ""))  # fmt: skip
-    doc = matches[0]
-    prov = doc.get("provenance", {})
+    try:
+        found = explain_structure(store, structure_id)
+    except StoreError as exc:
+        _fail(str(exc))
+    doc, prov = found.structure, found.structure.provenance
     console.print(
-        f"[bold]{doc['_id']}[/] {doc.get('formula')} ({doc.get('chemical_system')}, "
-        f"{doc.get('natoms')} atoms), {doc.get('kind')} from sampler {prov.get('sampler')} "
-        f"{json.dumps(_jsonable(prov.get('params')))}"
+        f"[bold]{doc.id}[/] {doc.formula} ({doc.chemical_system}, {doc.natoms} atoms), "
+        f"{doc.kind} from sampler {prov.sampler} {json.dumps(_jsonable(prov.params))}"
     )
-    for run_id in doc.get("runs", []):
-        run = store.get_run(run_id) or {}
-        stages = run.get("stages", {})
-        select = stages.get("select")
-        key = (stages.get("score") or {}).get("model_key")
-        scores = (doc.get("scores") or {}).get(key, {})
-        picked = (doc.get("selection") or {}).get(run_id)
-        if select is None:
+    for verdict in found.runs:
+        run_id = verdict.run_id
+        if not verdict.reached_selection:
             console.print(f"run {run_id}: selection not reached")
             continue
-        selector = select["selector"]
-        if picked:
+        if verdict.selected:
             console.print(
-                f"run {run_id}: [green]selected[/], rank {picked['rank']}: {picked['reason']}"
+                f"run {run_id}: [green]selected[/], rank {verdict.rank}: {verdict.reason}"
             )
-            scores = picked.get("scores", scores)
         else:
-            same_system = [
-                s["id"] for s in select["selected"]
-                if (store.structures.find_one({"_id": s["id"]}, {"chemical_system": 1}) or {})
-                .get("chemical_system") == doc.get("chemical_system")
-            ]  # fmt: skip
             console.print(
-                f"run {run_id}: [yellow]not selected[/]: {selector['name']} "
-                f"{json.dumps(selector.get('params', {}))} picked {len(same_system)} of the "
-                f"{doc.get('chemical_system')} candidates (budget {select['per_system']}); "
-                f"weights {json.dumps(select.get('weights', {}))}"
+                f"run {run_id}: [yellow]not selected[/]: {verdict.selector['name']} "
+                f"{json.dumps(verdict.selector.get('params', {}))} picked "
+                f"{verdict.picked_in_system} of the {doc.chemical_system} candidates (budget "
+                f"{verdict.budget}); weights {json.dumps(verdict.weights)}"
             )
-        if scores:
+        if verdict.scores:
             console.print(
-                "  scores: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(scores.items()))
+                "  scores: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(verdict.scores.items()))
             )
-        label = store.labels.find_one({"structure_id": doc["_id"]}, {"energy": 1, "labeller": 1})
-        if label:
-            console.print(f"  labelled: {label['_id']} by {label['labeller']}")
+    if found.label is not None:
+        console.print(f"  labelled: {found.label.id} by {found.label.labeller}")
 
 
 def plugin_rows(registry) -> list[tuple[str, str, str, str, str]]:
@@ -684,10 +621,8 @@ def evaluate(
 ) -> None:
     """Energy/force/stress errors and the softening scale per chemical system and sampler,
     parity plots, and a comparison against the parent model."""
-    from pestle.engine.models import resolve_model
-    from pestle.evaluation.compare import compare_models, read_labelled_extxyz
+    from pestle.engine.evaluate import evaluate_model
     from pestle.store import StoreError
-    from pestle.trainers import LabelledStructure
 
     root, _ = _location(config, work_dir)
     out = output or Path(root) / "evaluations" / model.replace(":", "-")
@@ -696,49 +631,13 @@ def evaluate(
         model.startswith("model-") or (parent or "").startswith("model-") or not data_is_file
     )
     store = _open_store(config, work_dir) if needs_store else None
-    doc = (
-        store.models.find_one({"_id": model}, {"parent": 1, "training": 1})
-        if store is not None
-        else None
-    )
-    samplers: dict[str, str] = {}
+    source = data if data_is_file or data is None else _parse_or_fail([data])
     try:
-        if data_is_file:
-            labelled = read_labelled_extxyz(data)
-        else:
-            if data is not None:
-                label_filter = _parse_or_fail([data])
-            elif doc is not None and doc.get("training", {}).get("holdout_label_ids"):
-                label_filter = {"_id": {"$in": doc["training"]["holdout_label_ids"]}}
-            else:
-                _fail("--data is needed: an extxyz file or a label query")
-            labelled = []
-            for atoms, structure, label in store.labelled_atoms(label_filter):
-                labelled.append(LabelledStructure(atoms, structure["_id"], label["_id"]))
-                samplers[structure["_id"]] = label.get("sampler") or structure.get("kind")
-            if not labelled:
-                _fail(f"no labels match {label_filter}")
-        models = {}
-        if parent is None and doc is not None and (doc.get("parent") or {}).get("model"):
-            parent = f"{doc['parent']['family']}:{doc['parent']['model']}"
-        if parent is not None:
-            models[parent] = resolve_model(parent, store, out / "models")
-        models[model] = resolve_model(model, store, out / "models")
+        result = evaluate_model(store, model, out, data=source, parent=parent)
     except (StoreError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    result = compare_models(models, labelled, samplers=samplers or None, plot_dir=out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.md").write_text(result["table"] + "\n")
-    (out / "evaluation.json").write_text(json.dumps(_jsonable(result), indent=1))
-    if doc is not None:
-        from pestle.structures import settings_hash
-
-        key = "cli-" + settings_hash({"data": sorted(ls.label_id for ls in labelled)})[:10]
-        store.models.update_one(
-            {"_id": model}, {"$set": {f"evaluation_{key}": result["overall"][model]}}
-        )
     sys.stdout.write(result["table"] + "\n")  # unwrapped: a markdown table to paste
-    console.print(f"{len(labelled)} labelled structures; plots and tables in {out}")
+    console.print(f"{result['n_structures']} labelled structures; plots and tables in {out}")
 
 
 def _quiet_dask(verbose: bool) -> None:
@@ -832,7 +731,7 @@ def daemon_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -
     path, pid = _daemon_pid(config, work_dir)
     console.print(f"daemon: {'running, pid ' + str(pid) if pid else 'not running'} ({path})")
     store = _open_store(config, work_dir)
-    lease = store.daemon_lease()
+    lease = store.meta.daemon_lease()
     if lease:
         console.print(
             f"store lease: pid {lease.get('pid')} on {lease.get('host')}, "
@@ -841,27 +740,23 @@ def daemon_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -
     table = Table(title="campaigns")
     for column in ("campaign", "next round", "systems", "finished", "last retraining", "promoted"):
         table.add_column(column)
-    for doc in store.meta.find({"_id": {"$regex": "^daemon:"}}):
-        retrain = doc.get("retrain") or {}
+    promoted = ", ".join(f"{d['family']}: {d['model_id']}" for d in store.models.promoted_all())
+    for name, state in store.meta.campaign_states().items():
+        retrain = state.retrain
         table.add_row(
-            doc["_id"].removeprefix("daemon:"),
-            str(doc.get("round", 0)),
-            ", ".join(doc.get("systems", [])),
-            ", ".join(doc.get("finished", {})),
+            name,
+            str(state.round),
+            ", ".join(state.systems),
+            ", ".join(state.finished),
             f"{retrain.get('outcome', '')} {retrain.get('model_id', '')}".strip(),
-            ", ".join(
-                f"{d['family']}: {d['model_id']}"
-                for d in store.meta.find({"_id": {"$regex": "^promoted:"}})
-            ),
+            promoted,
         )
     console.print(table)
     console.print(
-        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.job_counts().items())) or "none")
+        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.jobs.counts().items())) or "none")
     )
-    for decision in store.decisions.find().sort("at", -1).limit(5):
-        console.print(
-            f"{decision['at']:%Y-%m-%d %H:%M} {decision['kind']}: {decision.get('reason', '')}"
-        )
+    for decision in store.decisions.find(newest_first=True, limit=5):
+        console.print(f"{decision.at:%Y-%m-%d %H:%M} {decision.kind}: {decision.reason}")
 
 
 @daemon_app.command("stop")

@@ -24,27 +24,7 @@ def write_extxyz(
 
 def _annotated(store: Store, label_filter: Mapping[str, Any] | None) -> list:
     """Labelled Atoms (reference results in ``atoms.calc``) with ids and provenance in info."""
-    images = []
-    for atoms, structure, label in store.labelled_atoms(label_filter):
-        provenance = structure.get("provenance", {})
-        atoms.info.update(
-            {
-                "structure_id": structure["_id"],
-                "label_id": label["_id"],
-                "chemical_system": label["chemical_system"],
-                "sampler": provenance.get("sampler") or structure.get("kind"),
-                "parent_id": provenance.get("parent_id") or "",
-                "rng_seed": str(provenance.get("rng_seed", "")),
-                "sampler_params": json.dumps(provenance.get("params", {}), sort_keys=True),
-                "labeller": label["labeller"],
-                "lot_hash": label["lot_hash"],
-                "level_of_theory": json.dumps(
-                    label["level_of_theory"], sort_keys=True, default=str
-                ),
-            }
-        )
-        images.append(atoms)
-    return images
+    return [stored.atoms for stored in store.labels.labelled(label_filter)]
 
 
 def write_ase_db(

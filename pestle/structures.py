@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,16 @@ from ase import Atoms
 # Positions are compared on a 1e-4 Angstrom grid: far below any physical displacement a
 # sampler makes, far above floating-point noise from a round trip through the store.
 DISTANCE_TOL = 1e-4
+
+
+@dataclass
+class LabelledStructure:
+    """Geometry with reference results attached in ``atoms.calc`` (SinglePointCalculator)
+    and the ids that tie it to the store."""
+
+    atoms: Atoms
+    structure_id: str
+    label_id: str
 
 
 def chemical_system(atoms: Atoms) -> str:

@@ -35,5 +35,16 @@ def database_name() -> str:
 def store(mongo_uri: str, database_name: str) -> Store:
     store = Store(mongo_uri, database_name)
     yield store
-    store.client.drop_database(database_name)
+    store.drop()
     store.close()
+
+
+@pytest.fixture
+def raw_db(mongo_uri: str, database_name: str):
+    """The store's database through plain pymongo: for a test to look at (or tamper with)
+    what is stored beneath the repositories."""
+    import pymongo
+
+    client = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    yield client[database_name]
+    client.close()

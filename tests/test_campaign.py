@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pymongo
 import pytest
 import yaml
 from ase.io import read
@@ -73,9 +74,9 @@ def pestle(*args: str, env: dict, check: bool = True) -> subprocess.CompletedPro
     return result
 
 
-def snapshot(store: Store) -> dict[str, set]:
+def snapshot(db) -> dict[str, set]:
     return {
-        name: {d["_id"] for d in store.db[name].find({}, {"_id": 1})}
+        name: {d["_id"] for d in db[name].find({}, {"_id": 1})}
         for name in ("structures", "labels", "models", "jobs")
     }
 
@@ -88,22 +89,26 @@ def campaign(tmp_path_factory, mongo_uri):
     config = mini_config(tmp_path, database)
     first = pestle("run", str(config), env=env)
     store = Store(mongo_uri, database)
-    yield {"config": config, "env": env, "store": store, "output": first.stdout, "tmp": tmp_path}
-    store.client.drop_database(database)
+    db = pymongo.MongoClient(mongo_uri, tz_aware=True)[database]  # what is stored, as stored
+    yield {"config": config, "env": env, "store": store, "db": db, "output": first.stdout,
+           "tmp": tmp_path}  # fmt: skip
+    store.drop()
     store.close()
+    db.client.close()
 
 
 def test_run_stores_everything_with_provenance(campaign) -> None:
     store: Store = campaign["store"]
-    run = store.runs.find_one()
+    db = campaign["db"]
+    run = db["runs"].find_one()
     assert run["state"] == "finished"
     report = Path(run["report"])
     assert report.is_file() and campaign["output"].strip().endswith(str(report))
     assert list(report.parent.glob("parity-forces-Si.png"))
 
-    seeds = list(store.structures.find({"kind": "seed"}))
+    seeds = list(db["structures"].find({"kind": "seed"}))
     assert len(seeds) == 1  # the duplicate seed is stored once
-    candidates = list(store.structures.find({"kind": "candidate"}))
+    candidates = list(db["structures"].find({"kind": "candidate"}))
     assert len(candidates) == 6
     for doc in candidates:
         prov = doc["provenance"]
@@ -112,7 +117,7 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
         assert isinstance(prov["rng_seed"], int) and prov["params"]
         assert prov["code_versions"]["chgnet"] and prov["run_id"] == run["_id"]
 
-    labels = list(store.labels.find())
+    labels = list(db["labels"].find())
     assert len(labels) == 3
     for label in labels:
         lot = label["level_of_theory"]
@@ -120,9 +125,9 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
         assert lot["version"] and lot["setups"]
         assert np.isfinite(label["energy"]) and np.asarray(label["forces"]).shape == (2, 3)
         assert len(label["stress"]) == 6
-    assert store.job_counts() == {"done": 3}
+    assert store.jobs.counts() == {"done": 3}
 
-    [model] = list(store.models.find())
+    [model] = list(db["models"].find())
     holdout = set(model["training"]["holdout_label_ids"])
     train = set(model["training"]["label_ids"])
     assert train and holdout and not train & holdout
@@ -138,11 +143,11 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
 
 
 def test_second_run_adds_nothing(campaign) -> None:
-    store: Store = campaign["store"]
-    before = snapshot(store)
+    db = campaign["db"]
+    before = snapshot(db)
     pestle("run", str(campaign["config"]), env=campaign["env"])
-    assert snapshot(store) == before
-    assert store.labels.count_documents({}) == 3
+    assert snapshot(db) == before
+    assert db["labels"].count_documents({}) == 3
 
 
 def test_query_and_export(campaign) -> None:
@@ -158,7 +163,7 @@ def test_query_and_export(campaign) -> None:
     pestle("export", "-c", config, "--format", "extxyz", "--output", str(target), env=env)
     images = read(target, index=":")
     assert len(images) == 3
-    stored = {d["_id"]: d for d in campaign["store"].labels.find()}
+    stored = {d["_id"]: d for d in campaign["db"]["labels"].find()}
     for atoms in images:
         label = stored[atoms.info["label_id"]]
         assert atoms.get_potential_energy() == pytest.approx(label["energy"])
@@ -174,6 +179,7 @@ def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -
     config = mini_config(tmp_path, database)
     env = campaign["env"]
     store = Store(mongo_uri, database)
+    db = pymongo.MongoClient(mongo_uri, tz_aware=True)[database]
     try:
         process = subprocess.Popen(
             [PESTLE, "run", str(config)],
@@ -184,33 +190,35 @@ def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -
         )
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
-            if store.labels.count_documents({}) >= 1:
+            if db["labels"].count_documents({}) >= 1:
                 break
             time.sleep(0.2)
         assert process.poll() is None, "the run finished before it could be killed"
         os.killpg(process.pid, signal.SIGKILL)  # the whole run: driver, scheduler, workers
         process.wait()
-        assert store.runs.find_one()["state"] == "running"
-        assert store.labels.count_documents({}) < 3
+        assert db["runs"].find_one()["state"] == "running"
+        assert db["labels"].count_documents({}) < 3
 
         pestle("run", str(config), env=env)
-        assert store.runs.find_one()["state"] == "finished"
-        assert snapshot(store) == snapshot(campaign["store"])
-        assert store.job_counts() == {"done": 3}
-        assert store.labels.count_documents({}) == 3
+        assert db["runs"].find_one()["state"] == "finished"
+        assert snapshot(db) == snapshot(campaign["db"])
+        assert store.jobs.counts() == {"done": 3}
+        assert db["labels"].count_documents({}) == 3
     finally:
-        store.client.drop_database(database)
+        store.drop()
         store.close()
+        db.client.close()
 
 
 def test_models_listed_and_promoted(campaign) -> None:
     env, config, store = campaign["env"], str(campaign["config"]), campaign["store"]
-    [model] = list(store.models.find({}, {"_id": 1}))
+    db = campaign["db"]
+    [model] = list(db["models"].find({}, {"_id": 1}))
     listed = pestle("models", "-c", config, env={**env, "COLUMNS": "250"}).stdout
     assert model["_id"] in listed and re.search(r"Si \d\.\d{3}", listed)
     promoted = pestle("models", "promote", model["_id"], "--reason", "test", "-c", config, env=env)
     assert "is current" in promoted.stdout
-    assert store.promoted_model("chgnet") == model["_id"]
-    assert store.models.find_one({"_id": model["_id"]})["promotions"][-1]["reason"] == "test"
+    assert store.models.promoted("chgnet") == model["_id"]
+    assert db["models"].find_one({"_id": model["_id"]})["promotions"][-1]["reason"] == "test"
     bad = pestle("models", "promote", "model-nope", "-c", config, env=env, check=False)
     assert bad.returncode == 2 and "no model model-nope" in bad.stderr

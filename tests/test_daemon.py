@@ -15,12 +15,15 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pymongo
 import pytest
 import yaml
 
 from pestle.config import load_config
-from pestle.engine.daemon import Daemon, split_labels
+from pestle.engine.daemon import Daemon
+from pestle.stages.split import SplitPolicy, split_by_role
 from pestle.store import Store, StoreError
+from pestle.store.documents import CampaignState
 
 PESTLE = str(Path(sys.executable).with_name("pestle"))
 
@@ -59,39 +62,42 @@ def tiny_config(tmp_path: Path, database: str, **daemon: object) -> Path:
 
 def test_a_trained_label_never_becomes_held_out(tmp_path) -> None:
     config = load_config(tiny_config(tmp_path, "unused"))
+    policy = SplitPolicy.from_config(config)
     ids = [f"label-{i:03d}" for i in range(40)]
     trained: set[str] = set()
+    roles: dict[str, str] = {}  # recorded as they are decided, as the store keeps them
     for n in range(2, 41):
-        split = split_labels(config, {"F-Li": ids[:n]})
+        roles = policy.assign({"F-Li": ids[:n]}, roles)
+        split = split_by_role({"F-Li": ids[:n]}, roles)["F-Li"]
         assert not trained & set(split["holdout"]), n
         assert sorted(split["holdout"] + split["validation"] + split["train"]) == sorted(ids[:n])
         assert split["holdout"], "a system with two labels or more holds one out"
         trained |= set(split["train"]) | set(split["validation"])
-    share = len(split_labels(config, {"F-Li": ids})["holdout"]) / len(ids)
-    assert 0.15 < share < 0.55  # holdout_fraction 0.34, decided per label by its hash
+    share = sum(role == "holdout" for role in roles.values()) / len(ids)
+    assert 0.3 < share < 0.4  # holdout_fraction 0.34 of every system's labels
 
 
-def test_one_daemon_per_store(store: Store) -> None:
-    store.acquire_daemon_lease("first", 60, {})
+def test_one_daemon_per_store(store: Store, raw_db) -> None:
+    store.meta.acquire_daemon_lease("first", 60, {})
     with pytest.raises(StoreError, match="another pestle daemon holds this store: pid"):
-        store.acquire_daemon_lease("second", 60, {})
-    assert store.acquire_daemon_lease("first", 60, {})["owner"] == "first"  # renewal
-    assert store.renew_daemon_lease("first", 60)
-    assert not store.renew_daemon_lease("second", 60)
+        store.meta.acquire_daemon_lease("second", 60, {})
+    assert store.meta.acquire_daemon_lease("first", 60, {})["owner"] == "first"  # renewal
+    assert store.meta.renew_daemon_lease("first", 60)
+    assert not store.meta.renew_daemon_lease("second", 60)
 
     # A SIGKILLed daemon on this host: its pid is gone, its lease is taken over at once.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    store.meta.update_one({"_id": "daemon-lease"}, {"$set": {"pid": dead.pid}})
-    assert store.acquire_daemon_lease("second", 60, {})["owner"] == "second"
+    raw_db["meta"].update_one({"_id": "daemon-lease"}, {"$set": {"pid": dead.pid}})
+    assert store.meta.acquire_daemon_lease("second", 60, {})["owner"] == "second"
     # An expired lease is free whoever held it.
-    store.meta.update_one(
+    raw_db["meta"].update_one(
         {"_id": "daemon-lease"},
         {"$set": {"pid": os.getpid(), "expires_at": datetime.now(timezone.utc) - timedelta(1)}},
     )
-    assert store.acquire_daemon_lease("third", 60, {})["owner"] == "third"
-    store.release_daemon_lease("third")
-    assert store.daemon_lease() is None
+    assert store.meta.acquire_daemon_lease("third", 60, {})["owner"] == "third"
+    store.meta.release_daemon_lease("third")
+    assert store.meta.daemon_lease() is None
 
 
 def test_retraining_triggers(tmp_path) -> None:
@@ -99,11 +105,17 @@ def test_retraining_triggers(tmp_path) -> None:
     daemon = Daemon([path])
     config = daemon.configs[path.resolve()]
     now = datetime.now(timezone.utc)
-    assert daemon.retrain_due(config, 2, {"retrain": {"n_labels": 0, "at": now}}) is None
-    assert "3 new labels" in daemon.retrain_due(config, 5, {"retrain": {"n_labels": 2, "at": now}})
-    assert daemon.retrain_due(config, 5, {"retrain": {"n_labels": 5, "at": now}}) is None
+
+    def state(n_labels: int, at: datetime) -> CampaignState:
+        return CampaignState.model_validate(
+            {"_id": "daemon:tiny", "retrain": {"n_labels": n_labels, "at": at}}
+        )
+
+    assert daemon.retrain_due(config, 2, state(0, now)) is None
+    assert "3 new labels" in daemon.retrain_due(config, 5, state(2, now))
+    assert daemon.retrain_due(config, 5, state(5, now)) is None
     two_days_ago = now - timedelta(days=2)
-    due = daemon.retrain_due(config, 3, {"retrain": {"n_labels": 2, "at": two_days_ago}})
+    due = daemon.retrain_due(config, 3, state(2, two_days_ago))
     assert due.startswith("cron '0 3 * * *' fell due")
 
 
@@ -115,13 +127,13 @@ def test_bad_cron_is_named(tmp_path) -> None:
 
 
 def test_only_a_queued_job_is_withdrawn(store: Store) -> None:
-    store.enqueue_job("j1", "label", {"structure_id": "s1"})
-    store.enqueue_job("j2", "label", {"structure_id": "s2"})
-    assert store.claim_job("j2", "host:1", 60)
-    assert store.withdraw_job("j1", "not worth it")
-    assert not store.withdraw_job("j2", "a worker holds it")
-    assert store.jobs.find_one({"_id": "j1"})["state"] == "withdrawn"
-    assert store.claim_job("j1", "host:1", 60) is None  # never claimed again
+    store.jobs.enqueue("j1", "label", {"structure_id": "s1"})
+    store.jobs.enqueue("j2", "label", {"structure_id": "s2"})
+    assert store.jobs.claim("j2", "host:1", 60)
+    assert store.jobs.withdraw("j1", "not worth it")
+    assert not store.jobs.withdraw("j2", "a worker holds it")
+    assert store.jobs.state("j1") == "withdrawn"
+    assert store.jobs.claim("j1", "host:1", 60) is None  # never claimed again
 
 
 def _wait(predicate, seconds: float, what: str) -> None:
@@ -139,6 +151,7 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
     config = tiny_config(tmp_path, database)
     env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
     store = Store(mongo_uri, database)
+    db = pymongo.MongoClient(mongo_uri, tz_aware=True)[database]  # what is stored, as stored
     work = tmp_path / "work"
 
     def pestle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -159,54 +172,54 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         assert "another pestle daemon holds this store" in second.stderr
 
         # A round and a retraining, then SIGKILL while a later round's GPAW label runs.
-        _wait(lambda: store.decisions.count_documents({"kind": "retrain", "outcome": {"$in": ["promoted", "kept"]}}), 600, "a retraining")  # fmt: skip
+        _wait(lambda: db["decisions"].count_documents({"kind": "retrain", "outcome": {"$in": ["promoted", "kept"]}}), 600, "a retraining")  # fmt: skip
         _wait(
-            lambda: store.jobs.count_documents({"state": "running", "run_id": {"$regex": "-r000[12]$"}}),
+            lambda: db["jobs"].count_documents({"state": "running", "run_id": {"$regex": "-r000[12]$"}}),
             600,
             "a label job of round 1 or 2 in flight",
         )  # fmt: skip
         os.killpg(pid, signal.SIGKILL)  # the daemon with its Dask scheduler and workers
         _wait(lambda: subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode, 30, "the process group to die")  # fmt: skip
-        in_flight = [j["_id"] for j in store.jobs.find({"state": "running"})]
+        in_flight = [j["_id"] for j in db["jobs"].find({"state": "running"})]
         assert in_flight, "the kill was meant to land in the middle of labelling"
-        assert store.daemon_lease() is not None  # left behind by the killed daemon
+        assert store.meta.daemon_lease() is not None  # left behind by the killed daemon
 
         status = pestle("daemon", "status", "-c", str(config)).stdout
         assert "not running" in status
         pestle("daemon", "start", "--foreground", "--exit-when-idle", str(config))
 
-        state = store.meta.find_one({"_id": "daemon:tiny"})
+        state = db["meta"].find_one({"_id": "daemon:tiny"})
         assert state["round"] == 3
-        jobs = list(store.jobs.find({"kind": "label"}))
+        jobs = list(db["jobs"].find({"kind": "label"}))
         assert {j["state"] for j in jobs} <= {"done", "withdrawn"}, [j["state"] for j in jobs]
         for job_id in in_flight:  # nothing lost: the killed jobs were computed after all
-            assert store.jobs.find_one({"_id": job_id})["state"] in ("done", "withdrawn")
+            assert db["jobs"].find_one({"_id": job_id})["state"] in ("done", "withdrawn")
         done = [j for j in jobs if j["state"] == "done"]
-        labels = list(store.labels.find({}, {"structure_id": 1, "lot_hash": 1}))
+        labels = list(db["labels"].find({}, {"structure_id": 1, "lot_hash": 1}))
         assert len(labels) == len(done)  # one label per finished job, none twice
         pairs = [(lab["structure_id"], lab["lot_hash"]) for lab in labels]
         assert len(pairs) == len(set(pairs))
         assert sorted(j["payload"]["structure_id"] for j in done) == sorted(
             lab["structure_id"] for lab in labels
         )
-        promoted = list(store.meta.find({"_id": {"$regex": "^promoted:"}}))
+        promoted = list(db["meta"].find({"_id": {"$regex": "^promoted:"}}))
         assert [p["family"] for p in promoted] == ["chgnet"]
-        assert store.models.count_documents({"_id": promoted[0]["model_id"]}) == 1
-        decisions = list(store.decisions.find({"kind": "retrain"}))
+        assert db["models"].count_documents({"_id": promoted[0]["model_id"]}) == 1
+        decisions = list(db["decisions"].find({"kind": "retrain"}))
         assert all(d.get("reason") for d in decisions)
         assert any(d["outcome"] == "promoted" for d in decisions)
         # Rounds after the promotion scored with the promoted model.
-        rounds = {r["_id"]: r for r in store.runs.find({"daemon_round": {"$exists": True}})}
+        rounds = {r["_id"]: r for r in db["runs"].find({"daemon_round": {"$exists": True}})}
         assert len(rounds) == 3
         assert any(r.get("scored_with_model") for r in rounds.values())
-        assert store.daemon_lease() is None  # released on a clean exit
+        assert store.meta.daemon_lease() is None  # released on a clean exit
         assert not (work / "daemon" / "daemon.pid").exists()
 
         # Started again with every round done it idles; `daemon stop` (SIGTERM) ends it.
         assert "daemon started" in pestle("daemon", "start", str(config)).stdout
         stopped = pestle("daemon", "stop", "-c", str(config), "--timeout", "120").stdout
         assert "daemon stopped" in stopped
-        assert store.daemon_lease() is None
+        assert store.meta.daemon_lease() is None
         assert "stop requested" in (work / "daemon" / "daemon.log").read_text()
 
         # A queued label that the promoted model no longer finds worth DFT is withdrawn.
@@ -214,11 +227,11 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         daemon.store, daemon.store_uri = store, mongo_uri
         settings = daemon.configs[config.resolve()]
         settings.daemon.withdraw_below = 1e3  # eV/A: every candidate falls below it
-        labelled = store.labels.distinct("structure_id")
-        spare = store.structures.find_one({"kind": "candidate", "_id": {"$nin": labelled}})
-        store.enqueue_job("spare", "label", {"structure_id": spare["_id"]}, run_id="tiny-x-r9999")
+        labelled = db["labels"].distinct("structure_id")
+        spare = db["structures"].find_one({"kind": "candidate", "_id": {"$nin": labelled}})
+        store.jobs.enqueue("spare", "label", {"structure_id": spare["_id"]}, run_id="tiny-x-r9999")
         daemon.withdraw_unworthy(settings, promoted[0]["model_id"])
-        spare_job = store.jobs.find_one({"_id": "spare"})
+        spare_job = db["jobs"].find_one({"_id": "spare"})
         assert spare_job["state"] == "withdrawn"
         assert "expected softening error" in spare_job["withdrawn_reason"]
 
@@ -239,8 +252,9 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         assert promoted[0]["model_id"] in page and "F-Li" in page
     finally:
         subprocess.run(["pkill", "-9", "-f", str(config)], check=False)
-        store.client.drop_database(database)
+        store.drop()
         store.close()
+        db.client.close()
 
 
 def test_md_runs_with_the_promoted_model(store: Store, tmp_path) -> None:
@@ -251,7 +265,7 @@ def test_md_runs_with_the_promoted_model(store: Store, tmp_path) -> None:
     from pestle.potentials.chgnet import save_checkpoint
     from pestle.samplers import SAMPLERS, Seed
 
-    path = tiny_config(tmp_path, store.db.name, md_with_promoted_model=True)
+    path = tiny_config(tmp_path, store.database, md_with_promoted_model=True)
     raw = yaml.safe_load(path.read_text())
     md = {"temperatures": [300.0], "equilibration_steps": 2, "snapshot_every": 1,
           "snapshots_per_temperature": 1}  # fmt: skip
@@ -260,14 +274,14 @@ def test_md_runs_with_the_promoted_model(store: Store, tmp_path) -> None:
     daemon = Daemon([path])
     daemon.store = store
     config = daemon.configs[path.resolve()]
-    assert daemon.round_config(config, None) is config  # nothing promoted yet
+    assert daemon.round_samplers(config, None) == config.samplers  # nothing promoted yet
 
     model = POTENTIALS.build("chgnet", {"device": "cpu"}).load_model()
     with torch.no_grad():
         model.composition_model.fc.weight.add_(0.01)  # a version that differs from the wheel's
     checkpoint = save_checkpoint(model, tmp_path / "tuned.pt", {})
-    store.put_model("model-md", checkpoint, {"family": "chgnet", "potential": "chgnet"})
-    spec = daemon.round_config(config, "model-md").samplers[1]
+    store.models.put("model-md", checkpoint, {"family": "chgnet", "potential": "chgnet"})
+    spec = daemon.round_samplers(config, "model-md")[1]
     assert spec.params["potential"]["params"]["checkpoint"].endswith("tuned.pt")
     assert config.samplers[1].params == md  # the config itself is left as it is
 
@@ -275,12 +289,12 @@ def test_md_runs_with_the_promoted_model(store: Store, tmp_path) -> None:
     sampler = SAMPLERS.build("md", spec.params)
     (candidate,) = sampler.sample(Seed(atoms=seed_atoms, id="si", name="Si"), 1)
     used = candidate.params["potential"]
-    stored_sha = store.models.find_one({"_id": "model-md"})["checkpoint"]["sha256"]
+    stored_sha = store.models.get("model-md").checkpoint.sha256
     assert used["checkpoint_sha256"] == stored_sha
 
 
 def test_a_failing_step_is_recorded_and_the_daemon_goes_on(store: Store, tmp_path) -> None:
-    daemon = Daemon([tiny_config(tmp_path, store.db.name)], idle_poll_seconds=0)
+    daemon = Daemon([tiny_config(tmp_path, store.database)], idle_poll_seconds=0)
     daemon.store = store
     config = next(iter(daemon.configs.values()))
 
@@ -289,6 +303,6 @@ def test_a_failing_step_is_recorded_and_the_daemon_goes_on(store: Store, tmp_pat
 
     daemon.step = broken_step
     assert daemon.guarded_step(config, client=None) is False
-    (decision,) = store.decisions.find({"kind": "error"})
-    assert decision["campaign"] == "tiny" and "the store hiccuped" in decision["reason"]
+    (decision,) = store.decisions.find("error")
+    assert decision.campaign == "tiny" and "the store hiccuped" in decision.reason
     assert not daemon.stopping.is_set()

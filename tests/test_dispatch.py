@@ -18,16 +18,16 @@ from pestle.dispatch.labelling import label_jobs, run_label_job
 from pestle.dispatch.training import workers_with_gpu
 from pestle.labellers import LABELLERS, level_of_theory_hash
 from pestle.store import Store, label_id
-from pestle.store.store import utcnow
+from pestle.store.errors import utcnow
 
 EMT_SPEC = {"name": "emt", "params": {}}
 
 
 def enqueue(store: Store, atoms, *, max_attempts: int = 3) -> tuple[str, str]:
-    sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "test"})
+    sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "test"})
     lot_hash = level_of_theory_hash(LABELLERS.build("emt", {}))
     job_id = f"label-{sid}-{lot_hash}"
-    store.enqueue_job(
+    store.jobs.enqueue(
         job_id,
         "label",
         {"structure_id": sid, "labeller": EMT_SPEC, "lot_hash": lot_hash},
@@ -56,7 +56,7 @@ def test_local_workers_advertise_cpu_not_gpu(client) -> None:
 
 
 def test_jobs_run_on_workers_and_labels_match_the_calculator(
-    client, store: Store, mongo_uri: str, tmp_path
+    client, store: Store, mongo_uri: str, tmp_path, raw_db
 ) -> None:
     structures = [rattled_cu(seed) for seed in range(4)]
     jobs = [enqueue(store, atoms) for atoms in structures]
@@ -74,46 +74,48 @@ def test_jobs_run_on_workers_and_labels_match_the_calculator(
     lot_hash = jobs[0][1].rsplit("-", 1)[1]
     workers = set()
     for atoms, (sid, job_id) in zip(structures, jobs, strict=True):
-        label = store.labels.find_one({"_id": label_id(sid, lot_hash)})
+        label = raw_db["labels"].find_one({"_id": label_id(sid, lot_hash)})
         reference = atoms.copy()
         reference.calc = EMT()
         assert label["energy"] == pytest.approx(reference.get_potential_energy(), abs=1e-10)
         np.testing.assert_allclose(label["forces"], reference.get_forces(), atol=1e-10)
         assert label["level_of_theory"]["code"] == "ase-emt" and label["job_id"] == job_id
-        job = store.jobs.find_one({"_id": job_id})
+        job = raw_db["jobs"].find_one({"_id": job_id})
         assert job["state"] == "done" and job["attempts"] == 1
         workers.add(job["worker"])
     # The work ran in the worker processes, not in the driver.
     assert all(not w.endswith(f":{__import__('os').getpid()}") for w in workers)
 
 
-def test_unlabellable_structure_fails_once_without_retry(client, store, mongo_uri, tmp_path):
+def test_unlabellable_structure_fails_once_without_retry(
+    client, store, mongo_uri, tmp_path, raw_db
+):
     _, job_id = enqueue(store, bulk("Si", "diamond", a=5.43))  # EMT has no Si
     states = label_jobs(
         client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=120
     )
     assert states == {job_id: "failed"}
-    job = store.jobs.find_one({"_id": job_id})
+    job = raw_db["jobs"].find_one({"_id": job_id})
     assert job["attempts"] == 1 and "LabelError" in job["error"] and "Si" in job["error"]
-    assert store.labels.count_documents({}) == 0
+    assert raw_db["labels"].count_documents({}) == 0
 
 
-def test_orphaned_lease_of_a_dead_process_is_taken_over(client, store, mongo_uri, tmp_path):
+def test_orphaned_lease_of_a_dead_process_is_taken_over(client, store, mongo_uri, tmp_path, raw_db):
     _, job_id = enqueue(store, rattled_cu(7))
     # A worker on this host that died mid-calculation, its lease still an hour long.
     dead = f"{socket.gethostname()}:{2**22 + 12345}"
-    assert store.claim_job(job_id, dead, lease_seconds=3600)
+    assert store.jobs.claim(job_id, dead, lease_seconds=3600)
     states = label_jobs(
         client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=120
     )
     assert states == {job_id: "done"}
-    job = store.jobs.find_one({"_id": job_id})
+    job = raw_db["jobs"].find_one({"_id": job_id})
     assert job["attempts"] == 2 and job["worker"] != dead
 
 
-def test_live_lease_elsewhere_is_waited_for_then_taken(client, store, mongo_uri, tmp_path):
+def test_live_lease_elsewhere_is_waited_for_then_taken(client, store, mongo_uri, tmp_path, raw_db):
     _, job_id = enqueue(store, rattled_cu(8))
-    assert store.claim_job(job_id, "another-host:1", lease_seconds=2)
+    assert store.jobs.claim(job_id, "another-host:1", lease_seconds=2)
     with pytest.raises(TimeoutError):
         label_jobs(
             client,
@@ -123,19 +125,19 @@ def test_live_lease_elsewhere_is_waited_for_then_taken(client, store, mongo_uri,
             work_root=str(tmp_path),
             timeout_seconds=0.8,
         )
-    assert store.jobs.find_one({"_id": job_id})["worker"] == "another-host:1"
+    assert raw_db["jobs"].find_one({"_id": job_id})["worker"] == "another-host:1"
     states = label_jobs(
         client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=60
     )
     assert states == {job_id: "done"}
 
 
-def test_racing_tasks_compute_one_label(store, mongo_uri, tmp_path) -> None:
+def test_racing_tasks_compute_one_label(store, mongo_uri, tmp_path, raw_db) -> None:
     _, job_id = enqueue(store, rattled_cu(9))
     results = []
 
     def attempt() -> None:
-        results.append(run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path)))
+        results.append(run_label_job(mongo_uri, store.database, job_id, str(tmp_path)))
 
     threads = [threading.Thread(target=attempt) for _ in range(4)]
     for t in threads:
@@ -143,16 +145,16 @@ def test_racing_tasks_compute_one_label(store, mongo_uri, tmp_path) -> None:
     for t in threads:
         t.join()
     assert sum(r["claimed"] for r in results) == 1
-    assert store.labels.count_documents({}) == 1
-    assert store.jobs.find_one({"_id": job_id})["attempts"] == 1
+    assert raw_db["labels"].count_documents({}) == 1
+    assert raw_db["jobs"].find_one({"_id": job_id})["attempts"] == 1
 
 
-def test_label_stored_before_a_crash_is_not_recomputed(store, mongo_uri, tmp_path) -> None:
+def test_label_stored_before_a_crash_is_not_recomputed(store, mongo_uri, tmp_path, raw_db) -> None:
     sid, job_id = enqueue(store, rattled_cu(10))
-    run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
-    before = store.labels.find_one()
+    run_label_job(mongo_uri, store.database, job_id, str(tmp_path))
+    before = raw_db["labels"].find_one()
     # As if the worker died after storing the label but before closing the job.
-    store.jobs.update_one(
+    raw_db["jobs"].update_one(
         {"_id": job_id},
         {
             "$set": {
@@ -162,20 +164,20 @@ def test_label_stored_before_a_crash_is_not_recomputed(store, mongo_uri, tmp_pat
             }
         },
     )
-    result = run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    result = run_label_job(mongo_uri, store.database, job_id, str(tmp_path))
     assert result["state"] == "done"
-    assert store.labels.find_one() == before and store.labels.count_documents({}) == 1
+    assert raw_db["labels"].find_one() == before and raw_db["labels"].count_documents({}) == 1
 
 
-def test_retryable_error_backs_off_then_fails(store, mongo_uri, tmp_path) -> None:
+def test_retryable_error_backs_off_then_fails(store, mongo_uri, tmp_path, raw_db) -> None:
     _, job_id = enqueue(store, rattled_cu(11), max_attempts=2)
-    store.structures.delete_many({})  # the structure vanished: an error worth retrying
-    first = run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    raw_db["structures"].delete_many({})  # the structure vanished: an error worth retrying
+    first = run_label_job(mongo_uri, store.database, job_id, str(tmp_path))
     assert first["state"] == "queued"
-    job = store.jobs.find_one({"_id": job_id})
+    job = raw_db["jobs"].find_one({"_id": job_id})
     assert job["not_before"] > job["history"][-1]["at"]  # backoff before the next attempt
-    store.jobs.update_one({"_id": job_id}, {"$set": {"not_before": utcnow()}})
-    second = run_label_job(mongo_uri, store.db.name, job_id, str(tmp_path))
+    raw_db["jobs"].update_one({"_id": job_id}, {"$set": {"not_before": utcnow()}})
+    second = run_label_job(mongo_uri, store.database, job_id, str(tmp_path))
     assert second["state"] == "failed"
 
 
@@ -263,10 +265,10 @@ def test_tls_scheduler_from_config_files(tmp_path) -> None:
 
 
 def enqueue_gpaw(store: Store, atoms, params: dict) -> str:
-    sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "test"})
+    sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "test"})
     lot_hash = level_of_theory_hash(LABELLERS.build("gpaw", params))
     job_id = f"label-{sid}-{lot_hash}"
-    store.enqueue_job(
+    store.jobs.enqueue(
         job_id,
         "label",
         {"structure_id": sid, "labeller": {"name": "gpaw", "params": params}, "lot_hash": lot_hash},
@@ -274,7 +276,9 @@ def enqueue_gpaw(store: Store, atoms, params: dict) -> str:
     return job_id
 
 
-def test_worker_killed_mid_calculation_job_finishes_elsewhere(client, store, mongo_uri, tmp_path):
+def test_worker_killed_mid_calculation_job_finishes_elsewhere(
+    client, store, mongo_uri, tmp_path, raw_db
+):
     import os
     import signal
 
@@ -291,7 +295,7 @@ def test_worker_killed_mid_calculation_job_finishes_elsewhere(client, store, mon
     driver.start()
     victim = None
     for _ in range(600):  # wait until a worker holds the job, then kill that process
-        job = store.jobs.find_one({"_id": job_id})
+        job = raw_db["jobs"].find_one({"_id": job_id})
         if job["state"] == "running":
             victim = int(job["worker"].rsplit(":", 1)[1])
             os.kill(victim, signal.SIGKILL)
@@ -299,40 +303,40 @@ def test_worker_killed_mid_calculation_job_finishes_elsewhere(client, store, mon
         threading.Event().wait(0.05)
     driver.join(timeout=300)
     assert victim is not None and outcome == {job_id: "done"}
-    job = store.jobs.find_one({"_id": job_id})
+    job = raw_db["jobs"].find_one({"_id": job_id})
     assert job["attempts"] == 2 and not job["worker"].endswith(f":{victim}")
-    assert store.labels.count_documents({}) == 1
+    assert raw_db["labels"].count_documents({}) == 1
 
 
-def test_unconverged_scf_is_a_failed_job_not_a_label(client, store, mongo_uri, tmp_path):
+def test_unconverged_scf_is_a_failed_job_not_a_label(client, store, mongo_uri, tmp_path, raw_db):
     job_id = enqueue_gpaw(store, bulk("Si", "diamond", a=5.43), {"ecut": 200, "kpoint_density": 1.0,
                                                                   "maxiter": 2})  # fmt: skip
     states = label_jobs(
         client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path), timeout_seconds=120
     )
     assert states == {job_id: "failed"}
-    job = store.jobs.find_one({"_id": job_id})
+    job = raw_db["jobs"].find_one({"_id": job_id})
     assert "did not converge" in job["error"] and job["attempts"] == 1 and job["traceback"]
-    assert store.labels.count_documents({}) == 0
+    assert raw_db["labels"].count_documents({}) == 0
 
 
 def test_job_over_its_time_limit_restarts_the_worker_and_is_retried(
-    client, store, mongo_uri, tmp_path
+    client, store, mongo_uri, tmp_path, raw_db
 ):
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     atoms.rattle(0.05, seed=6)
     params = {"ecut": 250, "kpoint_density": 1.5}
     job_id = enqueue_gpaw(store, atoms, params)
-    store.jobs.update_one({"_id": job_id}, {"$set": {"max_attempts": 2}})
+    raw_db["jobs"].update_one({"_id": job_id}, {"$set": {"max_attempts": 2}})
     states = label_jobs(
         client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path),
         job_timeout_seconds=0.5, timeout_seconds=240,
     )  # fmt: skip
     assert states == {job_id: "failed"}
-    job = store.jobs.find_one({"_id": job_id})
+    job = raw_db["jobs"].find_one({"_id": job_id})
     assert job["attempts"] == 2 and job["error"].startswith("timeout: still running after 0.5 s")
     assert [h["event"] for h in job["history"]] == ["failed", "failed"]
-    assert store.labels.count_documents({}) == 0
+    assert raw_db["labels"].count_documents({}) == 0
     # The workers came back and still work.
     client.wait_for_workers(2, timeout=60)
     assert client.submit(sum, [1, 1]).result() == 2
@@ -353,9 +357,11 @@ def test_labelling_tasks_declare_their_cores(client) -> None:
         assert cpu_resources(plain_client, 2) is None  # a cluster that declares nothing
 
 
-def test_unphysical_structure_is_rejected_before_dispatch(store, mongo_uri, tmp_path) -> None:
+def test_unphysical_structure_is_rejected_before_dispatch(
+    store, mongo_uri, tmp_path, raw_db
+) -> None:
     from pestle.config import CampaignConfig
-    from pestle.engine.campaign import Campaign
+    from pestle.stages import LabelStage, RunContext
 
     config = CampaignConfig.model_validate(
         {"name": "guard", "work_dir": str(tmp_path), "samplers": [{"name": "rattle"}],
@@ -364,7 +370,10 @@ def test_unphysical_structure_is_rejected_before_dispatch(store, mongo_uri, tmp_
     )  # fmt: skip
     squashed = bulk("Cu", "fcc", a=3.61, cubic=True)
     squashed.positions[1] = squashed.positions[0] + [0.4, 0, 0]
-    sid, _ = store.add_structure(squashed, kind="candidate", provenance={"sampler": "import"})
-    outcome = Campaign(config, store, mongo_uri).stage_label([sid], client=None)
+    sid, _ = store.structures.add(squashed, kind="candidate", provenance={"sampler": "import"})
+    context = RunContext(config, store, mongo_uri, outputs={"selected": [sid]})
+    context.start()
+    LabelStage().run(context)
+    outcome = store.runs.require(context.run_id).stages["label"]
     assert outcome["dispatched"] == 0 and "apart" in outcome["rejected_before_dispatch"][sid]
-    assert store.jobs.count_documents({}) == 0 and store.labels.count_documents({}) == 0
+    assert raw_db["jobs"].count_documents({}) == 0 and raw_db["labels"].count_documents({}) == 0

@@ -20,11 +20,11 @@ from pestle.store.queries import build_filter, normalise_system
 
 def _label(store: Store, atoms, sampler: str, parent: str | None = None) -> str:
     atoms = atoms.copy()
-    sid, _ = store.add_structure(
+    sid, _ = store.structures.add(
         atoms, kind="candidate", provenance={"sampler": sampler, "parent_id": parent}
     )
     atoms.calc = EMT()
-    store.put_label(
+    store.labels.put(
         sid,
         labeller="emt",
         level_of_theory={"code": "emt"},
@@ -49,13 +49,13 @@ def filled(store: Store) -> Store:
     alloy.rattle(0.05, seed=3)
     _label(store, alloy, "solid_solution", parent="seed-cu")
     plain = bulk("Al", "fcc", a=4.05, cubic=True)
-    store.add_structure(plain, kind="candidate", provenance={"sampler": "strain"})
+    store.structures.add(plain, kind="candidate", provenance={"sampler": "strain"})
     return store
 
 
 def test_named_filters(filled: Store) -> None:
     def ids(collection: str, **named) -> int:
-        return filled.db[collection].count_documents(build_filter(filled, collection, **named))
+        return filled.count(collection, build_filter(filled, collection, **named))
 
     assert normalise_system("Li-F") == normalise_system("LiF") == "F-Li"
     assert ids("structures", elements=["Cu"]) == 3
@@ -65,10 +65,10 @@ def test_named_filters(filled: Store) -> None:
     assert ids("labels", sampler="rattle") == 2
     assert ids("structures", labelled=False) == 1
     assert ids("structures", labelled=True) == 3
-    hot = filled.labels.find_one(sort=[("max_force", -1)])
-    assert ids("labels", force_min=hot["max_force"] - 1e-9) == 1
-    assert ids("structures", force_max=hot["max_force"] - 1e-9) == 2
-    energy = hot["energy_per_atom"]
+    hot = max(filled.labels.find(), key=lambda label: label.max_force)
+    assert ids("labels", force_min=hot.max_force - 1e-9) == 1
+    assert ids("structures", force_max=hot.max_force - 1e-9) == 2
+    energy = hot.energy_per_atom
     assert ids("labels", energy_min=energy, energy_max=energy) == 1
     with pytest.raises(ValueError, match="empty range"):
         build_filter(filled, "labels", force_min=2, force_max=1)
@@ -82,10 +82,9 @@ def test_ase_db_round_trip(filled: Store, tmp_path) -> None:
     assert write_ase_db(filled, path) == 3
     assert write_ase_db(filled, path) == 0  # rows already there are not duplicated
     database = ase.db.connect(str(path))
-    for (atoms, _, label), row in zip(
-        filled.labelled_atoms({}), database.select(sort="id"), strict=True
-    ):
-        assert row.label_id == label["_id"]
+    for stored, row in zip(filled.labels.labelled({}), database.select(sort="id"), strict=True):
+        atoms = stored.atoms
+        assert row.label_id == stored.label_id
         np.testing.assert_allclose(row.forces, atoms.get_forces())
         np.testing.assert_allclose(row.stress, atoms.get_stress())
         assert row.energy == pytest.approx(atoms.get_potential_energy())
@@ -101,7 +100,7 @@ def test_chgnet_json_reads_back_in_chgnets_units(filled: Store, tmp_path) -> Non
     dataset = StructureJsonData(
         str(path), graph_converter=CrystalGraphConverter(), targets="efs", shuffle=False
     )
-    by_label = {label["_id"]: atoms for atoms, _, label in filled.labelled_atoms({})}
+    by_label = {s.label_id: s.atoms for s in filled.labels.labelled({})}
     for index, (_, label_id) in enumerate(dataset.keys):
         _, targets = dataset[index]
         atoms = by_label[label_id]
@@ -121,7 +120,7 @@ def test_mace_xyz_reads_back_with_mace(filled: Store, tmp_path) -> None:
     assert write_mace_xyz(filled, path) == 3
     frames = read(path, index=":")
     assert {f.info["config_type"] for f in frames} == {"rattle", "solid_solution"}
-    for frame, (atoms, _, _) in zip(frames, filled.labelled_atoms({}), strict=True):
+    for frame, atoms in zip(frames, [s.atoms for s in filled.labels.labelled({})], strict=True):
         assert frame.calc is None  # references are data, not a calculator's predictions
         assert frame.info["REF_energy"] == pytest.approx(atoms.get_potential_energy())
         np.testing.assert_allclose(frame.arrays["REF_forces"], atoms.get_forces())
@@ -131,7 +130,7 @@ def test_mace_xyz_reads_back_with_mace(filled: Store, tmp_path) -> None:
 
     mace_utils = import_mace("mace.data.utils")
     _, configs = mace_utils.load_from_xyz(str(path), mace_utils.KeySpecification.from_defaults())
-    for config, (atoms, _, _) in zip(configs, filled.labelled_atoms({}), strict=True):
+    for config, atoms in zip(configs, [s.atoms for s in filled.labels.labelled({})], strict=True):
         assert config.properties["energy"] == pytest.approx(atoms.get_potential_energy())
         np.testing.assert_allclose(config.properties["forces"], atoms.get_forces())
         # Voigt in ASE order and sign; mace turns it into a 3x3 matrix when it builds graphs.

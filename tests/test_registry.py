@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gridfs
 import numpy as np
 import pytest
 import torch
@@ -17,9 +18,9 @@ from test_mace_matgl_potentials import (  # noqa: F401 - fixtures
     structures,
 )
 
-from pestle.engine.models import load_stored_model, resolve_model
 from pestle.potentials import POTENTIALS
 from pestle.potentials.chgnet import save_checkpoint, sha256_file
+from pestle.stages.models import load_stored_model, resolve_model
 from pestle.store import Store, StoreError
 
 
@@ -32,15 +33,15 @@ def assert_identical(before, after) -> None:
 
 
 def stored(store: Store, model_id: str, checkpoint: Path, potential: str, params: dict) -> None:
-    assert store.put_model(
+    assert store.models.put(
         model_id,
         checkpoint,
         {"family": potential, "potential": potential, "potential_params": params},
     )
-    assert not store.put_model(model_id, checkpoint, {})  # a version is written once
+    assert not store.models.put(model_id, checkpoint, {})  # a version is written once
 
 
-def test_chgnet_version_round_trips(store: Store, tmp_path: Path) -> None:
+def test_chgnet_version_round_trips(store: Store, tmp_path: Path, raw_db) -> None:
     base = POTENTIALS.build("chgnet", {"device": "cpu"})
     model = base.load_model()
     with torch.no_grad():  # a "fine-tuned" model: weights that differ from the wheel's
@@ -59,9 +60,10 @@ def test_chgnet_version_round_trips(store: Store, tmp_path: Path) -> None:
     assert loaded.describe()["checkpoint_sha256"] == sha256_file(path)
 
     # A tampered GridFS file is refused before anything is deserialised.
-    doc = store.models.find_one({"_id": "model-chgnet-test"})
-    store.fs.delete(doc["checkpoint"]["gridfs"])
-    store.fs.put(b"not a model", _id=doc["checkpoint"]["gridfs"])
+    doc = raw_db["models"].find_one({"_id": "model-chgnet-test"})
+    fs = gridfs.GridFS(raw_db)
+    fs.delete(doc["checkpoint"]["gridfs"])
+    fs.put(b"not a model", _id=doc["checkpoint"]["gridfs"])
     with pytest.raises(StoreError, match="fails its sha256 check"):
         load_stored_model(store, "model-chgnet-test", tmp_path / "again")
 
@@ -76,7 +78,7 @@ def test_mace_version_round_trips(store: Store, mace_file: Path, tmp_path: Path)
     assert_identical(before, loaded.predict(atoms))
 
 
-def test_matgl_folder_round_trips(store: Store, matgl_folder: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_matgl_folder_round_trips(store: Store, matgl_folder: Path, tmp_path: Path, raw_db) -> None:  # noqa: F811
     atoms = structures()
     # matgl's float32 scatter sums are not run-to-run reproducible on two CPU threads (seen:
     # 6e-11 eV/A between two loads of one folder); one thread makes the compute exact, so any
@@ -86,15 +88,15 @@ def test_matgl_folder_round_trips(store: Store, matgl_folder: Path, tmp_path: Pa
     try:
         before = build_matgl(matgl_folder).predict(atoms)
         stored(store, "model-matgl-test", matgl_folder, "matgl", {"device": "cpu"})
-        doc = store.models.find_one({"_id": "model-matgl-test"})
+        doc = raw_db["models"].find_one({"_id": "model-matgl-test"})
         assert doc["checkpoint"]["archive"] == "tar"
         loaded = load_stored_model(store, "model-matgl-test", tmp_path)
         assert_identical(before, loaded.predict(atoms))
     finally:
         torch.set_num_threads(threads)
     # The same files archive to the same bytes: the checksum names the content.
-    assert store.put_model("model-matgl-again", matgl_folder, {"family": "matgl"})
-    again = store.models.find_one({"_id": "model-matgl-again"})
+    assert store.models.put("model-matgl-again", matgl_folder, {"family": "matgl"})
+    again = raw_db["models"].find_one({"_id": "model-matgl-again"})
     assert again["checkpoint"]["sha256"] == doc["checkpoint"]["sha256"]
 
 

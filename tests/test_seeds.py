@@ -15,7 +15,7 @@ from ase.build import bulk
 from ase.io import write
 
 from pestle.config import ConfigError, SeedSpec
-from pestle.engine.seeds import build_seeds, mp_query
+from pestle.stages.seed import build_seeds, mp_query
 from pestle.structures import fingerprint
 
 RECORDED = Path(__file__).parent / "data" / "materials_project"
@@ -119,7 +119,7 @@ def test_fetched_seeds_are_reused_from_the_store(materials_project, store, monke
     spec = SeedSpec(mp="Li-F", mp_limit=2)
     fetched = build_seeds(spec, store=store)
     for seed in fetched:  # as the campaign stores them
-        store.add_structure(
+        store.structures.add(
             seed.atoms, kind="seed", name=seed.name, provenance={"source": seed.source}
         )
     # No key, no server: the second time comes from the store alone.
@@ -132,11 +132,11 @@ def test_fetched_seeds_are_reused_from_the_store(materials_project, store, monke
         assert a.source == json.loads(json.dumps(b.source))
 
 
-def test_python_objects_as_seeds(store, mongo_uri, tmp_path) -> None:
+def test_python_objects_as_seeds(store, mongo_uri, tmp_path, raw_db) -> None:
     from pymatgen.core import Lattice, Structure
 
     from pestle.config import CampaignConfig
-    from pestle.engine.campaign import Campaign
+    from pestle.stages import RunContext, SeedStage
 
     config = CampaignConfig.model_validate(
         {"name": "objects", "work_dir": str(tmp_path), "samplers": [{"name": "rattle"}],
@@ -144,11 +144,12 @@ def test_python_objects_as_seeds(store, mongo_uri, tmp_path) -> None:
     )  # fmt: skip
     atoms = bulk("Cu", "fcc", a=3.61)
     structure = Structure(Lattice.cubic(4.03), ["Li", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    campaign = Campaign(config, store, mongo_uri, seeds=[atoms, structure])
-    seeds = campaign.stage_seeds()
+    campaign = RunContext(config, store, mongo_uri, seeds=[atoms, structure])
+    campaign.start()
+    seeds = SeedStage().run(campaign)["seeds"]
     assert [s.atoms.get_chemical_formula() for s in seeds] == ["Si8", "Cu", "FLi"]
-    stored = store.structures.find_one({"_id": seeds[2].id})
+    stored = raw_db["structures"].find_one({"_id": seeds[2].id})
     assert stored["provenance"]["source"] == {"python": "pymatgen.Structure"}
-    assert campaign.run_id != Campaign(config, store, mongo_uri).run_id
+    assert campaign.run_id != RunContext(config, store, mongo_uri).run_id
     with pytest.raises(TypeError, match="ase.Atoms or pymatgen Structure"):
-        Campaign(config, store, mongo_uri, seeds=["Si"])
+        RunContext(config, store, mongo_uri, seeds=["Si"])

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from pestle.config import CampaignConfig
-from pestle.engine.campaign import Campaign
+from pestle.stages import RunContext, SampleStage, ScoreStage, SeedStage, SelectStage, run_stages
 
 
-def test_committee_descriptors_and_fps_selection(store, mongo_uri, tmp_path, monkeypatch) -> None:
+def test_committee_descriptors_and_fps_selection(
+    store, mongo_uri, tmp_path, monkeypatch, raw_db
+) -> None:
     config = CampaignConfig.model_validate(
         {
             "name": "scoring", "work_dir": str(tmp_path), "seed": 5,
@@ -26,13 +28,13 @@ def test_committee_descriptors_and_fps_selection(store, mongo_uri, tmp_path, mon
             "labeller": {"name": "emt"},
         }
     )  # fmt: skip
-    campaign = Campaign(config, store, mongo_uri)
-    store.start_run(campaign.run_id, {"campaign": config.name})
-    campaign.stage_sample(campaign.stage_seeds())
-    campaign.stage_score()
-    picks = campaign.stage_select()
+    campaign = RunContext(config, store, mongo_uri)
+    campaign.start()
+    picks = run_stages(campaign, [SeedStage(), SampleStage(), ScoreStage(), SelectStage()])[
+        "selected"
+    ]
     assert len(picks) == 3
-    docs = {d["_id"]: d for d in store.structures.find({"kind": "candidate"})}
+    docs = {d["_id"]: d for d in raw_db["structures"].find({"kind": "candidate"})}
     key = campaign.model_key
     for doc in docs.values():
         assert {"committee_force", "committee_energy", "max_force"} <= set(doc["scores"][key])
@@ -42,7 +44,7 @@ def test_committee_descriptors_and_fps_selection(store, mongo_uri, tmp_path, mon
         p for p in docs.values() if p.get("selection", {}).get(campaign.run_id, {}).get("rank") == 0
     )
     assert first["provenance"]["params"]["amplitude"] == 0.3
-    select = store.get_run(campaign.run_id)["stages"]["select"]
+    select = store.runs.require(campaign.run_id).stages["select"]
     assert select["softening_estimates"]["Si/rattle"]["source"] == "prior"
     chosen = docs[picks[0]]["selection"][campaign.run_id]
     assert (
@@ -56,7 +58,7 @@ def test_committee_descriptors_and_fps_selection(store, mongo_uri, tmp_path, mon
     config_file = tmp_path / "scoring.yaml"
     config_file.write_text(
         "name: scoring\nseeds: [{bulk: Si, crystalstructure: diamond, a: 5.43}]\n"
-        f"samplers: [{{name: rattle}}]\nstore: {{database: {store.db.name}}}\n"
+        f"samplers: [{{name: rattle}}]\nstore: {{database: {store.database}}}\n"
     )
     runner = CliRunner()
     picked = runner.invoke(

@@ -9,7 +9,7 @@ import pytest
 from ase.build import bulk
 
 from pestle.store import JOB_DONE, JOB_FAILED, JOB_QUEUED, Store, StoreError, mask_uri
-from pestle.store.store import INLINE_ARRAY_LIMIT
+from pestle.store.arrays import INLINE_ARRAY_LIMIT
 from pestle.structures import fingerprint
 
 
@@ -19,34 +19,37 @@ def rattled_si(seed: int = 0, repeat: int = 1):
     return atoms
 
 
-def test_schema_version_and_indexes(store: Store) -> None:
-    assert store.meta.find_one({"_id": "schema"})["version"] == 1
-    assert "chemical_system_1" in store.structures.index_information()
+def test_schema_version_and_indexes(store: Store, raw_db) -> None:
+    from pestle.store.migrations import SCHEMA_VERSION
+
+    assert store.meta.schema_version() == SCHEMA_VERSION == 2
+    assert "chemical_system_1" in raw_db["structures"].index_information()
+    assert "role_1" in raw_db["labels"].index_information()
 
 
 def test_structures_deduplicate_and_keep_first_provenance(store: Store) -> None:
     atoms = rattled_si()
-    sid, new = store.add_structure(
+    sid, new = store.structures.add(
         atoms, kind="candidate", provenance={"sampler": "rattle"}, run_id="a"
     )
     assert new
     permuted = atoms[::-1]  # same structure, other atom order
-    sid2, new2 = store.add_structure(
+    sid2, new2 = store.structures.add(
         permuted, kind="candidate", provenance={"sampler": "strain"}, run_id="b"
     )
     assert sid2 == sid and not new2
-    doc = store.structures.find_one({"_id": sid})
-    assert doc["provenance"]["sampler"] == "rattle"
-    assert sorted(doc["runs"]) == ["a", "b"]
-    assert store.structures.count_documents({}) == 1
-    back = store.get_atoms(sid)
+    doc = store.structures.get(sid)
+    assert doc.provenance.sampler == "rattle"
+    assert sorted(doc.runs) == ["a", "b"]
+    assert store.structures.count() == 1
+    back = store.structures.atoms(sid)
     assert fingerprint(back) == sid
     np.testing.assert_allclose(back.positions, atoms.positions)
 
 
 def test_label_written_once(store: Store) -> None:
     atoms = rattled_si()
-    sid, _ = store.add_structure(atoms, kind="candidate", provenance={"sampler": "rattle"})
+    sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "rattle"})
     forces = np.random.default_rng(0).normal(size=(len(atoms), 3))
     kwargs = dict(
         labeller="emt",
@@ -56,67 +59,68 @@ def test_label_written_once(store: Store) -> None:
         forces=forces,
         stress=np.zeros(6),
     )
-    assert store.put_label(sid, **kwargs)
-    assert not store.put_label(sid, **kwargs)
-    assert store.labels.count_documents({}) == 1
-    [(labelled, structure, label)] = list(store.labelled_atoms())
-    np.testing.assert_allclose(labelled.get_forces(), forces)
-    assert labelled.get_potential_energy() == -1.0
+    assert store.labels.put(sid, **kwargs)
+    assert not store.labels.put(sid, **kwargs)
+    assert store.labels.count() == 1
+    [stored] = list(store.labels.labelled())
+    np.testing.assert_allclose(stored.atoms.get_forces(), forces)
+    assert stored.atoms.get_potential_energy() == -1.0
+    assert stored.atoms.info["structure_id"] == sid == stored.structure_id
     with pytest.raises(StoreError, match="forces have shape"):
-        store.put_label(sid, **{**kwargs, "lot_hash": "other", "forces": forces[:2]})
+        store.labels.put(sid, **{**kwargs, "lot_hash": "other", "forces": forces[:2]})
 
 
-def test_big_arrays_go_to_gridfs(store: Store) -> None:
+def test_big_arrays_go_to_gridfs(store: Store, raw_db) -> None:
     atoms = rattled_si(repeat=11)  # 10648 atoms: positions and forces exceed the inline limit
     assert len(atoms) * 3 > INLINE_ARRAY_LIMIT
-    sid, _ = store.add_structure(atoms, kind="candidate", provenance={})
-    doc = store.structures.find_one({"_id": sid})
-    assert "gridfs" in doc["positions"]
+    sid, _ = store.structures.add(atoms, kind="candidate", provenance={})
+    assert "gridfs" in raw_db["structures"].find_one({"_id": sid})["positions"]
     forces = np.ones((len(atoms), 3))
-    store.put_label(
+    store.labels.put(
         sid, labeller="x", level_of_theory={}, lot_hash="h", energy=0.0, forces=forces, stress=None
     )
-    label = store.labels.find_one()
-    assert "gridfs" in label["forces"]
-    np.testing.assert_allclose(store.get_atoms(sid).positions, atoms.positions)
+    assert "gridfs" in raw_db["labels"].find_one()["forces"]
+    np.testing.assert_allclose(store.structures.atoms(sid).positions, atoms.positions)
+    [stored] = list(store.labels.labelled())
+    np.testing.assert_allclose(stored.atoms.get_forces(), forces)
 
 
 def test_job_lifecycle_with_retries(store: Store) -> None:
-    assert store.enqueue_job("j1", "label", {"x": 1}, max_attempts=2)
-    assert not store.enqueue_job("j1", "label", {"x": 2})
-    job = store.claim_job("j1", "w1", lease_seconds=60)
-    assert job["attempts"] == 1 and job["payload"] == {"x": 1}
-    assert store.claim_job("j1", "w2", lease_seconds=60) is None  # leased
-    assert store.fail_job("j1", "w1", "boom", backoff_seconds=0) == JOB_QUEUED
-    job = store.claim_job("j1", "w2", lease_seconds=60)
-    assert job["attempts"] == 2
-    assert store.fail_job("j1", "w2", "boom again", backoff_seconds=0) == JOB_FAILED
-    assert store.claim_job("j1", "w3", lease_seconds=60) is None
-    assert store.requeue_failed() == 1
-    job = store.claim_job("j1", "w3", lease_seconds=60)
-    assert store.finish_job("j1", "w3", {"label_id": "L"})
-    assert store.jobs.find_one({"_id": "j1"})["state"] == JOB_DONE
+    assert store.jobs.enqueue("j1", "label", {"x": 1}, max_attempts=2)
+    assert not store.jobs.enqueue("j1", "label", {"x": 2})
+    job = store.jobs.claim("j1", "w1", lease_seconds=60)
+    assert job.attempts == 1 and job.payload == {"x": 1}
+    assert store.jobs.claim("j1", "w2", lease_seconds=60) is None  # leased
+    assert store.jobs.fail("j1", "w1", "boom", backoff_seconds=0) == JOB_QUEUED
+    job = store.jobs.claim("j1", "w2", lease_seconds=60)
+    assert job.attempts == 2
+    assert store.jobs.fail("j1", "w2", "boom again", backoff_seconds=0) == JOB_FAILED
+    assert store.jobs.claim("j1", "w3", lease_seconds=60) is None
+    assert store.jobs.requeue_failed() == 1
+    job = store.jobs.claim("j1", "w3", lease_seconds=60)
+    assert store.jobs.finish("j1", "w3", {"label_id": "L"})
+    assert store.jobs.state("j1") == JOB_DONE
 
 
 def test_expired_lease_is_reclaimed_and_old_worker_cannot_finish(store: Store) -> None:
-    store.enqueue_job("j2", "label", {})
-    assert store.claim_job("j2", "dead", lease_seconds=-1)  # already expired
-    taken = store.claim_job("j2", "alive", lease_seconds=60)
-    assert taken["worker"] == "alive"
-    assert not store.finish_job("j2", "dead", {})
-    assert not store.renew_lease("j2", "dead", 60)
-    assert store.finish_job("j2", "alive", {})
+    store.jobs.enqueue("j2", "label", {})
+    assert store.jobs.claim("j2", "dead", lease_seconds=-1)  # already expired
+    taken = store.jobs.claim("j2", "alive", lease_seconds=60)
+    assert taken.worker == "alive"
+    assert not store.jobs.finish("j2", "dead", {})
+    assert not store.jobs.renew_lease("j2", "dead", 60)
+    assert store.jobs.finish("j2", "alive", {})
 
 
 def test_concurrent_claims_give_one_winner(store: Store, mongo_uri: str) -> None:
     for i in range(20):
-        store.enqueue_job(f"c{i}", "label", {})
+        store.jobs.enqueue(f"c{i}", "label", {})
     won: dict[str, list[str]] = {"a": [], "b": []}
 
     def claim_all(worker: str) -> None:
-        other = Store(mongo_uri, store.db.name)
+        other = Store(mongo_uri, store.database)
         for i in range(20):
-            if other.claim_job(f"c{i}", worker, 60):
+            if other.jobs.claim(f"c{i}", worker, 60):
                 won[worker].append(f"c{i}")
         other.close()
 
@@ -129,20 +133,22 @@ def test_concurrent_claims_give_one_winner(store: Store, mongo_uri: str) -> None
     assert not set(won["a"]) & set(won["b"])
 
 
-def test_model_checkpoint_roundtrip_and_checksum(store: Store, tmp_path) -> None:
+def test_model_checkpoint_roundtrip_and_checksum(store: Store, raw_db, tmp_path) -> None:
+    import gridfs
+
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"weights" * 1000)
-    assert store.put_model("m1", ckpt, {"family": "chgnet"})
-    assert not store.put_model("m1", ckpt, {"family": "chgnet"})
-    path, sha = store.fetch_checkpoint("m1", tmp_path / "out")
+    assert store.models.put("m1", ckpt, {"family": "chgnet"})
+    assert not store.models.put("m1", ckpt, {"family": "chgnet"})
+    path, sha = store.models.fetch_checkpoint("m1", tmp_path / "out")
     assert path.read_bytes() == ckpt.read_bytes()
     # Corrupt the stored file: loading must refuse it.
-    doc = store.models.find_one({"_id": "m1"})
-    store.fs.delete(doc["checkpoint"]["gridfs"])
-    new_id = store.fs.put(b"tampered", filename="model.pt")
-    store.models.update_one({"_id": "m1"}, {"$set": {"checkpoint.gridfs": new_id}})
+    fs = gridfs.GridFS(raw_db)
+    fs.delete(store.models.get("m1").checkpoint.gridfs)
+    new_id = fs.put(b"tampered", filename="model.pt")
+    raw_db["models"].update_one({"_id": "m1"}, {"$set": {"checkpoint.gridfs": new_id}})
     with pytest.raises(StoreError, match="sha256"):
-        store.fetch_checkpoint("m1", tmp_path / "out2")
+        store.models.fetch_checkpoint("m1", tmp_path / "out2")
 
 
 def test_mask_uri_hides_password() -> None:
@@ -154,3 +160,39 @@ def test_mask_uri_hides_password() -> None:
         mask_uri("mongodb://127.0.0.1:1/?directConnection=true")
         == "mongodb://127.0.0.1:1/?directConnection=true"
     )
+
+
+def test_a_version_1_store_is_migrated(mongo_uri: str, raw_db, database_name: str) -> None:
+    """Version 1 kept a model's evaluations as ``evaluation.<key>`` and flat
+    ``evaluation_cli-<hash>`` fields; opening the store moves them into one list."""
+    raw_db["meta"].insert_one({"_id": "schema", "version": 1})
+    metrics = {"F-Li": {"softening": {"slope": 0.9}, "force_mae": 0.1}}
+    raw_db["models"].insert_one(
+        {"_id": "model-old", "family": "chgnet", "evaluation": {"quick-abc": metrics},
+         "evaluation_cli-0123456789": {"force_mae": 0.2}}
+    )  # fmt: skip
+    store = Store(mongo_uri, database_name)
+    try:
+        assert store.meta.schema_version() == 2
+        doc = store.models.get("model-old")
+        assert [(e.source, e.metrics) for e in doc.evaluations] == [
+            ("quick-abc", metrics),
+            ("cli", {"force_mae": 0.2}),
+        ]
+        raw = raw_db["models"].find_one({"_id": "model-old"})
+        assert "evaluation" not in raw and "evaluation_cli-0123456789" not in raw
+        # One place for evaluations from now on: the same source on the same labels replaces.
+        store.models.record_evaluation("model-old", "cli", ["b", "a"], {"force_mae": 0.3})
+        store.models.record_evaluation("model-old", "cli", ["a", "b"], {"force_mae": 0.25})
+        assert [e.metrics for e in store.models.get("model-old").evaluations][-1] == {
+            "force_mae": 0.25
+        }
+        assert len(store.models.get("model-old").evaluations) == 3
+    finally:
+        store.close()
+
+
+def test_a_newer_store_is_refused(mongo_uri: str, raw_db, database_name: str) -> None:
+    raw_db["meta"].insert_one({"_id": "schema", "version": 99})
+    with pytest.raises(StoreError, match="newer than this pestle"):
+        Store(mongo_uri, database_name)

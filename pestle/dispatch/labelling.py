@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pestle.store.store import JOB_TERMINAL as TERMINAL
+from pestle.store import JOB_TERMINAL as TERMINAL
+from pestle.store.errors import as_utc
 
 log = logging.getLogger("pestle.dispatch")
 
@@ -72,7 +73,7 @@ class _Heartbeat(threading.Thread):
                 self._time_out()
                 return
             try:
-                if not self.store.renew_lease(self.job_id, self.worker, self.lease_seconds):
+                if not self.store.jobs.renew_lease(self.job_id, self.worker, self.lease_seconds):
                     self.lost = True
                     return
             except Exception:  # a store hiccup: try again at the next beat
@@ -80,7 +81,7 @@ class _Heartbeat(threading.Thread):
 
     def _time_out(self) -> None:
         self.timed_out = True
-        self.store.fail_job(
+        self.store.jobs.fail(
             self.job_id,
             self.worker,
             f"timeout: still running after {self.timeout_seconds:g} s",
@@ -105,14 +106,14 @@ def run_label_job(
 
     worker = worker_name()
     with Store(store_uri, database) as store:
-        job = store.claim_job(job_id, worker, lease_seconds)
+        job = store.jobs.claim(job_id, worker, lease_seconds)
         if job is None:  # done, failed, not yet due, or running under someone's live lease
-            current = store.jobs.find_one({"_id": job_id}, {"state": 1}) or {}
-            return {"job_id": job_id, "state": current.get("state", "missing"), "claimed": False}
+            return {"job_id": job_id, "state": store.jobs.state(job_id) or "missing",
+                    "claimed": False}  # fmt: skip
         heartbeat = _Heartbeat(store, job_id, worker, lease_seconds, timeout_seconds)
         heartbeat.start()
         try:
-            payload = job["payload"]
+            payload = job.payload
             spec = payload["labeller"]
             labeller = LABELLERS.build(spec["name"], spec.get("params", {}))
             lot_hash = level_of_theory_hash(labeller)
@@ -125,20 +126,19 @@ def run_label_job(
                 )
             structure_id = payload["structure_id"]
             lid = label_id(structure_id, lot_hash)
-            if store.labels.count_documents({"_id": lid}, limit=1):
+            if store.labels.exists(lid):
                 # A previous attempt stored the label and died before closing the job.
                 heartbeat.stopped.set()
-                store.finish_job(job_id, worker, {"label_id": lid, "stored": False})
+                store.jobs.finish(job_id, worker, {"label_id": lid, "stored": False})
                 return {"job_id": job_id, "state": "done", "claimed": True}
-            atoms = store.get_atoms(structure_id)
+            atoms = store.structures.atoms(structure_id)
             started = time.perf_counter()
             result = labeller.label(atoms, Path(work_root) / job_id)
             seconds = time.perf_counter() - started
             if heartbeat.timed_out:  # already recorded as a failed attempt; not a label
-                current = store.jobs.find_one({"_id": job_id}, {"state": 1}) or {}
-                return {"job_id": job_id, "state": current.get("state"), "claimed": True,
+                return {"job_id": job_id, "state": store.jobs.state(job_id), "claimed": True,
                         "error": "timeout"}  # fmt: skip
-            stored = store.put_label(
+            stored = store.labels.put(
                 structure_id,
                 labeller=labeller.name,
                 level_of_theory=labeller.level_of_theory(),
@@ -150,7 +150,7 @@ def run_label_job(
                 extra={**result.extra, "wall_seconds": round(seconds, 3), "worker": worker},
             )
             heartbeat.stopped.set()
-            finished = store.finish_job(
+            finished = store.jobs.finish(
                 job_id,
                 worker,
                 {
@@ -164,7 +164,7 @@ def run_label_job(
             heartbeat.stopped.set()
             # A LabelError is the calculation's verdict (e.g. no SCF convergence): running it
             # again gives the same. Anything else (a store hiccup, a killed process) may pass.
-            state = store.fail_job(
+            state = store.jobs.fail(
                 job_id,
                 worker,
                 f"{type(exc).__name__}: {exc}",
@@ -195,12 +195,6 @@ def cpu_resources(client, need: int) -> dict[str, int] | None:
     return {"CPU": need}
 
 
-def _as_utc(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)  # pymongo returns naive UTC by default
-    return moment
-
-
 def label_jobs(
     client,
     store,
@@ -228,7 +222,7 @@ def label_jobs(
     attempts: dict[str, int] = {}
     started = time.monotonic()
     resources = cpu_resources(client, cpus_per_job)
-    store.expire_orphaned_leases()
+    store.jobs.expire_orphaned_leases()
     while pending:
         if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
             raise TimeoutError(f"{len(pending)} labelling jobs unfinished: {sorted(pending)[:5]}")
@@ -240,19 +234,13 @@ def label_jobs(
                     # lapse and the job be taken again below.
                     log.warning("labelling task %s errored: %r", job_id, future.exception())
         now = datetime.now(timezone.utc)
-        docs = {
-            d["_id"]: d
-            for d in store.jobs.find(
-                {"_id": {"$in": sorted(pending)}},
-                {"state": 1, "not_before": 1, "lease_expires": 1, "worker": 1},
-            )
-        }
+        docs = store.jobs.progress(pending)
         held_elsewhere = False
         for job_id in sorted(pending):
             doc = docs.get(job_id)
             if doc is None:
                 raise KeyError(f"labelling job {job_id} is not in the store")
-            state = doc["state"]
+            state = doc.state
             if state in TERMINAL:
                 pending.discard(job_id)
                 states[job_id] = state
@@ -260,8 +248,8 @@ def label_jobs(
                 continue
             if job_id in in_flight:
                 continue
-            claimable = (state == "queued" and _as_utc(doc.get("not_before")) <= now) or (
-                state == "running" and _as_utc(doc.get("lease_expires")) < now
+            claimable = (state == "queued" and as_utc(doc.not_before) <= now) or (
+                state == "running" and as_utc(doc.lease_expires) < now
             )
             if state == "running" and not claimable:
                 held_elsewhere = True
@@ -270,7 +258,7 @@ def label_jobs(
                 in_flight[job_id] = client.submit(
                     run_label_job,
                     store_uri,
-                    store.db.name,
+                    store.database,
                     job_id,
                     work_root,
                     lease_seconds,
@@ -281,7 +269,7 @@ def label_jobs(
                     resources=resources,
                 )
         if held_elsewhere:
-            store.expire_orphaned_leases()
+            store.jobs.expire_orphaned_leases()
         if pending:
             time.sleep(poll_seconds)
     return states

@@ -36,21 +36,18 @@ def run_training_job(
     from pestle.trainers import TRAINERS, LabelledStructure
 
     with Store(store_uri, database) as store:
-        if store.models.count_documents({"_id": model_id}, limit=1):
+        if store.models.exists(model_id):
             return model_id  # a duplicated task or a resumed run: the model already exists
 
         def labelled(ids: list[str]) -> list[LabelledStructure]:
-            return [
-                LabelledStructure(atoms=a, structure_id=s["_id"], label_id=lab["_id"])
-                for a, s, lab in store.labelled_atoms({"_id": {"$in": ids}})
-            ]
+            return [s.labelled() for s in store.labels.labelled({"_id": {"$in": ids}})]
 
         device = pick_device(device_preference)
         implementation = TRAINERS.build(trainer["name"], trainer.get("params", {}))
         trained = implementation.train(
             labelled(train_label_ids), labelled(val_label_ids), Path(workdir), device=device
         )
-        store.put_model(
+        store.models.put(
             model_id,
             trained.checkpoint,
             {

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -37,15 +36,30 @@ from typing import Any
 import numpy as np
 
 from pestle.config import CampaignConfig, ConfigError, load_config
-from pestle.engine.campaign import Campaign, stable_seed
-from pestle.labellers import level_of_theory_hash
-from pestle.store import JOB_QUEUED, JOB_RUNNING, Store, resolve_uri
+from pestle.engine.run import run_passes
+from pestle.evaluation.metrics import softening_scale
+from pestle.stages import (
+    EvaluateStage,
+    FinetuneStage,
+    LabelStage,
+    Round,
+    RunContext,
+    SampleStage,
+    ScoreStage,
+    SeedStage,
+    SelectStage,
+    SplitStage,
+)
+from pestle.stages.label import drive_label_jobs
+from pestle.stages.score import force_scores
+from pestle.stages.select import softening_model
+from pestle.stages.split import SplitPolicy, pooled, split_by_role
+from pestle.store import JOB_QUEUED, ROLE_HOLDOUT, ROLE_TRAIN, ROLE_VALIDATION, Store, resolve_uri
 from pestle.structures import settings_hash
 
 log = logging.getLogger("pestle.daemon")
 
 LEASE_SECONDS = 60.0
-STATE_PREFIX = "daemon:"
 
 
 def daemon_dir(config: CampaignConfig) -> Path:
@@ -60,44 +74,7 @@ def log_file(config: CampaignConfig) -> Path:
     return daemon_dir(config) / "daemon.log"
 
 
-def campaign_runs(config: CampaignConfig) -> dict[str, Any]:
-    """Filter on ``run_id`` for the runs (one-shot and rounds) of this campaign."""
-    return {"run_id": {"$regex": f"^{re.escape(config.name)}-"}}
-
-
-def is_holdout(config: CampaignConfig, label_id: str) -> bool:
-    """Whether a label is held out from training, decided by the label alone, so that a label
-    the daemon trained on never becomes a held-out label for a later model."""
-    fraction = config.evaluation.holdout_fraction
-    return stable_seed(config.seed, "holdout", label_id) < fraction * 2**63
-
-
-def split_labels(config: CampaignConfig, by_system: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Held-out, validation and training label ids for a retraining.
-
-    Held out: labels whose hash falls under ``evaluation.holdout_fraction``; a system with at
-    least two labels and none under it holds out its lowest-hash label (which can only move to
-    a newer label later, never to one already trained on). Validation (epoch choice) is a share
-    of the rest, training the remainder."""
-    holdout, validation, train = [], [], []
-    for ids in by_system.values():
-        ordered = sorted(ids, key=lambda i: stable_seed(config.seed, "holdout", i))
-        held = [i for i in ordered if is_holdout(config, i)]
-        if not held and len(ordered) >= 2:
-            held = ordered[:1]
-        rest = [i for i in ordered if i not in held]
-        rest.sort(key=lambda i: stable_seed(config.seed, "validation", i))
-        share = config.finetune.validation_fraction
-        n_val = (
-            min(max(1, round(share * len(rest))), len(rest) - 1) if share and len(rest) > 2 else 0
-        )
-        holdout += held
-        validation += rest[:n_val]
-        train += rest[n_val:]
-    return {"holdout": sorted(holdout), "validation": sorted(validation), "train": sorted(train)}
-
-
-def _pooled(results: dict[str, dict]) -> dict[str, float]:
+def pooled_metrics(results: dict[str, dict]) -> dict[str, float]:
     """Force MAE over every held-out component and mean |1 - s| over systems."""
     reference = np.concatenate([r["arrays"]["reference"] for r in results.values()])
     predicted = np.concatenate([r["arrays"]["predicted"] for r in results.values()])
@@ -107,10 +84,6 @@ def _pooled(results: dict[str, dict]) -> dict[str, float]:
             np.mean([abs(1.0 - r["softening"]["slope"]) for r in results.values()])
         ),
     }
-
-
-def _strip(results: dict[str, dict]) -> dict[str, dict]:
-    return {s: {k: v for k, v in m.items() if k != "arrays"} for s, m in results.items()}
 
 
 class Daemon:
@@ -158,7 +131,7 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(self.lease_seconds / 3):
-            if not self.store.renew_daemon_lease(self.owner, self.lease_seconds):
+            if not self.store.meta.renew_daemon_lease(self.owner, self.lease_seconds):
                 log.error("lost the store's daemon lease: stopping after this step")
                 self.stopping.set()
 
@@ -169,7 +142,7 @@ class Daemon:
         first = self.configs[self.paths[0]]
         self.store_uri = resolve_uri(first.work_dir, first.store.uri, first.store.uri_file)
         self.store = Store(self.store_uri, first.store.database)
-        self.store.acquire_daemon_lease(
+        self.store.meta.acquire_daemon_lease(
             self.owner,
             self.lease_seconds,
             {"configs": [str(p) for p in self.paths], "pid_file": str(pid_file(first))},
@@ -195,7 +168,7 @@ class Daemon:
                         self.stopping.wait(self.idle_poll_seconds)
         finally:
             self.stopping.set()
-            self.store.release_daemon_lease(self.owner)
+            self.store.meta.release_daemon_lease(self.owner)
             if pid_path.is_file() and pid_path.read_text().strip() == str(os.getpid()):
                 pid_path.unlink()
             self.store.close()
@@ -210,7 +183,7 @@ class Daemon:
             log.exception(
                 "%s: step failed; retrying after %.0f s", config.name, self.idle_poll_seconds
             )
-            self.store.record_decision(
+            self.store.decisions.record(
                 {"kind": "error", "campaign": config.name, "reason": f"step failed: {exc!r}"}
             )
             self.stopping.wait(self.idle_poll_seconds)
@@ -230,139 +203,111 @@ class Daemon:
         self.configs[path] = config
         return config
 
-    # -- state ----------------------------------------------------------------------------
-    def state(self, config: CampaignConfig) -> dict[str, Any]:
-        doc = self.store.meta.find_one({"_id": STATE_PREFIX + config.name})
-        return doc or {"_id": STATE_PREFIX + config.name, "round": 0, "finished": {}}
+    def context(self, config: CampaignConfig, client=None, **kwargs: Any) -> RunContext:
+        return RunContext(config, self.store, self.store_uri, client=client, **kwargs)
 
-    def _save_state(self, config: CampaignConfig, fields: dict[str, Any]) -> None:
-        self.store.meta.update_one(
-            {"_id": STATE_PREFIX + config.name}, {"$set": fields}, upsert=True
-        )
-
-    def _stop_check(self) -> bool:
-        return self.stopping.is_set()
+    def promoted(self, config: CampaignConfig) -> str | None:
+        return self.store.models.promoted(config.finetune.trainer.name)
 
     # -- one step of one campaign -------------------------------------------------------
     def step(self, config: CampaignConfig, client) -> bool:
         """Retrain if due, drain leftovers, run one round; False when there was nothing to do."""
         worked = self.maybe_retrain(config, client)
-        if self._stop_check():
+        if self.stopping.is_set():
             return True
         worked |= self.drain(config, client)
-        if self._stop_check():
+        if self.stopping.is_set():
             return True
-        state = self.state(config)
+        state = self.store.meta.campaign_state(config.name)
         limit = config.daemon.max_rounds
-        if limit is not None and state["round"] >= limit:
+        if limit is not None and state.round >= limit:
             return worked
-        systems = state.get("systems")
-        finished = state.get("finished", {})
-        if systems and all(s in finished for s in systems):
+        if state.systems and all(s in state.finished for s in state.systems):
             return worked
-        self.run_round(config, client, state)
-        if not self._stop_check():
+        self.run_round(config, client)
+        if not self.stopping.is_set():
             self.maybe_retrain(config, client)
         return True
 
-    def campaign(self, config: CampaignConfig, **kwargs: Any) -> Campaign:
-        return Campaign(config, self.store, self.store_uri, **kwargs)
-
-    def promoted(self, config: CampaignConfig) -> str | None:
-        return self.store.promoted_model(config.finetune.trainer.name)
-
-    def run_round(self, config: CampaignConfig, client, state: dict[str, Any]) -> None:
-        index = state["round"]
-        finished = state.get("finished", {})
-        open_systems = set(state["systems"]) - set(finished) if state.get("systems") else None
+    def run_round(self, config: CampaignConfig, client) -> None:
+        """Seed, sample (fresh random streams), score with the promoted model, select within
+        the round's budget among structures never labelled or queued, label; then decide
+        which chemical systems are finished."""
+        state = self.store.meta.campaign_state(config.name)
+        open_systems = set(state.systems) - set(state.finished) if state.systems else None
         model_id = self.promoted(config)
-        config = self.round_config(config, model_id)
-        campaign = self.campaign(
-            config,
-            round_index=index,
-            model_id=model_id,
-            systems=open_systems,
-            per_system=config.daemon.per_round,
+        ctx = self.context(
+            config, client,
+            round=Round(state.round, model_id, open_systems, config.daemon.per_round),
+        )  # fmt: skip
+        log.info(
+            "%s: round %d (scoring with %s)", config.name, state.round, model_id or "pretrained"
         )
-        log.info("%s: round %d (scoring with %s)", config.name, index, model_id or "pretrained")
         started = time.monotonic()
-        stages = campaign.run_round(client)
-        systems = sorted(
+        stages = [SeedStage(), SampleStage(self.round_samplers(config, model_id)), ScoreStage(),
+                  SelectStage(), LabelStage()]  # fmt: skip
+        run_passes(ctx, stages)
+        recorded = self.store.runs.require(ctx.run_id).stages
+        systems = sorted({s["chemical_system"] for s in recorded["seed"]["seeds"]})
+        finished = {**state.finished, **self.finished_systems(ctx, recorded)}
+        self.store.meta.save_campaign_state(
+            config.name,
             {
-                d["chemical_system"]
-                for d in self.store.structures.find(
-                    {"_id": {"$in": [s["id"] for s in stages["seed"]["seeds"]]}},
-                    {"chemical_system": 1},
-                )
-            }
-        )
-        finished = {**finished, **self.finished_systems(config, campaign, stages)}
-        self._save_state(
-            config,
-            {
-                "round": index + 1,
+                "round": state.round + 1,
                 "systems": systems,
                 "finished": finished,
                 "last_round": {
-                    "run_id": campaign.run_id,
+                    "run_id": ctx.run_id,
                     "seconds": round(time.monotonic() - started, 1),
-                    "selected": len(stages.get("select", {}).get("selected", [])),
-                    "labelled": stages.get("label", {}).get("dispatched", 0),
+                    "selected": len(recorded.get("select", {}).get("selected", [])),
+                    "labelled": recorded.get("label", {}).get("dispatched", 0),
                     "model_id": model_id,
                 },
             },
         )
-        self.store.update_run(campaign.run_id, {"daemon_round": index})
+        self.store.runs.update(ctx.run_id, {"daemon_round": state.round})
 
-    def round_config(self, config: CampaignConfig, model_id: str | None) -> CampaignConfig:
-        """The config a round runs: with ``daemon.md_with_promoted_model``, every md sampler
+    def round_samplers(self, config: CampaignConfig, model_id: str | None) -> list:
+        """The samplers a round runs: with ``daemon.md_with_promoted_model``, every md sampler
         drives its dynamics with the promoted model (a verified copy of its checkpoint)."""
         if not config.daemon.md_with_promoted_model or model_id is None:
-            return config
-        from pestle.engine.models import stored_model_spec
+            return list(config.samplers)
+        from pestle.stages.models import stored_model_spec
 
         name, params = stored_model_spec(self.store, model_id, daemon_dir(config) / "models")
-        config = config.model_copy(deep=True)
-        for spec in config.samplers:
+        specs = [spec.model_copy(deep=True) for spec in config.samplers]
+        for spec in specs:
             if spec.name == "md":
                 spec.params = {**spec.params, "potential": {"name": name, "params": params}}
-        return config
+        return specs
 
-    def finished_systems(
-        self, config: CampaignConfig, campaign: Campaign, stages: dict[str, Any]
-    ) -> dict[str, dict]:
+    def finished_systems(self, ctx: RunContext, recorded: dict[str, Any]) -> dict[str, dict]:
         """Systems that meet the stop criterion now, with the figures that decided it.
 
         The softening scale is measured on labels the scoring model never trained on; the
         committee spread is the mean over this round's picks."""
-        stop = config.daemon.stop
-        lot_hash = level_of_theory_hash(campaign.labeller())
+        stop = ctx.config.daemon.stop
         trained: set[str] = set()
-        if campaign.model_id is not None:
-            doc = self.store.models.find_one({"_id": campaign.model_id}, {"training": 1})
-            training = doc.get("training", {})
-            trained = set(training.get("label_ids", [])) | set(
-                training.get("validation_label_ids", [])
-            )
-        picks = [s["id"] for s in stages.get("select", {}).get("selected", [])]
+        if ctx.round.model_id is not None:
+            training = self.store.models.require(ctx.round.model_id).training
+            trained = set(training.label_ids) | set(training.validation_label_ids)
+        picks = [s["id"] for s in recorded.get("select", {}).get("selected", [])]
         spread: dict[str, list[float]] = defaultdict(list)
         for doc in self.store.structures.find(
-            {"_id": {"$in": picks}}, {"chemical_system": 1, "scores": 1}
+            {"_id": {"$in": picks}}, ["chemical_system", f"scores.{ctx.model_key}"]
         ):
-            value = (doc.get("scores") or {}).get(campaign.model_key, {}).get("committee_force")
+            value = doc.scores.get(ctx.model_key, {}).get("committee_force")
             if value is not None:
-                spread[doc["chemical_system"]].append(value)
+                spread[doc.chemical_system].append(value)
         by_system: dict[str, list] = defaultdict(list)
-        for atoms, _, label in self.store.labelled_atoms({"lot_hash": lot_hash}):
-            if label["_id"] not in trained:
-                by_system[label["chemical_system"]].append(atoms)
-        from pestle.evaluation.metrics import softening_scale
-
+        for stored in self.store.labels.labelled({"lot_hash": ctx.lot_hash}):
+            if stored.label_id not in trained:
+                by_system[stored.chemical_system].append(stored.atoms)
         finished = {}
         for system, members in by_system.items():
             if len(members) < stop.min_labels:
                 continue
-            predictions = campaign.potential.predict(members, stress=False)
+            predictions = ctx.potential.predict(members, stress=False)
             fit = softening_scale(
                 np.concatenate([p.forces.ravel() for p in predictions]),
                 np.concatenate([a.calc.results["forces"].ravel() for a in members]),
@@ -381,48 +326,29 @@ class Daemon:
                 + (f"; committee spread {committee:.3f} eV/A" if committee is not None else "")
             )
             finished[system] = {"slope": fit.slope, "committee_force": committee, "reason": reason}
-            self.store.record_decision(
-                {"kind": "finished", "campaign": config.name, "chemical_system": system,
-                 "model_id": campaign.model_id, "reason": reason}
+            self.store.decisions.record(
+                {"kind": "finished", "campaign": ctx.config.name, "chemical_system": system,
+                 "model_id": ctx.round.model_id, "reason": reason}
             )  # fmt: skip
-            log.info("%s: %s finished: %s", config.name, system, reason)
+            log.info("%s: %s finished: %s", ctx.config.name, system, reason)
         return finished
 
     # -- leftovers ------------------------------------------------------------------------
     def drain(self, config: CampaignConfig, client) -> bool:
         """Compute the labelling jobs an earlier daemon left queued or running."""
-        from pestle.dispatch.labelling import label_jobs
-
-        leftovers = defaultdict(list)
-        for job in self.store.jobs.find(
-            {
-                "kind": "label",
-                "state": {"$in": [JOB_QUEUED, JOB_RUNNING]},
-                **campaign_runs(config),
-            },
-            {"run_id": 1},
-        ):
-            leftovers[job["run_id"]].append(job["_id"])
+        leftovers = self.store.jobs.unfinished_by_run(config.name)
         if not leftovers:
             return False
-        labeller = self.campaign(config).labeller()
-        for run_id, job_ids in sorted(leftovers.items()):
+        ctx = self.context(config, client)
+        for run_id, job_ids in leftovers.items():
             log.info("%s: %d unfinished labels of %s", config.name, len(job_ids), run_id)
-            label_jobs(
-                client,
-                self.store,
-                sorted(job_ids),
-                store_uri=self.store_uri,
-                work_root=str(Path(config.work_dir).resolve() / "runs" / run_id / "jobs"),
-                job_timeout_seconds=config.dask.job_timeout_seconds,
-                cpus_per_job=getattr(labeller, "cpus", lambda: 1)(),
-            )
+            drive_label_jobs(ctx, job_ids, run_id)
         return True
 
     # -- retraining -----------------------------------------------------------------------
-    def retrain_due(self, config: CampaignConfig, n_labels: int, state: dict) -> str | None:
+    def retrain_due(self, config: CampaignConfig, n_labels: int, state) -> str | None:
         spec = config.daemon.retrain
-        last = state.get("retrain") or {}
+        last = state.retrain
         new = n_labels - last.get("n_labels", 0)
         if new <= 0:
             return None
@@ -431,7 +357,7 @@ class Daemon:
         if spec.cron is not None:
             from croniter import croniter
 
-            since = last.get("at") or state.get("created_at") or self.started_at
+            since = last.get("at") or state.created_at or self.started_at
             if since.tzinfo is None:
                 since = since.replace(tzinfo=timezone.utc)
             due = croniter(spec.cron, since).get_next(datetime)
@@ -439,137 +365,109 @@ class Daemon:
                 return f"cron {spec.cron!r} fell due at {due:%Y-%m-%d %H:%M} UTC"
         return None
 
+    def retrain_plan(
+        self, config: CampaignConfig, systems: list[str]
+    ) -> tuple[dict[str, list[str]], dict[str, dict[str, list[str]]]]:
+        """The campaign's labels per system at its level of theory, and the roles the split
+        policy gives them (recorded only once training goes ahead)."""
+        by_system = self.store.labels.ids_by_system(self.context(config).lot_hash, systems)
+        ids = [i for members in by_system.values() for i in members]
+        roles = SplitPolicy.from_config(config).assign(by_system, self.store.labels.roles(ids))
+        return by_system, split_by_role(by_system, roles)
+
     def maybe_retrain(self, config: CampaignConfig, client) -> bool:
-        state = self.state(config)
-        if not config.finetune.enabled or not state.get("systems"):
+        state = self.store.meta.campaign_state(config.name)
+        if not config.finetune.enabled or not state.systems:
             return False
-        if "created_at" not in state:
-            self._save_state(config, {"created_at": datetime.now(timezone.utc)})
-        campaign = self.campaign(config)
-        labeller = campaign.labeller()
-        lot_hash = level_of_theory_hash(labeller)
-        by_system: dict[str, list[str]] = defaultdict(list)
-        for doc in self.store.labels.find(
-            {"lot_hash": lot_hash, "chemical_system": {"$in": state["systems"]}},
-            {"chemical_system": 1},
-        ):
-            by_system[doc["chemical_system"]].append(doc["_id"])
-        n_labels = sum(len(v) for v in by_system.values())
+        if state.created_at is None:
+            self.store.meta.save_campaign_state(
+                config.name, {"created_at": datetime.now(timezone.utc)}
+            )
+        by_system, preview = self.retrain_plan(config, state.systems)
+        ids = [i for members in by_system.values() for i in members]
+        n_labels = len(ids)
         why = self.retrain_due(config, n_labels, state)
         if why is None:
             return False
-        split = split_labels(config, by_system)
+        counts = {role: len(pooled(preview, role))
+                  for role in (ROLE_HOLDOUT, ROLE_VALIDATION, ROLE_TRAIN)}  # fmt: skip
         decision: dict[str, Any] = {
             "kind": "retrain",
             "campaign": config.name,
             "family": config.finetune.trainer.name,
             "trigger": why,
             "n_labels": n_labels,
-            "split": {k: len(v) for k, v in split.items()},
+            "split": counts,
         }
         retrain_state = {"n_labels": n_labels, "at": datetime.now(timezone.utc)}
-        if len(split["train"]) < config.daemon.retrain.min_train_labels or not split["holdout"]:
-            if state.get("postponed_at_labels") == n_labels:
+        min_train = config.daemon.retrain.min_train_labels
+        if counts[ROLE_TRAIN] < min_train or not counts[ROLE_HOLDOUT]:
+            if state.postponed_at_labels == n_labels:
                 return False  # decided already for exactly these labels
-            self._save_state(config, {"postponed_at_labels": n_labels})
+            self.store.meta.save_campaign_state(config.name, {"postponed_at_labels": n_labels})
             decision["outcome"] = "postponed"
             decision["reason"] = (
-                f"{len(split['train'])} training and {len(split['holdout'])} held-out labels: "
-                f"need {config.daemon.retrain.min_train_labels} and 1"
+                f"{counts[ROLE_TRAIN]} training and {counts[ROLE_HOLDOUT]} held-out labels: "
+                f"need {min_train} and 1"
             )
-            self.store.record_decision(decision)
+            self.store.decisions.record(decision)
             log.info("%s: retraining postponed: %s", config.name, decision["reason"])
             return False
         log.info("%s: retraining (%s)", config.name, why)
+        ctx = self.context(config, client, suffix="t" + settings_hash({"labels": sorted(ids)})[:8])
+        ctx.outputs["labels_by_system"] = by_system
         try:
-            model_id = campaign.train_model(
-                client,
-                split["train"],
-                split["validation"],
-                split["holdout"],
-                lot={"hash": lot_hash, "theory": labeller.level_of_theory()},
-                workdir=daemon_dir(config) / "training",
-            )
+            outputs = run_passes(ctx, [SplitStage(), FinetuneStage(), EvaluateStage("promoted")])
         except Exception as exc:  # a failed fine-tune must not kill the dataset growth
             log.exception("%s: retraining failed", config.name)
-            self.store.record_decision({**decision, "outcome": "failed", "reason": repr(exc)})
-            self._save_state(config, {"retrain": {**retrain_state, "error": repr(exc)}})
+            self.store.decisions.record({**decision, "outcome": "failed", "reason": repr(exc)})
+            self.store.meta.save_campaign_state(
+                config.name, {"retrain": {**retrain_state, "error": repr(exc)}}
+            )
             return True
-        decision.update(self.judge(config, campaign, model_id, split["holdout"]))
-        self.store.record_decision(decision)
-        self._save_state(
-            config,
-            {"retrain": {**retrain_state, "model_id": model_id, "outcome": decision["outcome"]}},
-        )
-        log.info("%s: %s %s: %s", config.name, decision["outcome"], model_id, decision["reason"])
+        decision.update(self.judge(ctx, outputs))
+        self.store.decisions.record(decision)
+        self.store.meta.save_campaign_state(
+            config.name,
+            {"retrain": {**retrain_state, "model_id": decision["model_id"],
+                         "outcome": decision["outcome"]}},
+        )  # fmt: skip
+        log.info("%s: %s %s: %s", config.name, decision["outcome"], decision["model_id"],
+                 decision["reason"])  # fmt: skip
         if decision["outcome"] == "promoted":
-            self.store.promote_model(model_id, decision["reason"])
-            self.withdraw_unworthy(config, model_id)
+            self.store.models.promote(decision["model_id"], decision["reason"])
+            self.withdraw_unworthy(config, decision["model_id"])
         return True
 
-    def judge(
-        self, config: CampaignConfig, campaign: Campaign, model_id: str, holdout_ids: list[str]
-    ) -> dict[str, Any]:
+    def judge(self, ctx: RunContext, outputs: dict[str, Any]) -> dict[str, Any]:
         """Candidate vs. promoted model (the pretrained one before any promotion) on the same
-        held-out labels, by the configured rule; parity plots of both."""
-        from pestle.evaluation.metrics import evaluate_potential
-        from pestle.evaluation.plots import parity_plot
-
-        rule = config.daemon.retrain
-        incumbent_id = self.promoted(config)
-        holdout = campaign._labelled(holdout_ids)
-        candidate = campaign.fine_tuned_potential(model_id)
-        incumbent = (
-            campaign.fine_tuned_potential(incumbent_id)
-            if incumbent_id is not None
-            else campaign.base_potential()
-        )
-        results = {
-            "candidate": evaluate_potential(candidate, holdout),
-            "incumbent": evaluate_potential(incumbent, holdout),
-        }
-        pooled = {name: _pooled(r) for name, r in results.items()}
+        held-out labels, by the configured rule."""
+        rule = ctx.config.daemon.retrain
+        model_id = outputs["model_id"]
+        results = outputs["evaluation"]
+        evaluate = self.store.runs.require(ctx.run_id).stages["evaluate"]
+        incumbent_id = self.promoted(ctx.config)
+        pooled_figures = {name: pooled_metrics(r) for name, r in results.items()}
         key = "force_mae" if rule.rule == "force_mae" else "softening_distance"
-        new, old = pooled["candidate"][key], pooled["incumbent"][key]
+        new, old = pooled_figures["candidate"][key], pooled_figures["incumbent"][key]
         better = new < old * (1.0 - rule.min_improvement)
-        incumbent_name = incumbent_id or "the pretrained model"
+        holdout_ids = evaluate["holdout_label_ids"]
         reason = (
-            f"{key} {new:.4f} vs {old:.4f} of {incumbent_name} on {len(holdout)} held-out "
-            f"labels: {'better' if better else 'not better'} by the rule "
-            f"(improvement > {rule.min_improvement:.0%})"
-        )
-        plots = {}
-        plot_dir = daemon_dir(config) / "plots"
-        for system in results["candidate"]:
-            reference = results["candidate"][system]["arrays"]["reference"]
-            path = parity_plot(
-                reference,
-                {
-                    incumbent_name: results["incumbent"][system]["arrays"]["predicted"],
-                    model_id: results["candidate"][system]["arrays"]["predicted"],
-                },
-                plot_dir / f"parity-{model_id}-{system}.png",
-                title=f"{system}: held-out forces, candidate vs promoted",
-            )
-            plots[system] = str(path)
-        self.store.models.update_one(
-            {"_id": model_id},
-            {
-                "$set": {
-                    f"evaluation.daemon-{settings_hash(holdout_ids)[:10]}": _strip(
-                        results["candidate"]
-                    )
-                }
-            },
+            f"{key} {new:.4f} vs {old:.4f} of {incumbent_id or 'the pretrained model'} on "
+            f"{len(holdout_ids)} held-out labels: {'better' if better else 'not better'} by "
+            f"the rule (improvement > {rule.min_improvement:.0%})"
         )
         return {
             "model_id": model_id,
             "incumbent": incumbent_id,
             "rule": rule.rule,
-            "metrics": {name: _strip(r) for name, r in results.items()},
-            "pooled": pooled,
+            "run_id": ctx.run_id,
+            "metrics": evaluate["metrics"],
+            "pooled": pooled_figures,
             "holdout_label_ids": holdout_ids,
-            "plots": plots,
+            "plots": {
+                system: str(ctx.run_dir / name) for system, name in evaluate["plots"].items()
+            },
             "outcome": "promoted" if better else "kept",
             "reason": reason,
         }
@@ -579,39 +477,32 @@ class Daemon:
         whose expected softening error falls under ``daemon.withdraw_below``."""
         from pestle.scoring import softening_error
 
-        queued = list(
-            self.store.jobs.find(
-                {"kind": "label", "state": JOB_QUEUED, **campaign_runs(config)},
-                {"payload.structure_id": 1},
-            )
-        )
+        queued = self.store.jobs.find(state=JOB_QUEUED, kind="label", campaign=config.name)
         if not queued:
             return
-        campaign = self.campaign(config, model_id=model_id)
-        ids = [j["payload"]["structure_id"] for j in queued]
-        docs = {d["_id"]: d for d in self.store.structures.find({"_id": {"$in": ids}})}
-        atoms = [self.store.atoms_from_doc(docs[i]) for i in ids]
-        predictions = campaign.potential.predict(atoms, stress=False)
-        softening = campaign.softening_model(sorted({d["chemical_system"] for d in docs.values()}))
+        ctx = self.context(config, scoring_model=model_id)
+        docs = {d.id: d for d in self.store.structures.find(
+            {"_id": {"$in": [j.payload["structure_id"] for j in queued]}})}  # fmt: skip
+        atoms = {sid: self.store.structures.atoms_of(doc) for sid, doc in docs.items()}
+        ids = [j.payload["structure_id"] for j in queued]
+        predictions = ctx.potential.predict([atoms[i] for i in ids], stress=False)
+        softening = softening_model(ctx, {d.chemical_system for d in docs.values()})
         threshold = config.daemon.withdraw_below
-        withdrawn = 0
+        withdrawn, scores = 0, {}
         for job, sid, prediction in zip(queued, ids, predictions, strict=True):
             doc = docs[sid]
-            max_force = float(np.linalg.norm(prediction.forces, axis=1).max())
-            estimate = softening.estimate(doc["chemical_system"], doc["provenance"]["sampler"])
+            max_force = force_scores(atoms[sid], prediction)["max_force"]
+            estimate = softening.estimate(doc.chemical_system, doc.provenance.sampler)
             error = softening_error(max_force, estimate.slope)
-            self.store.set_scores(
-                sid,
-                campaign.model_key,
-                {"max_force": max_force, "expected_softening_error": error},
-            )
+            scores[sid] = {"max_force": max_force, "expected_softening_error": error}
             if threshold is not None and error < threshold:
                 reason = (
                     f"expected softening error {error:.3f} eV/A under promoted {model_id} "
                     f"(s = {estimate.slope:.3f}) is below withdraw_below {threshold}"
                 )
-                withdrawn += self.store.withdraw_job(job["_id"], reason)
-        self.store.record_decision(
+                withdrawn += self.store.jobs.withdraw(job.id, reason)
+        self.store.structures.set_scores(scores, ctx.model_key)
+        self.store.decisions.record(
             {"kind": "rescore", "campaign": config.name, "model_id": model_id,
              "queued": len(queued), "withdrawn": withdrawn,
              "reason": f"re-scored {len(queued)} queued labels after promoting {model_id}"}

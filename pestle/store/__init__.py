@@ -1,35 +1,50 @@
-"""The store: MongoDB through pymongo (embedded local server by default)."""
+"""The store: MongoDB through pymongo (embedded local server by default), one repository per
+collection (see ``client.Store``), typed documents (``documents``), migrations."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from pestle.store.server import EmbeddedServer
-from pestle.store.store import (
+from pestle.store.client import COLLECTIONS, Store
+from pestle.store.documents import (
     JOB_DONE,
     JOB_FAILED,
     JOB_QUEUED,
     JOB_RUNNING,
+    JOB_STATES,
     JOB_TERMINAL,
     JOB_WITHDRAWN,
-    Store,
-    StoreError,
-    label_id,
-    worker_name,
+    ROLE_HOLDOUT,
+    ROLE_TRAIN,
+    ROLE_VALIDATION,
+    ROLES,
 )
+from pestle.store.errors import StoreError
+from pestle.store.jobs import worker_name
+from pestle.store.labels import StoredLabel, label_id
+from pestle.store.server import EmbeddedServer
+from pestle.store.structures import NewStructure
 from pestle.store.uri import configured_uri, mask_uri
 
 __all__ = [
+    "COLLECTIONS",
     "JOB_DONE",
     "JOB_FAILED",
     "JOB_QUEUED",
     "JOB_RUNNING",
+    "JOB_STATES",
     "JOB_TERMINAL",
     "JOB_WITHDRAWN",
+    "ROLES",
+    "ROLE_HOLDOUT",
+    "ROLE_TRAIN",
+    "ROLE_VALIDATION",
     "EmbeddedServer",
+    "NewStructure",
     "Store",
     "StoreError",
+    "StoredLabel",
     "configured_uri",
     "label_id",
     "mask_uri",

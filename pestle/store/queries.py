@@ -4,10 +4,11 @@ MongoDB filters on the ``structures`` or ``labels`` collection."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
-from pestle.store.store import Store
+from pestle.store.client import Store
 
 
 def normalise_system(system: str) -> str:
@@ -79,9 +80,56 @@ def build_filter(
         if force:
             label_conditions["max_force"] = force
         if label_conditions or labelled is not None:
-            ids = store.labels.distinct("structure_id", label_conditions)
+            ids = store.labels.distinct_structure_ids(label_conditions)
             wants = labelled if labelled is not None else True
             clauses.append({"_id": {"$in" if wants else "$nin": ids}})
     if not clauses:
         return {}
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def parse_query(terms: list[str]) -> dict[str, Any]:
+    """A MongoDB filter from a JSON document or ``key=value`` terms (numbers and booleans
+    are typed; ``key>v``, ``key>=v``, ``key<v``, ``key<=v``, ``key!=v`` compare)."""
+    if len(terms) == 1 and terms[0].lstrip().startswith("{"):
+        try:
+            query = json.loads(terms[0])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"query is not valid JSON: {exc}") from None
+        if not isinstance(query, dict):
+            raise ValueError("a JSON query must be an object")
+        return query
+    query: dict[str, Any] = {}
+    for term in terms:
+        for op, mongo in (
+            (">=", "$gte"),
+            ("<=", "$lte"),
+            ("!=", "$ne"),
+            (">", "$gt"),
+            ("<", "$lt"),
+            ("=", None),
+        ):
+            if op in term:
+                key, value = term.split(op, 1)
+                key = key.strip()
+                if not key:
+                    raise ValueError(f"query term {term!r} has no field name")
+                typed = _typed(value.strip())
+                query[key] = typed if mongo is None else {**query.get(key, {}), mongo: typed}
+                break
+        else:
+            raise ValueError(f"query term {term!r} is not key=value (or a JSON filter)")
+    return query
+
+
+def _typed(value: str) -> Any:
+    if value in ("true", "false"):
+        return value == "true"
+    if value in ("null", "none"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            continue
+    return value

@@ -13,20 +13,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
-from ase import Atoms
 from pydantic import BaseModel
 
 from pestle.plugins import Registry, import_submodules
-
-
-@dataclass
-class LabelledStructure:
-    """Geometry with reference results attached in ``atoms.calc`` (SinglePointCalculator)
-    and the ids that tie it to the store."""
-
-    atoms: Atoms
-    structure_id: str
-    label_id: str
+from pestle.structures import LabelledStructure
 
 
 def reference_results(ls: LabelledStructure) -> tuple[float, np.ndarray, np.ndarray | None]:

@@ -42,10 +42,12 @@ def _utc(moment: datetime) -> datetime:
 def growth_plot(store: Store, path: Path) -> tuple[Path, dict[str, Any]]:
     """Cumulative labels per chemical system over time (left); labels per system and
     sampler (right, stacked)."""
-    labels = list(
-        store.labels.find({}, {"chemical_system": 1, "sampler": 1, "created_at": 1}).sort(
-            "created_at", 1
-        )
+    labels = sorted(
+        (
+            label.model_dump()
+            for label in store.labels.find({}, ["chemical_system", "sampler", "created_at"])
+        ),
+        key=lambda label: _utc(label["created_at"]),
     )
     fig = _figure(11, 4.2)
     left, right = fig.subplots(1, 2)
@@ -85,24 +87,22 @@ def softening_history(store: Store) -> list[dict[str, Any]]:
     system), from campaign runs (pretrained and fine-tuned) and daemon retraining decisions
     (incumbent and candidate on the same held-out labels)."""
     rows: list[dict[str, Any]] = []
-    for run in store.runs.find({"stages.evaluate.metrics": {"$exists": True}}):
-        evaluate = run["stages"]["evaluate"]
-        model_id = (run["stages"].get("finetune") or {}).get("model_id")
+    outcomes = {d.model_dump().get("run_id"): d.model_dump().get("outcome")
+                for d in store.decisions.find("retrain")}  # fmt: skip
+    for run in store.runs.with_stage("evaluate"):
+        evaluate = run.stages["evaluate"]
+        model_id = (run.stages.get("finetune") or {}).get("model_id")
         for name, per_system in evaluate.get("metrics", {}).items():
-            model = model_id if name == "fine-tuned" else "pretrained"
+            if name in ("fine-tuned", "candidate"):
+                outcome = outcomes.get(run.id)
+                model = f"{model_id} ({outcome})" if outcome else model_id
+            elif name == "incumbent":  # the promoted model, or the pretrained one before any
+                baseline = evaluate.get("baseline", "")
+                model = f"{baseline} (promoted)" if baseline.startswith("model-") else "pretrained"
+            else:
+                model = "pretrained"
             for system, metrics in per_system.items():
-                rows.append({"at": run.get("started_at"), "model": model, "system": system,
-                             **_softening(metrics)})  # fmt: skip
-    for decision in store.decisions.find({"kind": "retrain", "metrics": {"$exists": True}}):
-        # The incumbent first: the older version, measured on the same held-out labels.
-        for role in ("incumbent", "candidate"):
-            if role == "candidate":
-                model = f"{decision['model_id']} ({decision['outcome']})"
-            else:  # an incumbent is the promoted model, or the pretrained one before any
-                incumbent = decision.get("incumbent")
-                model = f"{incumbent} (promoted)" if incumbent else "pretrained"
-            for system, metrics in decision["metrics"].get(role, {}).items():
-                rows.append({"at": decision["at"], "model": model, "system": system,
+                rows.append({"at": run.started_at, "model": model, "system": system,
                              **_softening(metrics)})  # fmt: skip
     rows.sort(key=lambda r: _utc(r["at"]) if r["at"] else datetime.min.replace(tzinfo=timezone.utc))
     return rows
@@ -169,8 +169,7 @@ def softening_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def jobs_plot(store: Store, path: Path) -> tuple[Path, dict[str, Any]]:
     """Jobs finished per time bin, by final state (left); failures per error (right)."""
-    jobs = list(store.jobs.find({"finished_at": {"$ne": None}}, {"state": 1, "finished_at": 1,
-                                                                  "error": 1, "kind": 1}))  # fmt: skip
+    jobs = [job.model_dump() for job in store.jobs.finished()]
     fig = _figure(11, 4.2)
     left, right = fig.subplots(1, 2)
     finished = [j for j in jobs if j.get("finished_at")]
@@ -214,27 +213,15 @@ def jobs_plot(store: Store, path: Path) -> tuple[Path, dict[str, Any]]:
     right.set_title("failures by error")
     fig.tight_layout()
     fig.savefig(path)
-    return path, {"states": dict(Counter(j["state"] for j in store.jobs.find({}, {"state": 1}))),
-                  "failures": dict(failures)}  # fmt: skip
+    return path, {"states": store.jobs.counts(), "failures": dict(failures)}
 
 
 def _parity_plots(store: Store, work_dir: Path, out: Path) -> list[tuple[str, str]]:
     """Parity PNGs of the latest run evaluations and daemon decisions, copied beside the report."""
     found: list[tuple[str, Path]] = []
-    for decision in (
-        store.decisions.find({"kind": "retrain", "plots": {"$exists": True}})
-        .sort("at", -1)
-        .limit(3)
-    ):
-        for system, png in decision["plots"].items():
-            found.append((f"{system}: {decision['model_id']} vs {decision.get('incumbent') or 'pretrained'} ({decision['outcome']})", Path(png)))  # fmt: skip
-    for run in (
-        store.runs.find({"stages.evaluate.plots": {"$exists": True}})
-        .sort("started_at", -1)
-        .limit(3)
-    ):
-        for system, name in run["stages"]["evaluate"]["plots"].items():
-            found.append((f"{system}: run {run['_id']}", work_dir / "runs" / run["_id"] / name))
+    for run in store.runs.with_stage("evaluate")[::-1][:3]:  # the latest three
+        for system, name in run.stages["evaluate"].get("plots", {}).items():
+            found.append((f"{system}: run {run.id}", work_dir / "runs" / run.id / name))
     copied = []
     for caption, source in found:
         if source.is_file():
@@ -253,8 +240,8 @@ def write_store_report(store: Store, work_dir: Path, out: Path, fmt: str = "html
     softening = softening_plot(rows, out / "softening-by-model.png")
     jobs, job_summary = jobs_plot(store, out / "jobs.png")
     parity = _parity_plots(store, Path(work_dir), out)
-    decisions = list(store.decisions.find().sort("at", 1))
-    promoted = list(store.meta.find({"_id": {"$regex": "^promoted:"}}))
+    decisions = [d.model_dump() for d in store.decisions.find()]
+    promoted = store.models.promoted_all()
     sections: list[tuple[str, list[str], list[list[Any]] | None, list[tuple[str, str]]]] = [
         ("Dataset growth", ["system", "labels per sampler"],
          [[s, ", ".join(f"{k} {v}" for k, v in c.items())] for s, c in per_sampler.items()],
@@ -271,7 +258,7 @@ def write_store_report(store: Store, work_dir: Path, out: Path, fmt: str = "html
          [[p["family"], p["model_id"], p["at"], p.get("reason", "")] for p in promoted], []),
     ]  # fmt: skip
     counts = store.counts()
-    title = f"pestle store report: {store.db.name}"
+    title = f"pestle store report: {store.database}"
     intro = ", ".join(f"{n} {k}" for k, n in counts.items())
     if fmt == "md":
         lines = [f"# {title}", "", intro, ""]

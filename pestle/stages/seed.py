@@ -1,4 +1,4 @@
-"""Seed structures from a campaign config: structure files (CIF, POSCAR, extxyz, anything
+"""The seed stage, and seed structures from a campaign config: structure files (CIF, POSCAR, extxyz, anything
 ``ase.io.read`` knows), ``ase.build.bulk`` crystals, or the Materials Project via mp-api.
 
 Structures fetched from the Materials Project are kept in the store with the query that
@@ -12,12 +12,17 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ase import Atoms
 from ase.build import bulk
 
 from pestle.config import ConfigError, SeedSpec
+from pestle.samplers import Seed
+from pestle.structures import chemical_system
+
+if TYPE_CHECKING:
+    from pestle.stages.context import RunContext
 
 log = logging.getLogger("pestle.seeds")
 
@@ -130,20 +135,14 @@ def _from_bulk(spec: SeedSpec, where: str) -> list[SeedStructure]:
 def _from_materials_project(spec: SeedSpec, where: str, store) -> list[SeedStructure]:
     query = mp_query(spec.mp)
     if store is not None:
-        cached = list(
-            store.structures.find(
-                {"kind": "seed", "provenance.source.materials_project.query": query}
-            ).sort("provenance.source.materials_project.energy_above_hull", 1)
-        )
+        cached = store.structures.materials_project_seeds(query)
         if len(cached) >= spec.mp_limit or (cached and "material_ids" in query):
             log.info(
                 "%s: %d Materials Project seeds for %s from the store", where, len(cached), query
             )
             return [
                 SeedStructure(
-                    doc.get("name") or doc["_id"],
-                    store.atoms_from_doc(doc),
-                    doc["provenance"]["source"],
+                    doc.name or doc.id, store.structures.atoms_of(doc), doc.provenance.source
                 )
                 for doc in cached[: spec.mp_limit]
             ]
@@ -183,3 +182,39 @@ def build_seeds(spec: SeedSpec, where: str = "seeds", store=None) -> list[SeedSt
             seed.source = {**seed.source, "supercell": list(spec.supercell)}
         seed.atoms.calc = None
     return seeds
+
+
+class SeedStage:
+    """Build the config's seeds (and those given as Python objects), store them, and hand
+    them on; the same crystal given twice is used once."""
+
+    name = "seed"
+    requires: tuple[str, ...] = ()
+    provides = ("seeds",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        seeds: list[Seed] = []
+        structures = [
+            seed
+            for index, spec in enumerate(ctx.config.seeds)
+            for seed in build_seeds(spec, f"seeds.{index}", ctx.store)
+        ] + ctx.extra_seeds
+        for structure in structures:
+            sid, _ = ctx.store.structures.add(
+                structure.atoms,
+                kind="seed",
+                name=structure.name,
+                provenance={"source": structure.source, "campaign": ctx.config.name,
+                            "run_id": ctx.run_id},
+                run_id=ctx.run_id,
+            )  # fmt: skip
+            if any(s.id == sid for s in seeds):
+                log.warning("seed %s is a duplicate of an earlier seed; used once", structure.name)
+                continue
+            seeds.append(Seed(structure.atoms, sid, structure.name, structure.source))
+        ctx.record("seed", {"seeds": [{"id": s.id, "name": s.name,
+                                       "chemical_system": chemical_system(s.atoms)}
+                                      for s in seeds]})  # fmt: skip
+        if ctx.round is not None and ctx.round.systems is not None:  # the still open ones
+            seeds = [s for s in seeds if chemical_system(s.atoms) in ctx.round.systems]
+        return {"seeds": seeds}

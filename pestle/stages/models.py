@@ -29,14 +29,11 @@ def load_stored_model(store: Store, model_id: str, directory: str | Path) -> Pot
 def stored_model_spec(store: Store, model_id: str, directory: str | Path) -> tuple[str, dict]:
     """(registered potential name, its params) for a stored model version, with the verified
     checkpoint written under ``directory`` and named in the params with its digest."""
-    doc = store.models.find_one({"_id": model_id}, {"checkpoint": 1, "potential": 1,
-                                                     "potential_params": 1, "family": 1})  # fmt: skip
-    if doc is None:
-        raise StoreError(f"no model {model_id} in the store (see `pestle models`)")
-    name = doc.get("potential", doc.get("family"))
+    doc = store.models.require(model_id)
+    name = doc.potential or doc.family
     if name not in CHECKPOINT_PARAMS:
         raise StoreError(f"model {model_id}: no loader for potential {name!r}")
-    path, _ = store.fetch_checkpoint(model_id, directory)
+    path, _ = store.models.fetch_checkpoint(model_id, directory)
     path_key, sha_key = CHECKPOINT_PARAMS[name]
     if path.is_dir():  # matgl's folder: its Potential checks a digest over the files
         from pestle.potentials.matgl import folder_sha256
@@ -46,7 +43,7 @@ def stored_model_spec(store: Store, model_id: str, directory: str | Path) -> tup
         from pestle.potentials.chgnet import sha256_file
 
         digest = sha256_file(path)
-    return name, {**doc.get("potential_params", {}), path_key: str(path), sha_key: digest}
+    return name, {**doc.potential_params, path_key: str(path), sha_key: digest}
 
 
 def resolve_model(spec: str, store: Store | None, directory: str | Path) -> Potential:

@@ -1,0 +1,80 @@
+"""The fine-tune stage: the configured pretrained potential fine-tuned on the split's training
+labels (validation labels choose the epoch) as a Dask job that asks for a GPU when a worker
+offers one. A model with the same trainer, labels and parent is never trained twice."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pestle.stages.split import pooled
+from pestle.store import ROLE_HOLDOUT, ROLE_TRAIN, ROLE_VALIDATION
+from pestle.structures import settings_hash
+
+if TYPE_CHECKING:
+    from pestle.stages.context import RunContext
+
+
+def train_model(
+    ctx: RunContext, train_ids: list[str], val_ids: list[str], holdout_ids: list[str]
+) -> str:
+    """Fine-tune on these labels and store the model version; returns its id."""
+    from pestle.dispatch.training import train_model as dispatch
+
+    spec = ctx.config.finetune.trainer
+    parent = ctx.base_potential.describe()
+    model_id = "model-" + settings_hash(
+        {"trainer": spec.model_dump(), "train": train_ids, "validation": val_ids, "parent": parent}
+    )
+    if not ctx.store.models.exists(model_id):
+        record = {
+            "family": spec.name,
+            "trainer": spec.model_dump(),
+            "parent": parent,
+            "training": {
+                "label_ids": train_ids,
+                "validation_label_ids": val_ids,
+                "query": {"_id": {"$in": train_ids}},
+                "holdout_label_ids": holdout_ids,
+            },
+            "level_of_theory_hash": ctx.lot_hash,
+            "level_of_theory": ctx.level_of_theory,
+            "run_id": ctx.run_id,
+            "campaign": ctx.config.name,
+        }
+        dispatch(
+            ctx.client,
+            store_uri=ctx.store_uri,
+            database=ctx.store.database,
+            model_id=model_id,
+            trainer=spec.model_dump(),
+            train_label_ids=train_ids,
+            val_label_ids=val_ids,
+            workdir=str(ctx.run_dir / "training" / model_id),
+            record=record,
+        )
+    return model_id
+
+
+class FinetuneStage:
+    name = "finetune"
+    requires = ("split",)
+    provides = ("model_id",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        split = ctx.outputs["split"]
+        if not ctx.config.finetune.enabled:
+            ctx.record("finetune", {"skipped": "finetune.enabled is false"})
+            return {"model_id": None}
+        train_ids = pooled(split, ROLE_TRAIN)
+        if not train_ids:
+            ctx.record("finetune", {"skipped": "no training labels"})
+            return {"model_id": None}
+        val_ids = pooled(split, ROLE_VALIDATION)
+        ctx.progress("finetune", 0, 1)
+        model_id = train_model(ctx, train_ids, val_ids, pooled(split, ROLE_HOLDOUT))
+        ctx.progress("finetune", 1, 1)
+        ctx.record(
+            "finetune",
+            {"model_id": model_id, "n_train": len(train_ids), "n_validation": len(val_ids)},
+        )
+        return {"model_id": model_id}

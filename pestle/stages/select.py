@@ -1,0 +1,116 @@
+"""The select stage: the candidates worth a reference label, per chemical system, by the
+configured selector over the stored scores (and the expected softening error, fitted on the
+labels already stored). The selection and each pick's reason are stored; a resumed pass
+reuses its selection instead of choosing a fresh batch beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from pestle.selectors import SELECTORS, ScoredCandidate
+from pestle.store.documents import Selection
+
+if TYPE_CHECKING:
+    from pestle.scoring import SofteningModel
+    from pestle.stages.context import RunContext
+
+
+def softening_model(ctx: RunContext, systems: Iterable[str]) -> SofteningModel:
+    """Softening scales of the scoring potential fitted on the labels already stored for
+    these systems at the campaign's level of theory (the prior where there are too few)."""
+    from pestle.scoring import SofteningModel
+
+    scoring = ctx.config.scoring
+    labelled = [
+        (stored.atoms, stored.chemical_system, stored.label.sampler)
+        for stored in ctx.store.labels.labelled(
+            {"lot_hash": ctx.lot_hash, "chemical_system": {"$in": sorted(systems)}}
+        )
+    ]
+    if not labelled:
+        return SofteningModel({}, scoring.softening_prior, scoring.softening_min_components)
+    return SofteningModel.fit(
+        ctx.potential, labelled, scoring.softening_prior, scoring.softening_min_components
+    )
+
+
+def taken(ctx: RunContext, structure_ids: Iterable[str]) -> set[str]:
+    """Structures that already have a label, or a labelling job, at this level of theory."""
+    ids = list(structure_ids)
+    labelled = ctx.store.labels.labelled_structures(ids, ctx.lot_hash)
+    jobs = {ctx.label_job_id(sid): sid for sid in ids}
+    return labelled | {jobs[j] for j in ctx.store.jobs.existing(jobs)}
+
+
+class SelectStage:
+    name = "select"
+    requires = ("scored",)
+    provides = ("selected",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from pestle.scoring import combine, softening_error
+
+        previous = ctx.recorded("select")
+        if previous and previous.get("selected"):
+            return {"selected": [s["id"] for s in previous["selected"]]}
+        key = ctx.model_key
+        fields = ["chemical_system", "provenance.sampler", f"scores.{key}", f"embeddings.{key}"]
+        docs = ctx.store.structures.run_candidates(ctx.run_id, fields)
+        if ctx.round is not None:  # a round never re-picks what earlier rounds labelled
+            already = taken(ctx, [d.id for d in docs])
+            docs = [d for d in docs if d.id not in already]
+        scoring = ctx.config.scoring
+        softening = None
+        if "expected_softening_error" in scoring.weights:
+            softening = softening_model(ctx, {d.chemical_system for d in docs})
+        estimates: dict[str, dict] = {}
+        scored = []
+        for d in docs:
+            scores = dict(d.scores[key])
+            sampler = d.provenance.sampler
+            if softening is not None:
+                estimate = softening.estimate(d.chemical_system, sampler)
+                # max_force is the largest per-atom force norm, so this is the largest error.
+                scores["expected_softening_error"] = softening_error(
+                    scores["max_force"], estimate.slope
+                )
+                estimates[f"{d.chemical_system}/{sampler}"] = estimate.as_dict()
+            embedding = d.embeddings.get(key)
+            scored.append(
+                ScoredCandidate(
+                    id=d.id,
+                    chemical_system=d.chemical_system,
+                    sampler=sampler,
+                    scores=scores,
+                    extra={"embedding": embedding} if embedding is not None else {},
+                )
+            )
+        if scored:
+            names = {name for c in scored for name in c.scores}
+            combined = combine(
+                {n: [c.scores.get(n, 0.0) for c in scored] for n in names}, scoring.weights
+            )
+            for candidate, value in zip(scored, combined, strict=True):
+                candidate.scores["combined"] = float(value)
+        spec = ctx.config.selection.selector
+        picks = SELECTORS.build(spec.name, spec.params).select(scored, ctx.per_system)
+        by_id = {c.id: c for c in scored}
+        ctx.store.structures.record_selection(
+            ctx.run_id,
+            {p.id: Selection(rank=p.rank, reason=p.reason, scores=by_id[p.id].scores)
+             for p in picks},
+        )  # fmt: skip
+        selected = [{"id": p.id, "rank": p.rank, "reason": p.reason} for p in picks]
+        ctx.record(
+            "select",
+            {
+                "selector": spec.model_dump(),
+                "per_system": ctx.per_system,
+                "weights": scoring.weights,
+                "softening_estimates": estimates,
+                "candidates": len(scored),
+                "selected": selected,
+            },
+        )
+        return {"selected": [p.id for p in picks]}

@@ -1,0 +1,113 @@
+"""The split policy and stage: which labels train a model, which choose its epoch
+(validation) and which are held out to judge it.
+
+One policy for every caller (a campaign run, the daemon's retraining, ``pestle evaluate``,
+the reports). A label's role is decided once and recorded on the label; it never changes,
+so a label a model trained on never becomes a held-out label for a later model. Per chemical
+system, labels without a role, taken in the order of a stable hash of their id, first fill
+the held-out share of the system's labels (at least one, never all), then the validation
+share of the rest; the remainder trains. Given the same labels and fractions, a campaign and
+the daemon hold out the same labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from pestle.stages.context import stable_seed
+from pestle.store import ROLE_HOLDOUT, ROLE_TRAIN, ROLE_VALIDATION
+
+if TYPE_CHECKING:
+    from pestle.config import CampaignConfig
+    from pestle.stages.context import RunContext
+
+
+def share(fraction: float, n: int) -> int:
+    """How many of ``n`` items a fraction takes: at least one, never all."""
+    return min(max(1, math.ceil(fraction * n)), n - 1) if n > 1 else 0
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    seed: int
+    holdout_fraction: float
+    validation_fraction: float
+
+    @classmethod
+    def from_config(cls, config: CampaignConfig) -> SplitPolicy:
+        return cls(
+            config.seed,
+            config.evaluation.holdout_fraction,
+            config.finetune.validation_fraction,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def order(self, label_ids: list[str]) -> list[str]:
+        return sorted(label_ids, key=lambda i: stable_seed(self.seed, "holdout", i))
+
+    def assign(
+        self, by_system: Mapping[str, list[str]], existing: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Roles of every label in ``by_system``: ``existing`` roles kept, new ones decided."""
+        roles: dict[str, str] = {}
+        for ids in by_system.values():
+            kept = {i: existing[i] for i in ids if i in existing}
+            roles.update(kept)
+            new = self.order([i for i in ids if i not in existing])
+            held = sum(r == ROLE_HOLDOUT for r in kept.values())
+            n_hold = max(0, share(self.holdout_fraction, len(ids)) - held)
+            rest = new[n_hold:]
+            n_rest = len(ids) - held - min(n_hold, len(new))
+            validating = sum(r == ROLE_VALIDATION for r in kept.values())
+            n_val = (
+                max(0, share(self.validation_fraction, n_rest) - validating)
+                if self.validation_fraction
+                else 0
+            )
+            roles.update(dict.fromkeys(new[:n_hold], ROLE_HOLDOUT))
+            roles.update(dict.fromkeys(rest[:n_val], ROLE_VALIDATION))
+            roles.update(dict.fromkeys(rest[n_val:], ROLE_TRAIN))
+        return roles
+
+
+def split_by_role(
+    by_system: Mapping[str, list[str]], roles: Mapping[str, str]
+) -> dict[str, dict[str, list[str]]]:
+    """{system: {"holdout": [...], "validation": [...], "train": [...]}} (sorted ids)."""
+    return {
+        system: {
+            role: sorted(i for i in ids if roles.get(i) == role)
+            for role in (ROLE_HOLDOUT, ROLE_VALIDATION, ROLE_TRAIN)
+        }
+        for system, ids in sorted(by_system.items())
+    }
+
+
+def pooled(split: Mapping[str, Mapping[str, list[str]]], role: str) -> list[str]:
+    """Every system's labels of one role, sorted."""
+    return sorted(i for part in split.values() for i in part[role])
+
+
+class SplitStage:
+    name = "split"
+    requires = ("labels_by_system",)
+    provides = ("split",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        by_system: dict[str, list[str]] = ctx.outputs["labels_by_system"]
+        policy = SplitPolicy.from_config(ctx.config)
+        ids = [i for members in by_system.values() for i in members]
+        existing = ctx.store.labels.roles(ids)
+        decided = policy.assign(by_system, existing)
+        ctx.store.labels.set_roles(
+            {i: r for i, r in decided.items() if i not in existing}, policy.as_dict()
+        )
+        # What is stored is the truth (another process may have decided a role meanwhile).
+        split = split_by_role(by_system, ctx.store.labels.roles(ids))
+        ctx.record("split", split)
+        return {"split": split}

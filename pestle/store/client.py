@@ -1,0 +1,120 @@
+"""The store: every candidate, label, job, model version, run and decision, in MongoDB via
+pymongo. ``Store`` holds the connection and one repository per collection; nothing outside
+``pestle.store`` touches a collection directly.
+
+Collections
+- ``structures``: seeds and candidates, ``_id`` = canonical fingerprint (deduplicated).
+- ``labels``: reference results, ``_id`` = ``<structure id>-<level-of-theory hash>``.
+- ``jobs``: labelling/training jobs and their lifecycle, ``_id`` chosen by the caller.
+- ``models``: model versions with checkpoint (GridFS), training data ids, evaluations.
+- ``runs``: one document per campaign run or daemon round, with what each stage did.
+- ``decisions``: the daemon's decisions and their reasons.
+- ``meta``: schema version, the daemon's lease and position, promoted models.
+Arrays above ``INLINE_ARRAY_LIMIT`` numbers go to GridFS, so no document nears 16 MB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import gridfs
+import pymongo
+
+from pestle.store.arrays import ArrayCodec
+from pestle.store.errors import StoreError
+from pestle.store.jobs import JobRepository
+from pestle.store.labels import LabelRepository
+from pestle.store.meta import MetaRepository
+from pestle.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from pestle.store.models import ModelRepository
+from pestle.store.runs import DecisionRepository, RunRepository
+from pestle.store.structures import StructureRepository
+from pestle.store.uri import mask_uri
+
+COLLECTIONS = ("structures", "labels", "jobs", "models", "runs", "decisions")
+
+
+class Store:
+    def __init__(self, uri: str, database: str = "pestle", timeout_ms: int = 10_000) -> None:
+        self.uri_masked = mask_uri(uri)
+        self._client: pymongo.MongoClient = pymongo.MongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms
+        )
+        try:
+            self._client.admin.command("ping")
+        except pymongo.errors.PyMongoError as exc:
+            raise StoreError(f"cannot reach MongoDB at {self.uri_masked}: {exc}") from None
+        self._db = self._client[database]
+        fs = gridfs.GridFS(self._db)
+        arrays = ArrayCodec(fs)
+        self.structures = StructureRepository(self._db["structures"], arrays)
+        self.labels = LabelRepository(self._db["labels"], arrays, self.structures)
+        self.jobs = JobRepository(self._db["jobs"])
+        self.models = ModelRepository(self._db["models"], self._db["meta"], fs)
+        self.runs = RunRepository(self._db["runs"])
+        self.decisions = DecisionRepository(self._db["decisions"])
+        self.meta = MetaRepository(self._db["meta"])
+        self._migrate()
+
+    @property
+    def database(self) -> str:
+        return self._db.name
+
+    def close(self) -> None:
+        self._client.close()
+
+    def drop(self) -> None:
+        """Delete this store's database (tests and benchmarks)."""
+        self._client.drop_database(self._db.name)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        found = self.meta.schema_version()
+        if found is not None and found > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self._db.name} has schema version {found}, newer than this "
+                f"pestle's {SCHEMA_VERSION}: upgrade pestle"
+            )
+        if found == SCHEMA_VERSION:
+            return
+        for repository in (self.structures, self.labels, self.jobs, self.models):
+            repository.ensure_indexes()
+        if found is not None:  # an older store: bring it up step by step
+            for version in range(found, SCHEMA_VERSION):
+                MIGRATIONS[version](self._db)
+                self.meta.set_schema_version(version + 1)
+        self.meta.set_schema_version(SCHEMA_VERSION)
+
+    # -- what the command line asks of any collection -----------------------------------
+    def query(
+        self,
+        collection: str,
+        query: Mapping[str, Any] | None = None,
+        fields: list[str] | None = None,
+        *,
+        limit: int = 0,
+    ) -> Iterator[dict[str, Any]]:
+        """Raw documents of one collection (``pestle query``), in ``_id`` order."""
+        if collection not in COLLECTIONS:
+            raise StoreError(f"no collection {collection!r} (known: {', '.join(COLLECTIONS)})")
+        projection = None if fields is None else dict.fromkeys(fields, 1)
+        try:
+            yield from (
+                self._db[collection].find(dict(query or {}), projection).sort("_id", 1).limit(limit)
+            )
+        except pymongo.errors.PyMongoError as exc:
+            raise StoreError(f"the store refused the query {dict(query or {})}: {exc}") from None
+
+    def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
+        if collection not in COLLECTIONS:
+            raise StoreError(f"no collection {collection!r} (known: {', '.join(COLLECTIONS)})")
+        return self._db[collection].count_documents(dict(query or {}))
+
+    def counts(self) -> dict[str, int]:
+        return {name: self._db[name].estimated_document_count() for name in COLLECTIONS[:5]}

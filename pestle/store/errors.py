@@ -1,0 +1,20 @@
+"""What every repository shares: the store's error and its clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (unreachable, missing or corrupt document)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """pymongo returns naive UTC unless the client is tz-aware; compare in aware UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment

@@ -1,0 +1,273 @@
+"""The ``jobs`` collection: labelling and training jobs and their lifecycle (queued, running
+under a lease, done, failed, withdrawn), ``_id`` chosen by the caller so that enqueueing
+twice is a no-op."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import pymongo
+from pymongo import UpdateOne
+from pymongo.collection import Collection
+
+from pestle.store.documents import (
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_WITHDRAWN,
+    JobDoc,
+)
+from pestle.store.errors import utcnow
+from pestle.store.server import pid_alive
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def runs_of_campaign(campaign: str) -> dict[str, Any]:
+    """Filter on ``run_id`` for every run (one-shot and daemon rounds) of a campaign."""
+    return {"run_id": {"$regex": f"^{re.escape(campaign)}-"}}
+
+
+class JobRepository:
+    def __init__(self, collection: Collection) -> None:
+        self._c = collection
+
+    def ensure_indexes(self) -> None:
+        self._c.create_index([("state", 1), ("kind", 1)])
+        self._c.create_index("lease_expires")
+        self._c.create_index("run_id")
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def enqueue(
+        self,
+        job_id: str,
+        kind: str,
+        payload: Mapping[str, Any],
+        *,
+        run_id: str | None = None,
+        max_attempts: int = 3,
+    ) -> bool:
+        """Queue a job unless it exists; True if newly queued. An existing job (done, failed
+        or in flight) is left exactly as it is, so re-running a campaign never repeats work."""
+        return bool(
+            self.enqueue_many([(job_id, payload)], kind, run_id=run_id, max_attempts=max_attempts)
+        )
+
+    def enqueue_many(
+        self,
+        jobs: Iterable[tuple[str, Mapping[str, Any]]],
+        kind: str,
+        *,
+        run_id: str | None = None,
+        max_attempts: int = 3,
+    ) -> list[str]:
+        """``enqueue`` for many (job id, payload) pairs; returns the ids newly queued."""
+        now = utcnow()
+        operations, ids = [], []
+        for job_id, payload in jobs:
+            doc = JobDoc(
+                _id=job_id, kind=kind, payload=dict(payload), state=JOB_QUEUED,
+                max_attempts=max_attempts, not_before=now, run_id=run_id, created_at=now,
+            ).to_mongo()  # fmt: skip
+            doc.pop("_id")
+            operations.append(UpdateOne({"_id": job_id}, {"$setOnInsert": doc}, upsert=True))
+            ids.append(job_id)
+        if not operations:
+            return []
+        result = self._c.bulk_write(operations, ordered=False)
+        return [ids[index] for index in sorted(result.upserted_ids)]
+
+    def claim(self, job_id: str, worker: str, lease_seconds: float) -> JobDoc | None:
+        """Atomically take a job that is queued (and due) or whose lease has expired."""
+        now = utcnow()
+        doc = self._c.find_one_and_update(
+            {
+                "_id": job_id,
+                "$or": [
+                    {"state": JOB_QUEUED, "not_before": {"$lte": now}},
+                    {"state": JOB_RUNNING, "lease_expires": {"$lt": now}},
+                ],
+            },
+            {
+                "$set": {
+                    "state": JOB_RUNNING,
+                    "worker": worker,
+                    "lease_expires": now + timedelta(seconds=lease_seconds),
+                    "started_at": now,
+                    "heartbeat_at": now,
+                },
+                "$inc": {"attempts": 1},
+            },
+            return_document=pymongo.ReturnDocument.AFTER,
+        )
+        return None if doc is None else JobDoc.model_validate(doc)
+
+    def renew_lease(self, job_id: str, worker: str, lease_seconds: float) -> bool:
+        now = utcnow()
+        result = self._c.update_one(
+            {"_id": job_id, "state": JOB_RUNNING, "worker": worker},
+            {"$set": {"lease_expires": now + timedelta(seconds=lease_seconds),
+                      "heartbeat_at": now}},
+        )  # fmt: skip
+        return result.modified_count == 1
+
+    def finish(self, job_id: str, worker: str, result: Mapping[str, Any]) -> bool:
+        """Mark done; False if this worker no longer holds the job (its lease was taken)."""
+        now = utcnow()
+        updated = self._c.update_one(
+            {"_id": job_id, "state": JOB_RUNNING, "worker": worker},
+            {
+                "$set": {"state": JOB_DONE, "result": dict(result), "finished_at": now},
+                "$unset": {"lease_expires": ""},
+                "$push": {"history": {"at": now, "worker": worker, "event": "done"}},
+            },
+        )
+        return updated.modified_count == 1
+
+    def fail(
+        self,
+        job_id: str,
+        worker: str,
+        error: str,
+        traceback_text: str = "",
+        *,
+        retryable: bool = True,
+        backoff_seconds: float = 5.0,
+    ) -> str | None:
+        """Record a failed attempt: back to the queue (with exponential backoff) while attempts
+        remain and the error is retryable, else ``failed``. Returns the new state."""
+        job = self._c.find_one({"_id": job_id, "state": JOB_RUNNING, "worker": worker})
+        if job is None:
+            return None
+        now = utcnow()
+        attempts = job.get("attempts", 1)
+        again = retryable and attempts < job.get("max_attempts", 1)
+        state = JOB_QUEUED if again else JOB_FAILED
+        delay = backoff_seconds * 2 ** max(attempts - 1, 0)
+        self._c.update_one(
+            {"_id": job_id, "worker": worker},
+            {
+                "$set": {
+                    "state": state,
+                    "error": error,
+                    "traceback": traceback_text,
+                    "not_before": now + timedelta(seconds=delay if again else 0),
+                    "finished_at": None if again else now,
+                },
+                "$unset": {"lease_expires": ""},
+                "$push": {
+                    "history": {"at": now, "worker": worker, "event": "failed", "error": error}
+                },
+            },
+        )
+        return state
+
+    def withdraw(self, job_id: str, reason: str) -> bool:
+        """Withdraw a job that is still queued (never one a worker holds); True if done."""
+        now = utcnow()
+        result = self._c.update_one(
+            {"_id": job_id, "state": JOB_QUEUED},
+            {
+                "$set": {"state": JOB_WITHDRAWN, "withdrawn_reason": reason, "finished_at": now},
+                "$push": {"history": {"at": now, "event": "withdrawn", "reason": reason}},
+            },
+        )
+        return result.modified_count == 1
+
+    def expire_orphaned_leases(self) -> int:
+        """Expire the leases of running jobs whose worker process, on this host, is gone.
+
+        A killed run leaves its jobs ``running`` until their leases lapse; a worker name is
+        ``host:pid``, so on the same host a dead pid proves the lease is orphaned and the job
+        can be taken over at once instead of after the lease time. Other hosts' leases are
+        left to expire on their own."""
+        host = socket.gethostname()
+        orphaned = []
+        for job in self._c.find({"state": JOB_RUNNING}, {"worker": 1}):
+            name, _, pid = str(job.get("worker", "")).rpartition(":")
+            if name == host and pid.isdigit() and not pid_alive(int(pid)):
+                orphaned.append(job["_id"])
+        if orphaned:
+            self._c.update_many(
+                {"_id": {"$in": orphaned}, "state": JOB_RUNNING},
+                {"$set": {"lease_expires": utcnow() - timedelta(seconds=1)}},
+            )
+        return len(orphaned)
+
+    def requeue_failed(self, query: Mapping[str, Any] | None = None) -> int:
+        result = self._c.update_many(
+            {**dict(query or {}), "state": JOB_FAILED},
+            {"$set": {"state": JOB_QUEUED, "attempts": 0, "not_before": utcnow()}},
+        )
+        return result.modified_count
+
+    # -- reading ------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobDoc | None:
+        doc = self._c.find_one({"_id": job_id})
+        return None if doc is None else JobDoc.model_validate(doc)
+
+    def state(self, job_id: str) -> str | None:
+        doc = self._c.find_one({"_id": job_id}, {"state": 1})
+        return None if doc is None else doc["state"]
+
+    def existing(self, job_ids: Iterable[str]) -> set[str]:
+        return {d["_id"] for d in self._c.find({"_id": {"$in": list(job_ids)}}, {"_id": 1})}
+
+    def progress(self, job_ids: Iterable[str]) -> dict[str, JobDoc]:
+        """What the driver needs to drive these jobs: state, due time, lease, worker."""
+        fields = {"kind": 1, "state": 1, "not_before": 1, "lease_expires": 1, "worker": 1}
+        return {
+            d["_id"]: JobDoc.model_validate(d)
+            for d in self._c.find({"_id": {"$in": sorted(job_ids)}}, fields)
+        }
+
+    def find(
+        self,
+        *,
+        state: str | Iterable[str] | None = None,
+        kind: str | None = None,
+        campaign: str | None = None,
+    ) -> list[JobDoc]:
+        query: dict[str, Any] = {}
+        if state is not None:
+            query["state"] = state if isinstance(state, str) else {"$in": list(state)}
+        if kind is not None:
+            query["kind"] = kind
+        if campaign is not None:
+            query.update(runs_of_campaign(campaign))
+        return [JobDoc.model_validate(d) for d in self._c.find(query).sort("_id", 1)]
+
+    def unfinished_by_run(self, campaign: str, kind: str = "label") -> dict[str, list[str]]:
+        """Queued or running jobs of a campaign, per run id."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for job in self._c.find(
+            {
+                "kind": kind,
+                "state": {"$in": [JOB_QUEUED, JOB_RUNNING]},
+                **runs_of_campaign(campaign),
+            },
+            {"run_id": 1},
+        ):
+            out[job["run_id"]].append(job["_id"])
+        return {run: sorted(ids) for run, ids in sorted(out.items())}
+
+    def counts(self, query: Mapping[str, Any] | None = None) -> dict[str, int]:
+        pipeline = [{"$match": dict(query or {})}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+        return {row["_id"]: row["n"] for row in self._c.aggregate(pipeline)}
+
+    def finished(self) -> list[JobDoc]:
+        """Jobs that ended (done, failed, withdrawn), for throughput plots."""
+        fields = {"state": 1, "finished_at": 1, "error": 1, "kind": 1}
+        return [
+            JobDoc.model_validate(d)
+            for d in self._c.find({"finished_at": {"$ne": None}}, fields).sort("finished_at", 1)
+        ]

@@ -1,0 +1,111 @@
+"""The ``runs`` collection (one document per campaign run or daemon round, with what each
+stage did) and the ``decisions`` collection (what the daemon decided, and why)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bson import ObjectId
+from pymongo.collection import Collection
+
+from pestle.store.documents import DecisionDoc, RunDoc
+from pestle.store.errors import utcnow
+from pestle.store.jobs import runs_of_campaign
+
+
+class RunRepository:
+    def __init__(self, collection: Collection) -> None:
+        self._c = collection
+
+    def start(self, run_id: str, record: Mapping[str, Any]) -> RunDoc:
+        """Open (or reopen, when resuming) a run; what ``record`` says is kept from the first
+        start."""
+        now = utcnow()
+        self._c.update_one(
+            {"_id": run_id},
+            {
+                "$setOnInsert": {**dict(record), "created_at": now, "stages": {}},
+                "$set": {"state": "running", "started_at": now},
+                "$inc": {"attempts": 1},
+            },
+            upsert=True,
+        )
+        return self.require(run_id)
+
+    def update(self, run_id: str, fields: Mapping[str, Any]) -> None:
+        self._c.update_one({"_id": run_id}, {"$set": dict(fields)})
+
+    def record_stage(self, run_id: str, stage: str, outcome: Mapping[str, Any]) -> None:
+        self.update(run_id, {f"stages.{stage}": dict(outcome)})
+
+    def get(self, run_id: str) -> RunDoc | None:
+        doc = self._c.find_one({"_id": run_id})
+        return None if doc is None else RunDoc.model_validate(doc)
+
+    def require(self, run_id: str) -> RunDoc:
+        from pestle.store.errors import StoreError
+
+        doc = self.get(run_id)
+        if doc is None:
+            raise StoreError(f"no run {run_id}")
+        return doc
+
+    def stage(self, run_id: str, stage: str) -> dict[str, Any] | None:
+        doc = self._c.find_one({"_id": run_id}, {f"stages.{stage}": 1})
+        return ((doc or {}).get("stages") or {}).get(stage)
+
+    def recent(self, limit: int = 5) -> list[RunDoc]:
+        fields = {"state": 1, "started_at": 1, "report": 1, "campaign": 1}
+        cursor = self._c.find({}, fields).sort("started_at", -1).limit(limit)
+        return [RunDoc.model_validate(d) for d in cursor]
+
+    def with_stage(self, stage: str, campaign: str | None = None) -> list[RunDoc]:
+        """Runs that recorded ``stage``, oldest first."""
+        query: dict[str, Any] = {f"stages.{stage}": {"$exists": True}}
+        if campaign is not None:
+            query.update(runs_of_campaign(campaign))
+        return [RunDoc.model_validate(d) for d in self._c.find(query).sort("started_at", 1)]
+
+    def count(self) -> int:
+        return self._c.count_documents({})
+
+
+class DecisionRepository:
+    def __init__(self, collection: Collection) -> None:
+        self._c = collection
+
+    def record(self, decision: Mapping[str, Any]) -> str:
+        """Keep a decision (retrain, promote or not, finish a system, withdraw) with the
+        figures and reason it rests on."""
+        if not decision.get("kind") or not decision.get("reason"):
+            raise ValueError(f"a decision needs a kind and a reason: {dict(decision)}")
+        doc = {**dict(decision), "at": utcnow()}
+        return str(self._c.insert_one(doc).inserted_id)
+
+    def find(
+        self,
+        kind: str | None = None,
+        *,
+        campaign: str | None = None,
+        having: str | None = None,
+        newest_first: bool = False,
+        limit: int = 0,
+    ) -> list[DecisionDoc]:
+        query: dict[str, Any] = {}
+        if kind is not None:
+            query["kind"] = kind
+        if campaign is not None:
+            query["campaign"] = campaign
+        if having is not None:
+            query[having] = {"$exists": True}
+        cursor = self._c.find(query).sort("at", -1 if newest_first else 1).limit(limit)
+        return [
+            DecisionDoc.model_validate(
+                {**d, "_id": str(d["_id"]) if isinstance(d["_id"], ObjectId) else d["_id"]}
+            )
+            for d in cursor
+        ]
+
+    def count(self) -> int:
+        return self._c.count_documents({})
