@@ -43,7 +43,7 @@ def stored_model_spec(store: Store, model_id: str, directory: str | Path) -> tup
 
         digest = folder_sha256(path)
     else:
-        from pestle.potentials.chgnet import sha256_file
+        from pestle.potentials.checkpoints import sha256_file
 
         digest = sha256_file(path)
     return name, {**doc.get("potential_params", {}), path_key: str(path), sha_key: digest}

@@ -39,17 +39,6 @@ class Potential(Protocol):
         ...
 
 
-def check_sha256(value: str | None) -> str | None:
-    """A pydantic field validator for a checkpoint's sha256: 64 hexadecimal characters
-    (normalised to lower case), or None."""
-    if value is None:
-        return None
-    value = value.strip().lower()
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError("a sha256 must be 64 hexadecimal characters")
-    return value
-
-
 class LazyModel:
     """Shared plumbing of potentials that load their model on first use: the device chosen
     once from ``params.device``, and pickling (Dask ships instances to workers) that sends

@@ -37,8 +37,9 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
-from pestle.potentials.chgnet import ChecksumError, pack_by_atom_count, sha256_file
+from pestle.potentials import POTENTIALS, LazyModel, Prediction
+from pestle.potentials.checkpoints import ChecksumError, check_sha256, sha256_file
+from pestle.potentials.chgnet import pack_by_atom_count
 
 if TYPE_CHECKING:
     import torch

@@ -46,13 +46,13 @@ from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pestle.potentials.checkpoints import sha256_file
 from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
     check_pretrained_name,
     load_chgnet,
     pack_by_atom_count,
     save_checkpoint,
-    sha256_file,
 )
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
 from pestle.trainers.modes import LinearTerms, fit_linear_scale, joined_arrays, linear_metrics

@@ -72,8 +72,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.potentials import check_sha256
-from pestle.potentials.chgnet import ChecksumError, sha256_file
+from pestle.potentials.checkpoints import ChecksumError, check_sha256, sha256_file
 from pestle.potentials.mace import MACEPotential, choose_head, load_mace_model, mace_version
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
 from pestle.trainers.modes import (

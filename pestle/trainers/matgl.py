@@ -49,8 +49,7 @@ from ase import units
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.potentials import check_sha256
-from pestle.potentials.chgnet import ChecksumError
+from pestle.potentials.checkpoints import ChecksumError, check_sha256
 from pestle.potentials.matgl import (
     DEFAULT_MODEL,
     MatGLPotential,
