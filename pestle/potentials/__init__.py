@@ -9,13 +9,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Registry, import_submodules
+from pestle.plugins import Contract, Registry, import_submodules
 
 
 @dataclass
@@ -26,8 +27,17 @@ class Prediction:
 
 
 class Potential(Protocol):
+    """What the engine asks of a potential. Declarations a class leaves out take the
+    protocol's defaults on registration (``supports_embeddings = False``,
+    ``checkpoint_params = None``)."""
+
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
+    # True: ``embed`` gives a descriptor per structure (for diversity selection).
+    supports_embeddings: ClassVar[bool]
+    # (param holding a checkpoint path, param holding its digest) when the family loads
+    # checkpoints written by its trainer; then ``checkpoint_digest`` says how to digest one.
+    checkpoint_params: ClassVar[tuple[str, str] | None]
 
     def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         """``stress=False``: leave stresses out (``None``); scoring needs only energies and
@@ -37,6 +47,23 @@ class Potential(Protocol):
     def describe(self) -> dict:
         """Identity of the model for provenance: family, version/checkpoint, checksum."""
         ...
+
+    def embed(self, structures: Sequence[Atoms]) -> list[np.ndarray]:
+        """A descriptor per structure; only promised when ``supports_embeddings`` is True."""
+        ...
+
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        """The digest the ``checkpoint_params`` digest param expects for ``path`` (a file's
+        sha256, or a folder digest). Only promised when ``checkpoint_params`` is set."""
+        ...
+
+
+POTENTIAL_CONTRACT = Contract(
+    methods=("predict", "describe"),
+    defaults={"supports_embeddings": False, "checkpoint_params": None},
+    promises={"supports_embeddings": ("embed",), "checkpoint_params": ("checkpoint_digest",)},
+)
 
 
 class LazyModel:
@@ -69,6 +96,7 @@ class LazyModel:
         return self._device
 
 
-POTENTIALS: Registry[Potential] = Registry("potential")
+POTENTIALS: Registry[Potential] = Registry("potential", "pestle.potentials", POTENTIAL_CONTRACT)
+
 
 import_submodules(__name__, __path__)  # registration

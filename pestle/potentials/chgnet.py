@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from ase import Atoms, units
@@ -139,6 +139,9 @@ def pack_by_atom_count(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
 
 @POTENTIALS.register("chgnet")
 class CHGNetPotential(LazyModel):
+    supports_embeddings: ClassVar[bool] = True
+    checkpoint_params: ClassVar[tuple[str, str] | None] = ("checkpoint", "checkpoint_sha256")
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -223,6 +226,10 @@ class CHGNetPotential(LazyModel):
         readout sees): a descriptor for diversity selection."""
         outputs = self._raw_outputs(structures, task="e", return_crystal_feas=True)
         return [np.asarray(out["crystal_fea"], dtype=float).ravel() for out in outputs]
+
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        return sha256_file(path)
 
     def checkpoint_sha256(self) -> str | None:
         if self.params.checkpoint is None:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms, units
@@ -122,6 +122,9 @@ def load_matgl_potential(folder: str | Path, device: str = "cpu", dtype: str = "
 
 @POTENTIALS.register("matgl")
 class MatGLPotential(LazyModel):
+    supports_embeddings: ClassVar[bool] = True
+    # A saved matgl model is a folder; its digest is folder_sha256's.
+    checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
     _transient = ("_potential", "_device")
     _locks = ("_lock", "_run_lock")
 
@@ -246,6 +249,10 @@ class MatGLPotential(LazyModel):
             for k, i in enumerate(indices):
                 results[i] = pooled[k]
         return results  # type: ignore[return-value]
+
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        return folder_sha256(path)
 
     def model_sha256(self) -> str | None:
         if self._sha256 is None:

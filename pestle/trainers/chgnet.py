@@ -46,6 +46,7 @@ from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pestle.plugins import Resources
 from pestle.potentials.checkpoints import sha256_file
 from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
@@ -223,6 +224,10 @@ class CHGNetTrainer:
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
         self.model: CHGNet | None = None  # the fine-tuned model after train(), on the CPU
+
+    def resources(self) -> Resources:
+        """One worker core, and a GPU when the cluster has one (else the CPU)."""
+        return Resources(cpus=1, gpus=1)
 
     def train(
         self,
