@@ -7,7 +7,7 @@ Voigt 6-vector in ASE order (xx, yy, zz, yz, xz, xy), sign convention of ASE (po
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Contract, Registry, import_submodules
+from pestle.plugins import Contract, PluginSpec, Registry, import_submodules
 
 
 @dataclass
@@ -97,6 +97,25 @@ class LazyModel:
 
 
 POTENTIALS: Registry[Potential] = Registry("potential", "pestle.potentials", POTENTIAL_CONTRACT)
+
+
+def checkpoint_spec(name: str, params: Mapping[str, Any], path: str | Path) -> PluginSpec:
+    """The spec of potential ``name`` loading the checkpoint at ``path``: ``params`` with the
+    path and its digest (as the family computes it) in the params the class declares."""
+    cls = POTENTIALS.get(name)
+    if cls.checkpoint_params is None:
+        raise ValueError(
+            f"potential {name!r} declares no checkpoint_params: it loads no checkpoints"
+        )
+    path_key, digest_key = cls.checkpoint_params
+    digest = cls.checkpoint_digest(Path(path))
+    return PluginSpec(name=name, params={**params, path_key: str(path), digest_key: digest})
+
+
+def from_checkpoint(name: str, params: Mapping[str, Any], path: str | Path) -> Potential:
+    """Potential ``name`` with ``params``, loading the checkpoint at ``path`` (its digest is
+    recorded in the params, so the potential verifies the file before deserialising it)."""
+    return POTENTIALS.build_spec(checkpoint_spec(name, params, path))
 
 
 import_submodules(__name__, __path__)  # registration
