@@ -618,7 +618,7 @@ def plugin_rows(registry) -> list[tuple[str, str, str, str, str, str]]:
             annotation = (
                 info.annotation.__name__
                 if isinstance(info.annotation, type) and typing.get_origin(info.annotation) is None
-                else re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", str(info.annotation))
+                else re.sub(r"Annotated\[([\w.]+), [^\]]*\]", r"\1", str(info.annotation))
             )
             rows.append(
                 (

@@ -118,7 +118,6 @@ class Registry(Generic[T]):
         self.contract = contract or Contract()
         self._items: dict[str, type] = {}
         self._entry_points: dict[str, EntryPoint] | None = None
-        self._loaded: dict[str, EntryPoint] = {}  # names registered through their entry point
 
     def register(self, name: str) -> Callable[[type], type]:
         def decorate(cls: type) -> type:
@@ -167,10 +166,10 @@ class Registry(Generic[T]):
                 f"it registers {loaded!r} as {actually[0]!r}"
                 if actually
                 else f"{loaded!r} is not registered as {self.kind} {name!r} (decorate it with "
-                f"@<registry>.register({name!r}) in the module the entry point names)"
+                f"@{self.kind.upper()}S.register({name!r}), {self.kind.upper()}S imported from "
+                f"{self.group})"
             )
             raise PluginLoadError(f"{self.kind} {name!r}: {origin}: {how}")
-        self._loaded[name] = ep
         return registered
 
     def names(self) -> list[str]:
@@ -180,10 +179,11 @@ class Registry(Generic[T]):
     def origin(self, name: str) -> str:
         """Where an implementation comes from: ``pestle``, the distribution of its entry
         point, or the module that registered it."""
-        ep = self._loaded.get(name)
-        if ep is None and name not in self._items:
-            ep = self.entry_points().get(name)
-        if ep is not None:
+        ep = self.entry_points().get(name)
+        cls = self._items.get(name)
+        # An entry point counts when it is where the class came from (a built-in of the
+        # same name wins over it, and its module may have been imported directly).
+        if ep is not None and (cls is None or cls.__module__ == ep.module):
             dist = getattr(ep, "dist", None)
             return f"{dist.metadata['Name']} {dist.version}" if dist is not None else ep.value
         module = self.get(name).__module__
