@@ -101,10 +101,15 @@ class Contract:
             )
 
 
+def distribution(ep: EntryPoint) -> str | None:
+    """``name version`` of the distribution that declares an entry point."""
+    dist = getattr(ep, "dist", None)  # None for an EntryPoint made by hand
+    return f"{dist.metadata['Name']} {dist.version}" if dist is not None else None
+
+
 def entry_point_origin(ep: EntryPoint) -> str:
     """``entry point 'x = pkg.mod:Cls' (distribution dist 1.0)``: enough to find the culprit."""
-    dist = getattr(ep, "dist", None)
-    where = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "unknown"
+    where = distribution(ep) or "unknown"
     return f"entry point '{ep.name} = {ep.value}' in group {ep.group} (distribution {where})"
 
 
@@ -184,8 +189,7 @@ class Registry(Generic[T]):
         # An entry point counts when it is where the class came from (a built-in of the
         # same name wins over it, and its module may have been imported directly).
         if ep is not None and (cls is None or cls.__module__ == ep.module):
-            dist = getattr(ep, "dist", None)
-            return f"{dist.metadata['Name']} {dist.version}" if dist is not None else ep.value
+            return distribution(ep) or ep.value
         module = self.get(name).__module__
         return "pestle" if module.split(".")[0] == "pestle" else f"module {module}"
 
