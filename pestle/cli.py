@@ -524,18 +524,27 @@ def explain(
         console.print(f"  labelled: {found.label.id} by {found.label.labeller}")
 
 
-def plugin_rows(registry) -> list[tuple[str, str, str, str, str]]:
-    """(name, parameter, type, default, description) for every registered implementation."""
+def plugin_rows(registry) -> list[tuple[str, str, str, str, str, str]]:
+    """(name, from, parameter, type, default, description) for every implementation: the
+    built-ins (from ``pestle``) and other packages' entry points (from their distribution).
+    An entry point that cannot be loaded gets one row saying why, and the rest are listed."""
     from pydantic_core import PydanticUndefined
+
+    from pestle.plugins import RegistryError
 
     rows = []
     for name in registry.names():
-        cls = registry.get(name)
+        origin = registry.origin(name)
+        try:
+            cls = registry.get(name)
+        except RegistryError as exc:
+            rows.append((name, origin, "", "", "", f"cannot be used: {exc}"))
+            continue
         summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         summary = summary.splitlines()[0] if summary else ""
         fields = cls.Params.model_fields
         if not fields:
-            rows.append((name, "", "", "", summary))
+            rows.append((name, origin, "", "", "", summary))
         for index, (field_name, info) in enumerate(fields.items()):
             if info.default is not PydanticUndefined:
                 default = repr(info.default)
@@ -546,11 +555,12 @@ def plugin_rows(registry) -> list[tuple[str, str, str, str, str]]:
             annotation = (
                 info.annotation.__name__
                 if isinstance(info.annotation, type) and typing.get_origin(info.annotation) is None
-                else re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", str(info.annotation))
+                else re.sub(r"Annotated\[([\w.]+), [^\]]*\]", r"\1", str(info.annotation))
             )
             rows.append(
                 (
                     name if index == 0 else "",
+                    origin if index == 0 else "",
                     field_name,
                     annotation.replace("typing.", ""),
                     default,
@@ -562,7 +572,7 @@ def plugin_rows(registry) -> list[tuple[str, str, str, str, str]]:
 
 def _list_plugins(kind: str, registry) -> None:
     table = Table(title=f"{kind} (name: params in the config)", show_lines=True)
-    for column in ("name", "parameter", "type", "default", "description"):
+    for column in ("name", "from", "parameter", "type", "default", "description"):
         table.add_column(column, overflow="fold")
     for row in plugin_rows(registry):
         table.add_row(*(escape(cell) for cell in row))  # "list[float]" is not rich markup
@@ -571,7 +581,7 @@ def _list_plugins(kind: str, registry) -> None:
 
 @app.command()
 def samplers() -> None:
-    """List the samplers with their parameters and defaults."""
+    """List the samplers (built-in and from installed packages) with their parameters."""
     from pestle.samplers import SAMPLERS
 
     _list_plugins("samplers", SAMPLERS)
@@ -579,7 +589,8 @@ def samplers() -> None:
 
 @app.command()
 def plugins() -> None:
-    """List every registered sampler, potential, selector, labeller and trainer."""
+    """List every sampler, potential, selector, labeller and trainer, built-in or from an
+    installed package's entry points."""
     from pestle.labellers import LABELLERS
     from pestle.potentials import POTENTIALS
     from pestle.samplers import SAMPLERS

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pestle.plugins import Registry, RegistryError, format_validation_error
+from pestle.plugins import PluginSpec, Registry, RegistryError, format_validation_error
 
 
 class ConfigError(ValueError):
@@ -24,13 +24,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class PluginSpec(_Strict):
-    """``{name: <registered name>, params: {...}}``."""
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class SeedSpec(_Strict):
@@ -242,8 +235,9 @@ class DaemonSpec(_Strict):
     )
     md_with_promoted_model: bool = Field(
         default=False,
-        description="md samplers run their dynamics with the promoted model (once there is "
-        "one): new candidates are the structures the current model reaches",
+        description="samplers that drive dynamics or relaxations with a potential (md, "
+        "migration, Boltzmann rattle) use the promoted model once there is one: new "
+        "candidates are the structures the current model reaches",
     )
 
 

@@ -1,9 +1,15 @@
 """Name-based registries, so a user adds a sampler, potential, selector, labeller or
-trainer by decorating a class, without touching the engine.
+trainer by decorating a class, without touching the engine, in pestle or in a package of
+their own.
 
 Each registered class has a nested pydantic ``Params`` model (``extra="forbid"``) and a
-constructor taking one ``Params`` instance. ``Registry.build(name, params, where=...)``
-validates the YAML mapping against ``Params`` and names the config field at fault.
+constructor taking one ``Params`` instance. ``Registry.build(name, params)`` validates the
+YAML mapping against ``Params``; ``format_validation_error`` names the config field at fault.
+
+Implementations in other packages are found through entry points: a distribution declares
+``[project.entry-points."pestle.samplers"] my-sampler = "my_pkg.sampler:MySampler"`` and the
+registry imports ``my_pkg.sampler`` the first time ``my-sampler`` is looked up (the module's
+``@SAMPLERS.register("my-sampler")`` does the registering, as for a built-in).
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 T = TypeVar("T")
 
@@ -25,10 +33,96 @@ class RegistryError(KeyError):
         return str(self.args[0])
 
 
+class PluginLoadError(RegistryError):
+    """An entry point that cannot be imported, or that does not register what it names."""
+
+
+class PluginSpec(BaseModel):
+    """``{name: <registered name>, params: {...}}``: which implementation, with which params
+    (config sections, and the potential a sampler drives its dynamics with)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def default_name(name: str) -> BeforeValidator:
+    """Annotation for a ``PluginSpec`` field whose YAML may leave ``name`` out, meaning
+    ``name`` (``potential: {params: {...}}`` in a sampler: the default potential)."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, Mapping) and "name" not in value:
+            return {"name": name, **value}
+        return value
+
+    return BeforeValidator(fill)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one call of a labeller (one calculation) or a trainer (one fine-tune) occupies
+    on a Dask worker. For a trainer ``gpus=1`` means: prefers a GPU, falls back to the CPU."""
+
+    cpus: int = 1
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a registry demands of a class when it registers, so callers rely on declared
+    attributes instead of probing with ``hasattr``.
+
+    ``methods``: every implementation defines them. ``defaults``: class declarations an
+    implementation may leave out, set to the protocol's default on registration.
+    ``promises``: a declaration that, when truthy, obliges the class to define more methods
+    (e.g. ``supports_embeddings`` -> ``embed``)."""
+
+    methods: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    promises: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def check(self, kind: str, name: str, cls: type) -> None:
+        if not isinstance(getattr(cls, "Params", None), type) or not issubclass(
+            cls.Params, BaseModel
+        ):
+            raise TypeError(f"{kind} {name!r} ({cls.__qualname__}) needs a nested pydantic Params")
+        for key, value in self.defaults.items():
+            if not hasattr(cls, key):
+                setattr(cls, key, value)
+        wanted = list(self.methods)
+        for declaration, methods in self.promises.items():
+            if getattr(cls, declaration):
+                wanted += methods
+        missing = [m for m in wanted if not callable(getattr(cls, m, None))]
+        if missing:
+            raise TypeError(
+                f"{kind} {name!r} ({cls.__qualname__}) lacks {', '.join(m + '()' for m in missing)}"
+            )
+
+
+def distribution(ep: EntryPoint) -> str | None:
+    """``name version`` of the distribution that declares an entry point."""
+    dist = getattr(ep, "dist", None)  # None for an EntryPoint made by hand
+    return f"{dist.metadata['Name']} {dist.version}" if dist is not None else None
+
+
+def entry_point_origin(ep: EntryPoint) -> str:
+    """``entry point 'x = pkg.mod:Cls' (distribution dist 1.0)``: enough to find the culprit."""
+    where = distribution(ep) or "unknown"
+    return f"entry point '{ep.name} = {ep.value}' in group {ep.group} (distribution {where})"
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """Implementations of one kind by name: registered built-ins, and entry points of
+    ``group`` loaded on the first lookup of their name."""
+
+    def __init__(self, kind: str, group: str, contract: Contract | None = None) -> None:
         self.kind = kind
+        self.group = group
+        self.contract = contract or Contract()
         self._items: dict[str, type] = {}
+        self._entry_points: dict[str, EntryPoint] | None = None
 
     def register(self, name: str) -> Callable[[type], type]:
         def decorate(cls: type) -> type:
@@ -36,23 +130,68 @@ class Registry(Generic[T]):
                 raise ValueError(
                     f"{self.kind} {name!r} is already registered by {self._items[name]}"
                 )
-            if not hasattr(cls, "Params"):
-                raise TypeError(f"{self.kind} {cls.__name__} needs a nested pydantic Params model")
+            self.contract.check(self.kind, name, cls)
             cls.name = name
             self._items[name] = cls
             return cls
 
         return decorate
 
+    def entry_points(self) -> dict[str, EntryPoint]:
+        """Entry points of this registry's group by name (read once per process); a name
+        pestle registers itself is never taken from another package."""
+        if self._entry_points is None:
+            found: dict[str, EntryPoint] = {}
+            for ep in entry_points(group=self.group):
+                found.setdefault(ep.name, ep)  # the first on sys.path wins, as for imports
+            self._entry_points = found
+        return self._entry_points
+
     def get(self, name: str) -> type:
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            known = ", ".join(sorted(self._items)) or "none"
-            raise RegistryError(f"unknown {self.kind} {name!r} (known: {known})") from None
+        ep = self.entry_points().get(name)
+        if ep is None:
+            known = ", ".join(self.names()) or "none"
+            raise RegistryError(f"unknown {self.kind} {name!r} (known: {known})")
+        return self._load(name, ep)
+
+    def _load(self, name: str, ep: EntryPoint) -> type:
+        origin = entry_point_origin(ep)
+        try:
+            loaded = ep.load()
+        except Exception as exc:
+            raise PluginLoadError(
+                f"{self.kind} {name!r}: {origin} failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
+        registered = self._items.get(name)
+        if registered is not loaded:
+            actually = [n for n, cls in self._items.items() if cls is loaded]
+            how = (
+                f"it registers {loaded!r} as {actually[0]!r}"
+                if actually
+                else f"{loaded!r} is not registered as {self.kind} {name!r} (decorate it with "
+                f"@{self.kind.upper()}S.register({name!r}), {self.kind.upper()}S imported from "
+                f"{self.group})"
+            )
+            raise PluginLoadError(f"{self.kind} {name!r}: {origin}: {how}")
+        return registered
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        """Every known name: registered ones and entry points (not imported yet)."""
+        return sorted(set(self._items) | set(self.entry_points()))
+
+    def origin(self, name: str) -> str:
+        """Where an implementation comes from: ``pestle``, the distribution of its entry
+        point, or the module that registered it."""
+        ep = self.entry_points().get(name)
+        cls = self._items.get(name)
+        # An entry point counts when it is where the class came from (a built-in of the
+        # same name wins over it, and its module may have been imported directly).
+        if ep is not None and (cls is None or cls.__module__ == ep.module):
+            return distribution(ep) or ep.value
+        module = self.get(name).__module__
+        return "pestle" if module.split(".")[0] == "pestle" else f"module {module}"
 
     def validate_params(self, name: str, params: Mapping[str, Any] | None) -> BaseModel:
         """Validate a params mapping; raises pydantic ValidationError on bad input."""
@@ -63,6 +202,9 @@ class Registry(Generic[T]):
         if not isinstance(params, BaseModel):
             params = cls.Params.model_validate(dict(params or {}))
         return cls(params)
+
+    def build_spec(self, spec: PluginSpec) -> T:
+        return self.build(spec.name, spec.params)
 
 
 def import_submodules(package: str, path: list[str]) -> None:
@@ -77,6 +219,6 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        lines.append(f"{field}: {err['msg']}")
+        field_path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        lines.append(f"{field_path}: {err['msg']}")
     return "\n".join(lines)

@@ -11,13 +11,8 @@ from ase import Atoms
 from ase.build import bulk
 
 from pestle.potentials import POTENTIALS
-from pestle.potentials.chgnet import (
-    ChecksumError,
-    CHGNetPotential,
-    pack_by_atom_count,
-    save_checkpoint,
-    sha256_file,
-)
+from pestle.potentials.checkpoints import ChecksumError, sha256_file
+from pestle.potentials.chgnet import CHGNetPotential, pack_by_atom_count, save_checkpoint
 
 
 @pytest.fixture(scope="module")

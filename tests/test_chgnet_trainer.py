@@ -18,7 +18,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from pestle.evaluation.metrics import evaluate_potential, softening_scale
 from pestle.potentials import POTENTIALS
-from pestle.potentials.chgnet import CHGNetPotential, sha256_file
+from pestle.potentials.checkpoints import sha256_file
+from pestle.potentials.chgnet import CHGNetPotential
 from pestle.trainers import TRAINERS, LabelledStructure
 from pestle.trainers.chgnet import CHECKPOINT_NAME, CHGNetTrainer
 

@@ -23,7 +23,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from pestle.potentials import POTENTIALS
-from pestle.potentials.chgnet import ChecksumError, sha256_file
+from pestle.potentials.checkpoints import ChecksumError, sha256_file
 from pestle.potentials.mace import (
     WEIGHTS_ONLY_ENV,
     MACEPotential,

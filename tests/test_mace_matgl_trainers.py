@@ -35,7 +35,7 @@ from ase.io import write
 from pydantic import ValidationError
 
 from pestle.potentials import POTENTIALS
-from pestle.potentials.chgnet import ChecksumError, sha256_file
+from pestle.potentials.checkpoints import ChecksumError, sha256_file
 from pestle.potentials.mace import WEIGHTS_ONLY_ENV, import_mace
 from pestle.potentials.matgl import folder_sha256
 from pestle.trainers import TRAINERS, LabelledStructure

@@ -19,7 +19,8 @@ from test_mace_matgl_potentials import (  # noqa: F401 - fixtures
 )
 
 from pestle.potentials import POTENTIALS
-from pestle.potentials.chgnet import save_checkpoint, sha256_file
+from pestle.potentials.checkpoints import sha256_file
+from pestle.potentials.chgnet import save_checkpoint
 from pestle.stages.models import load_stored_model, resolve_model
 from pestle.store import Store, StoreError
 

@@ -38,6 +38,7 @@ import numpy as np
 from pestle.config import CampaignConfig, ConfigError, load_config
 from pestle.engine.run import run_passes
 from pestle.evaluation.metrics import softening_scale
+from pestle.plugins import PluginSpec
 from pestle.stages import (
     EvaluateStage,
     FinetuneStage,
@@ -267,19 +268,17 @@ class Daemon:
         )
         self.store.runs.update(ctx.run_id, {"daemon_round": state.round})
 
-    def round_samplers(self, config: CampaignConfig, model_id: str | None) -> list:
-        """The samplers a round runs: with ``daemon.md_with_promoted_model``, every md sampler
-        drives its dynamics with the promoted model (a verified copy of its checkpoint)."""
+    def round_samplers(self, config: CampaignConfig, model_id: str | None) -> list[PluginSpec]:
+        """The samplers a round runs: with ``daemon.md_with_promoted_model``, every sampler
+        that drives dynamics or relaxations with a potential (md, migration, Boltzmann
+        rattle) drives them with the promoted model (a verified copy of its checkpoint)."""
         if not config.daemon.md_with_promoted_model or model_id is None:
             return list(config.samplers)
-        from pestle.stages.models import stored_model_spec
+        from pestle.samplers import with_potential
+        from pestle.stages.models import stored_potential_spec
 
-        name, params = stored_model_spec(self.store, model_id, daemon_dir(config) / "models")
-        specs = [spec.model_copy(deep=True) for spec in config.samplers]
-        for spec in specs:
-            if spec.name == "md":
-                spec.params = {**spec.params, "potential": {"name": name, "params": params}}
-        return specs
+        promoted = stored_potential_spec(self.store, model_id, daemon_dir(config) / "models")
+        return with_potential(config.samplers, promoted)
 
     def finished_systems(self, ctx: RunContext, recorded: dict[str, Any]) -> dict[str, dict]:
         """Systems that meet the stop criterion now, with the figures that decided it.

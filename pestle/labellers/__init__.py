@@ -7,6 +7,7 @@ to Dask workers), with
   structure at the same level of theory is never computed twice.
 - ``label(atoms, workdir) -> LabelResult``: raises ``LabelError`` for a calculation that
   ran but must not become a label (SCF not converged, unparsable output).
+- ``resources() -> Resources``: what one calculation occupies on a Dask worker (cores).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Registry, import_submodules
+from pestle.plugins import Contract, Registry, Resources, import_submodules
 from pestle.structures import settings_hash
 
 
@@ -43,11 +44,15 @@ class Labeller(Protocol):
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult: ...
 
+    def resources(self) -> Resources: ...
+
 
 def level_of_theory_hash(labeller: Labeller) -> str:
     return settings_hash(labeller.level_of_theory())
 
 
-LABELLERS: Registry[Labeller] = Registry("labeller")
+LABELLERS: Registry[Labeller] = Registry(
+    "labeller", "pestle.labellers", Contract(methods=("level_of_theory", "label", "resources"))
+)
 
 import_submodules(__name__, __path__)  # registration

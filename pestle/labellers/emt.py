@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pestle.labellers import LABELLERS, LabelError, LabelResult
 from pestle.labellers.gpaw import check_result
+from pestle.plugins import Resources
 
 
 @LABELLERS.register("emt")
@@ -22,6 +23,9 @@ class EMTLabeller:
 
     def __init__(self, params: Params) -> None:
         self.params = params
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1)  # serial and instant
 
     def level_of_theory(self) -> dict[str, Any]:
         return {"code": "ase-emt", "version": ase.__version__}

@@ -23,6 +23,7 @@ from ase.calculators.calculator import kptdensity2monkhorstpack
 from pydantic import BaseModel, ConfigDict, Field
 
 from pestle.labellers import LABELLERS, LabelError, LabelResult
+from pestle.plugins import Resources
 
 # Elements whose compounds are routinely magnetic: spin polarisation is switched on for them
 # when ``spinpol`` is left to pestle. Everything else is computed spin-paired.
@@ -129,9 +130,13 @@ class GPAWLabeller:
     def __init__(self, params: Params) -> None:
         self.params = params
 
-    def cpus(self) -> int:
+    def resources(self) -> Resources:
         """Cores one calculation occupies (its MPI ranks): the Dask CPU resource it asks for."""
-        return self.params.parallel_ranks
+        return Resources(cpus=self.params.parallel_ranks)
+
+    def cpus(self) -> int:
+        """``resources().cpus``, for callers written before ``resources()``."""
+        return self.resources().cpus
 
     def _setup_name(self) -> str:
         from gpaw.xc import XC

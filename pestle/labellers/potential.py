@@ -4,20 +4,14 @@ or a cheap stand-in for DFT in tests and dry runs of a campaign."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
 from pestle.labellers import LABELLERS, LabelResult
 from pestle.labellers.gpaw import check_result
-
-
-class _PotentialSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "chgnet"
-    params: dict[str, Any] = Field(default_factory=dict)
+from pestle.plugins import PluginSpec, Resources, default_name
 
 
 @LABELLERS.register("potential")
@@ -25,7 +19,10 @@ class PotentialLabeller:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        potential: _PotentialSpec = Field(default_factory=_PotentialSpec)
+        # ``potential: {params: {...}}`` without a name means CHGNet.
+        potential: Annotated[PluginSpec, default_name("chgnet")] = Field(
+            default_factory=lambda: PluginSpec(name="chgnet")
+        )
 
     def __init__(self, params: Params) -> None:
         from pestle.potentials import POTENTIALS
@@ -39,12 +36,14 @@ class PotentialLabeller:
         from pestle.potentials import POTENTIALS
 
         if self._potential is None:
-            spec = self.params.potential
-            self._potential = POTENTIALS.build(spec.name, spec.params)
+            self._potential = POTENTIALS.build_spec(self.params.potential)
         return self._potential
 
     def __getstate__(self) -> dict[str, Any]:
         return {"params": self.params, "_potential": None}
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1)  # one model evaluation per structure, in the worker
 
     def level_of_theory(self) -> dict[str, Any]:
         return {"code": "pestle-potential", "potential": self._model().describe()}

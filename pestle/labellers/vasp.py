@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pestle.labellers import LABELLERS, LabelError, LabelResult
 from pestle.labellers.gpaw import check_result
+from pestle.plugins import Resources
 
 INPUT_SETS = ("MPStaticSet", "MPRelaxSet", "MPScanStaticSet")
 
@@ -85,6 +86,10 @@ class VASPLabeller:
 
     def __init__(self, params: Params) -> None:
         self.params = params
+
+    def resources(self) -> Resources:
+        """One Dask slot per calculation: ``command`` places VASP's own ranks (srun -n 32)."""
+        return Resources(cpus=1)
 
     def level_of_theory(self) -> dict[str, Any]:
         import pymatgen.core

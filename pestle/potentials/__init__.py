@@ -7,15 +7,16 @@ Voigt 6-vector in ASE order (xx, yy, zz, yz, xz, xy), sign convention of ASE (po
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Registry, import_submodules
+from pestle.plugins import Contract, PluginSpec, Registry, import_submodules
 
 
 @dataclass
@@ -26,8 +27,17 @@ class Prediction:
 
 
 class Potential(Protocol):
+    """What the engine asks of a potential. Declarations a class leaves out take the
+    protocol's defaults on registration (``supports_embeddings = False``,
+    ``checkpoint_params = None``)."""
+
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
+    # True: ``embed`` gives a descriptor per structure (for diversity selection).
+    supports_embeddings: ClassVar[bool]
+    # (param holding a checkpoint path, param holding its digest) when the family loads
+    # checkpoints written by its trainer; then ``checkpoint_digest`` says how to digest one.
+    checkpoint_params: ClassVar[tuple[str, str] | None]
 
     def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         """``stress=False``: leave stresses out (``None``); scoring needs only energies and
@@ -38,16 +48,22 @@ class Potential(Protocol):
         """Identity of the model for provenance: family, version/checkpoint, checksum."""
         ...
 
+    def embed(self, structures: Sequence[Atoms]) -> list[np.ndarray]:
+        """A descriptor per structure; only promised when ``supports_embeddings`` is True."""
+        ...
 
-def check_sha256(value: str | None) -> str | None:
-    """A pydantic field validator for a checkpoint's sha256: 64 hexadecimal characters
-    (normalised to lower case), or None."""
-    if value is None:
-        return None
-    value = value.strip().lower()
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError("a sha256 must be 64 hexadecimal characters")
-    return value
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        """The digest the ``checkpoint_params`` digest param expects for ``path`` (a file's
+        sha256, or a folder digest). Only promised when ``checkpoint_params`` is set."""
+        ...
+
+
+POTENTIAL_CONTRACT = Contract(
+    methods=("predict", "describe"),
+    defaults={"supports_embeddings": False, "checkpoint_params": None},
+    promises={"supports_embeddings": ("embed",), "checkpoint_params": ("checkpoint_digest",)},
+)
 
 
 class LazyModel:
@@ -80,6 +96,26 @@ class LazyModel:
         return self._device
 
 
-POTENTIALS: Registry[Potential] = Registry("potential")
+POTENTIALS: Registry[Potential] = Registry("potential", "pestle.potentials", POTENTIAL_CONTRACT)
+
+
+def checkpoint_spec(name: str, params: Mapping[str, Any], path: str | Path) -> PluginSpec:
+    """The spec of potential ``name`` loading the checkpoint at ``path``: ``params`` with the
+    path and its digest (as the family computes it) in the params the class declares."""
+    cls = POTENTIALS.get(name)
+    if cls.checkpoint_params is None:
+        raise ValueError(
+            f"potential {name!r} declares no checkpoint_params: it loads no checkpoints"
+        )
+    path_key, digest_key = cls.checkpoint_params
+    digest = cls.checkpoint_digest(Path(path))
+    return PluginSpec(name=name, params={**params, path_key: str(path), digest_key: digest})
+
+
+def from_checkpoint(name: str, params: Mapping[str, Any], path: str | Path) -> Potential:
+    """Potential ``name`` with ``params``, loading the checkpoint at ``path`` (its digest is
+    recorded in the params, so the potential verifies the file before deserialising it)."""
+    return POTENTIALS.build_spec(checkpoint_spec(name, params, path))
+
 
 import_submodules(__name__, __path__)  # registration

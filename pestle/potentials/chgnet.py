@@ -8,7 +8,6 @@ so converting is a unit factor and a 3x3 -> Voigt reduction, never a sign flip.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import threading
@@ -16,14 +15,15 @@ import warnings
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from ase import Atoms, units
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
+from pestle.potentials import POTENTIALS, LazyModel, Prediction
+from pestle.potentials.checkpoints import ChecksumError, check_sha256, sha256_file
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -38,18 +38,6 @@ CHECKPOINT_FORMAT = "pestle-chgnet-1"
 # chgnet 0.4 builds cell volumes with torch.tensor(list of tensors); harmless, but torch
 # warns on every batch.
 TENSOR_TO_SCALAR_WARNING = "Converting a tensor with requires_grad=True to a scalar"
-
-
-class ChecksumError(ValueError):
-    """A checkpoint file is not the one its recorded sha256 names."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def chgnet_version() -> str:
@@ -151,6 +139,9 @@ def pack_by_atom_count(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
 
 @POTENTIALS.register("chgnet")
 class CHGNetPotential(LazyModel):
+    supports_embeddings: ClassVar[bool] = True
+    checkpoint_params: ClassVar[tuple[str, str] | None] = ("checkpoint", "checkpoint_sha256")
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -235,6 +226,10 @@ class CHGNetPotential(LazyModel):
         readout sees): a descriptor for diversity selection."""
         outputs = self._raw_outputs(structures, task="e", return_crystal_feas=True)
         return [np.asarray(out["crystal_fea"], dtype=float).ravel() for out in outputs]
+
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        return sha256_file(path)
 
     def checkpoint_sha256(self) -> str | None:
         if self.params.checkpoint is None:

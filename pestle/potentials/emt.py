@@ -5,6 +5,7 @@ in MD on Cu, Ag, Au, Ni, Pd, Pt, Al)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import ase
 from ase import Atoms
@@ -16,6 +17,9 @@ from pestle.potentials import POTENTIALS, Prediction
 
 @POTENTIALS.register("emt")
 class EMTPotential:
+    supports_embeddings: ClassVar[bool] = False
+    checkpoint_params: ClassVar[tuple[str, str] | None] = None  # analytic: nothing to load
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
@@ -37,8 +37,9 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
-from pestle.potentials.chgnet import ChecksumError, pack_by_atom_count, sha256_file
+from pestle.potentials import POTENTIALS, LazyModel, Prediction
+from pestle.potentials.checkpoints import ChecksumError, check_sha256, sha256_file
+from pestle.potentials.chgnet import pack_by_atom_count
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +180,9 @@ def choose_head(heads: Sequence[str], wanted: str | None) -> str:
 
 @POTENTIALS.register("mace")
 class MACEPotential(LazyModel):
+    supports_embeddings: ClassVar[bool] = True
+    checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -311,6 +315,10 @@ class MACEPotential(LazyModel):
             for k, i in enumerate(indices):
                 results[i] = features[ptr[k] : ptr[k + 1]].mean(axis=0)
         return results  # type: ignore[return-value]
+
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        return sha256_file(path)
 
     def model_sha256(self) -> str | None:
         if self._sha256 is None:

@@ -15,21 +15,21 @@ when the model is not there, and we load cached files by path so matgl never goe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms, units
 from ase.stress import full_3x3_to_voigt_6_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pestle.potentials import POTENTIALS, LazyModel, Prediction, check_sha256
-from pestle.potentials.chgnet import ChecksumError, pack_by_atom_count, sha256_file
+from pestle.potentials import POTENTIALS, LazyModel, Prediction
+from pestle.potentials.checkpoints import ChecksumError, check_sha256, files_sha256
+from pestle.potentials.chgnet import pack_by_atom_count
 
 if TYPE_CHECKING:
     import torch
@@ -54,10 +54,7 @@ def matgl_version() -> str:
 
 def folder_sha256(folder: str | Path) -> str:
     """One digest for a saved matgl model: sha256 over each file's name and sha256."""
-    digest = hashlib.sha256()
-    for name in MODEL_FILES:
-        digest.update(f"{name} {sha256_file(Path(folder) / name)}\n".encode())
-    return digest.hexdigest()
+    return files_sha256(folder, MODEL_FILES)
 
 
 def hub_repo_id(name: str) -> str:
@@ -125,6 +122,9 @@ def load_matgl_potential(folder: str | Path, device: str = "cpu", dtype: str = "
 
 @POTENTIALS.register("matgl")
 class MatGLPotential(LazyModel):
+    supports_embeddings: ClassVar[bool] = True
+    # A saved matgl model is a folder; its digest is folder_sha256's.
+    checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
     _transient = ("_potential", "_device")
     _locks = ("_lock", "_run_lock")
 
@@ -249,6 +249,10 @@ class MatGLPotential(LazyModel):
             for k, i in enumerate(indices):
                 results[i] = pooled[k]
         return results  # type: ignore[return-value]
+
+    @classmethod
+    def checkpoint_digest(cls, path: Path) -> str:
+        return folder_sha256(path)
 
     def model_sha256(self) -> str | None:
         if self._sha256 is None:

@@ -3,12 +3,20 @@ temperatures where the model's errors grow, sampled after equilibration."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ase import units
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, sampler_rng
+from pestle.plugins import PluginSpec
+from pestle.samplers import (
+    SAMPLERS,
+    Candidate,
+    PotentialSpec,
+    Seed,
+    default_potential,
+    sampler_rng,
+)
 from pestle.samplers.rattle import Supercell, make_supercell
 
 
@@ -16,10 +24,12 @@ from pestle.samplers.rattle import Supercell, make_supercell
 class MDSampler:
     """Langevin (NVT) or NVE dynamics with a potential; snapshots every k steps."""
 
+    drives_with_potential: ClassVar[bool] = True
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        potential: PotentialChoice = Field(default_factory=PotentialChoice)
+        potential: PotentialSpec = Field(default_factory=default_potential)
         temperatures: list[float] = Field(default=[300.0, 1000.0], min_length=1)
         thermostat: Literal["langevin", "nve"] = "langevin"
         timestep_fs: float = Field(default=1.0, gt=0, le=10)
@@ -32,21 +42,27 @@ class MDSampler:
     def __init__(self, params: Params) -> None:
         self.params = params
 
+    def with_potential(self, spec: PluginSpec) -> MDSampler:
+        return MDSampler(self.params.model_copy(update={"potential": spec}))
+
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
         from ase.constraints import FixCom
         from ase.md.langevin import Langevin
         from ase.md.velocitydistribution import Stationary, thermalize_momenta
         from ase.md.verlet import VelocityVerlet
 
+        from pestle.potentials import POTENTIALS
+        from pestle.potentials.calculator import PotentialCalculator
+
         p = self.params
-        potential = p.potential.build()
+        potential = POTENTIALS.build_spec(p.potential)
         described = potential.describe()
         children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=len(p.temperatures))
         candidates = []
         for temperature, child in zip(p.temperatures, children, strict=True):
             rng = sampler_rng(int(child))
             atoms = make_supercell(seed.atoms, p.supercell)
-            atoms.calc = p.potential.calculator()
+            atoms.calc = PotentialCalculator(potential)
             thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
             Stationary(atoms)
             atoms.set_constraint(FixCom())  # no drift of the whole cell

@@ -5,13 +5,22 @@ with a potential) samples the saddle region that near-equilibrium training data 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, displace, sampler_rng
+from pestle.plugins import PluginSpec
+from pestle.samplers import (
+    SAMPLERS,
+    Candidate,
+    PotentialSpec,
+    Seed,
+    default_potential,
+    displace,
+    sampler_rng,
+)
 from pestle.samplers.defect import diagonal_supercell, distinct_sites
 
 log = logging.getLogger("pestle.samplers.migration")
@@ -99,6 +108,8 @@ def interstitial_hops(host: Atoms, species: str) -> list[tuple]:
 class MigrationSampler:
     """Vacancy hops between symmetry-distinct neighbouring sites, every image a candidate."""
 
+    drives_with_potential: ClassVar[bool] = True
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -112,7 +123,7 @@ class MigrationSampler:
         interpolation: Literal["idpp", "linear"] = "idpp"
         relax: bool = Field(default=False, description="climbing-image NEB with the potential")
         predict_barrier: bool = True
-        potential: PotentialChoice = Field(default_factory=PotentialChoice)
+        potential: PotentialSpec = Field(default_factory=default_potential)
         fmax: float = Field(default=0.1, gt=0, description="eV/Angstrom, relaxations")
         max_steps: int = Field(default=200, ge=1)
         max_paths: int = Field(default=4, ge=1)
@@ -120,6 +131,9 @@ class MigrationSampler:
 
     def __init__(self, params: Params) -> None:
         self.params = params
+
+    def with_potential(self, spec: PluginSpec) -> MigrationSampler:
+        return MigrationSampler(self.params.model_copy(update={"potential": spec}))
 
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
         p = self.params
@@ -132,7 +146,12 @@ class MigrationSampler:
             if p.kind == "vacancy"
             else interstitial_hops(host, p.species)
         )[: p.max_paths]
-        calculator = p.potential.calculator() if (p.relax or p.predict_barrier) else None
+        calculator = None
+        if p.relax or p.predict_barrier:
+            from pestle.potentials import POTENTIALS
+            from pestle.potentials.calculator import PotentialCalculator
+
+            calculator = PotentialCalculator(POTENTIALS.build_spec(p.potential))
         children = sampler_rng(rng_seed).integers(0, 2**63 - 1, size=len(hops))
         candidates = []
         for (path_id, initial, final, moving, distance), child in zip(hops, children, strict=True):

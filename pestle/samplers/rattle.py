@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ase import units
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from pestle.samplers import SAMPLERS, Candidate, PotentialChoice, Seed, displace, sampler_rng
+from pestle.plugins import PluginSpec
+from pestle.samplers import SAMPLERS, Candidate, PotentialSpec, Seed, displace, sampler_rng
 
 log = logging.getLogger("pestle.samplers.rattle")
 
@@ -28,6 +29,9 @@ def make_supercell(atoms, supercell: tuple[int, int, int]):
 class RattleSampler:
     """Gaussian displacements at several amplitudes, optionally Boltzmann-accepted."""
 
+    # In mode boltzmann: the acceptance weighs energies of ``potential``.
+    drives_with_potential: ClassVar[bool] = True
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -40,7 +44,7 @@ class RattleSampler:
         supercell: Supercell = (1, 1, 1)
         mode: Literal["gaussian", "boltzmann"] = "gaussian"
         temperature: float | None = Field(default=None, gt=0, description="K, for mode boltzmann")
-        potential: PotentialChoice | None = Field(
+        potential: PotentialSpec | None = Field(
             default=None, description="energy model for mode boltzmann"
         )
         max_trials: int = Field(
@@ -65,6 +69,11 @@ class RattleSampler:
     def __init__(self, params: Params) -> None:
         self.params = params
 
+    def with_potential(self, spec: PluginSpec) -> RattleSampler:
+        if self.params.mode != "boltzmann":  # plain Gaussian rattling uses no potential
+            return RattleSampler(self.params.model_copy())
+        return RattleSampler(self.params.model_copy(update={"potential": spec}))
+
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
         p = self.params
         base = make_supercell(seed.atoms, p.supercell)
@@ -73,7 +82,11 @@ class RattleSampler:
         children = sampler_rng(rng_seed).integers(
             0, 2**63 - 1, size=p.per_amplitude * len(p.amplitudes)
         )
-        potential = p.potential.build() if p.mode == "boltzmann" else None
+        potential = None
+        if p.mode == "boltzmann":
+            from pestle.potentials import POTENTIALS
+
+            potential = POTENTIALS.build_spec(p.potential)
         reference = potential.predict([base])[0].energy if potential is not None else None
         candidates = []
         for index, child in enumerate(children):

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from pestle.plugins import Registry, import_submodules
+from pestle.plugins import Contract, Registry, import_submodules
 
 
 @dataclass
@@ -40,7 +40,9 @@ class Selector(Protocol):
     ) -> list[Selection]: ...
 
 
-SELECTORS: Registry[Selector] = Registry("selector")
+SELECTORS: Registry[Selector] = Registry(
+    "selector", "pestle.selectors", Contract(methods=("select",))
+)
 
 
 def group_by_system(

@@ -36,7 +36,7 @@ def drive_label_jobs(
         work_root=str(Path(run_dir) / "jobs"),
         progress=lambda done, total, job_id, state: ctx.progress("label", done, total),
         job_timeout_seconds=ctx.config.dask.job_timeout_seconds,
-        cpus_per_job=ctx.labeller.cpus(),
+        cpus_per_job=ctx.labeller.resources().cpus,
     )
 
 

@@ -2,48 +2,37 @@
 
 The registry (the store's ``models`` collection) keeps each version's checkpoint in GridFS
 with its sha256; loading writes it out, verifies the checksum and hands the path and digest
-to the family's Potential, which verifies it again before it deserialises anything.
+to the family's Potential, which verifies it again before it deserialises anything. Which
+params take the path and digest is the Potential class's declaration (``checkpoint_params``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pestle.potentials import POTENTIALS, Potential
+from pestle.plugins import PluginSpec, RegistryError
+from pestle.potentials import POTENTIALS, Potential, checkpoint_spec
 from pestle.store import Store, StoreError
-
-# Which params of each Potential take a checkpoint path and its sha256.
-CHECKPOINT_PARAMS = {
-    "chgnet": ("checkpoint", "checkpoint_sha256"),
-    "mace": ("model_path", "model_sha256"),
-    "matgl": ("model_path", "model_sha256"),
-}
 
 
 def load_stored_model(store: Store, model_id: str, directory: str | Path) -> Potential:
     """The Potential of a stored model version, loaded from its verified checkpoint."""
-    name, params = stored_model_spec(store, model_id, directory)
-    return POTENTIALS.build(name, params)
+    return POTENTIALS.build_spec(stored_potential_spec(store, model_id, directory))
 
 
-def stored_model_spec(store: Store, model_id: str, directory: str | Path) -> tuple[str, dict]:
-    """(registered potential name, its params) for a stored model version, with the verified
-    checkpoint written under ``directory`` and named in the params with its digest."""
+def stored_potential_spec(store: Store, model_id: str, directory: str | Path) -> PluginSpec:
+    """The potential spec of a stored model version: its registered potential with the
+    verified checkpoint written under ``directory`` named in the params with its digest."""
     doc = store.models.require(model_id)
     name = doc.potential or doc.family
-    if name not in CHECKPOINT_PARAMS:
-        raise StoreError(f"model {model_id}: no loader for potential {name!r}")
+    try:
+        loads_checkpoints = POTENTIALS.get(name).checkpoint_params is not None
+    except RegistryError as exc:
+        raise StoreError(f"model {model_id}: no loader for potential {name!r}: {exc}") from None
+    if not loads_checkpoints:
+        raise StoreError(f"model {model_id}: potential {name!r} loads no checkpoints")
     path, _ = store.models.fetch_checkpoint(model_id, directory)
-    path_key, sha_key = CHECKPOINT_PARAMS[name]
-    if path.is_dir():  # matgl's folder: its Potential checks a digest over the files
-        from pestle.potentials.matgl import folder_sha256
-
-        digest = folder_sha256(path)
-    else:
-        from pestle.potentials.chgnet import sha256_file
-
-        digest = sha256_file(path)
-    return name, {**doc.potential_params, path_key: str(path), sha_key: digest}
+    return checkpoint_spec(name, doc.potential_params, path)
 
 
 def resolve_model(spec: str, store: Store | None, directory: str | Path) -> Potential:

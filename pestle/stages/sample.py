@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from pestle.config import PluginSpec
+from pestle.plugins import PluginSpec
 from pestle.samplers import SAMPLERS, Seed
 from pestle.samplers.validity import check_structure
 from pestle.stages.context import stable_seed

@@ -41,7 +41,7 @@ class ScoreStage:
         key = ctx.model_key
         scoring = ctx.config.scoring
         potential = ctx.potential
-        if scoring.embeddings and not hasattr(potential, "embed"):  # until the protocol declares it
+        if scoring.embeddings and not potential.supports_embeddings:
             raise ValueError(f"scoring.embeddings: potential {potential.name} has no embeddings")
         todo = [d for d in ctx.store.structures.run_candidates(ctx.run_id) if key not in d.scores]
         total, done = len(todo), 0

@@ -1,8 +1,8 @@
 """Trainers: fine-tune a potential on labelled structures.
 
-Protocol: a registered class with a nested pydantic ``Params`` model and
-``train(train_set, val_set, workdir) -> TrainedModel``. Runs inside a Dask task that asks for
-a GPU and falls back to the CPU (``pestle.dispatch.pick_device``).
+Protocol: a registered class with a nested pydantic ``Params`` model,
+``train(train_set, val_set, workdir, device) -> TrainedModel`` and ``resources() -> Resources``
+(``gpus=1``: runs in a Dask task that asks for a GPU and falls back to the CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from pydantic import BaseModel
 
-from pestle.plugins import Registry, import_submodules
+from pestle.plugins import Contract, Registry, Resources, import_submodules
 from pestle.structures import LabelledStructure
 
 
@@ -64,7 +64,13 @@ class Trainer(Protocol):
         device: str = "cpu",
     ) -> TrainedModel: ...
 
+    def resources(self) -> Resources:
+        """What one fine-tune occupies on a worker."""
+        ...
 
-TRAINERS: Registry[Trainer] = Registry("trainer")
+
+TRAINERS: Registry[Trainer] = Registry(
+    "trainer", "pestle.trainers", Contract(methods=("train", "resources"))
+)
 
 import_submodules(__name__, __path__)  # registration

@@ -46,13 +46,14 @@ from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pestle.plugins import Resources
+from pestle.potentials.checkpoints import sha256_file
 from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
     check_pretrained_name,
     load_chgnet,
     pack_by_atom_count,
     save_checkpoint,
-    sha256_file,
 )
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
 from pestle.trainers.modes import LinearTerms, fit_linear_scale, joined_arrays, linear_metrics
@@ -223,6 +224,10 @@ class CHGNetTrainer:
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
         self.model: CHGNet | None = None  # the fine-tuned model after train(), on the CPU
+
+    def resources(self) -> Resources:
+        """One worker core, and a GPU when the cluster has one (else the CPU)."""
+        return Resources(cpus=1, gpus=1)
 
     def train(
         self,

@@ -72,8 +72,8 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.potentials import check_sha256
-from pestle.potentials.chgnet import ChecksumError, sha256_file
+from pestle.plugins import Resources
+from pestle.potentials.checkpoints import ChecksumError, check_sha256, sha256_file
 from pestle.potentials.mace import MACEPotential, choose_head, load_mace_model, mace_version
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
 from pestle.trainers.modes import (
@@ -287,6 +287,10 @@ class MACETrainer:
     def __init__(self, params: Params) -> None:
         self.params = params
         self._foundation_head: str | None = None
+
+    def resources(self) -> Resources:
+        """One worker core, and a GPU when the cluster has one (else the CPU)."""
+        return Resources(cpus=1, gpus=1)
 
     def train(
         self,

@@ -49,8 +49,8 @@ from ase import units
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.potentials import check_sha256
-from pestle.potentials.chgnet import ChecksumError
+from pestle.plugins import Resources
+from pestle.potentials.checkpoints import ChecksumError, check_sha256
 from pestle.potentials.matgl import (
     DEFAULT_MODEL,
     MatGLPotential,
@@ -159,6 +159,10 @@ class MatGLTrainer:
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
         self.potential: Potential | None = None  # the fine-tuned Potential after train()
+
+    def resources(self) -> Resources:
+        """One worker core, and a GPU when the cluster has one (else the CPU)."""
+        return Resources(cpus=1, gpus=1)
 
     def train(
         self,
