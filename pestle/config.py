@@ -224,7 +224,9 @@ class DaemonSpec(_Strict):
 
     per_round: int = Field(default=2, ge=1, description="labels per chemical system per round")
     max_rounds: int | None = Field(default=None, ge=1)
-    round_interval_seconds: float = Field(default=0.0, ge=0)
+    round_interval_seconds: float = Field(
+        default=0.0, ge=0, description="least time between the end of a round and the next"
+    )
     retrain: RetrainSpec = Field(default_factory=RetrainSpec)
     stop: StopSpec = Field(default_factory=StopSpec)
     withdraw_below: float | None = Field(

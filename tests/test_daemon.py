@@ -43,7 +43,13 @@ def tiny_config(tmp_path: Path, database: str, **daemon: object) -> Path:
         "labeller": {"name": "gpaw", "params": {"ecut": 300, "kpoint_density": 1.0}},
         # Stress stays out of the loss: at 300 eV GPAW's LiF stress carries a large Pulay
         # error (measured: ~125 GPa at 350 eV) that would swamp the forces.
-        "finetune": {"trainer": {"name": "chgnet", "params": {"epochs": 8, "stress_weight": 0}}},
+        # No validation labels: with two labels a round, the split (one held out of two,
+        # two of four) leaves training labels after round 1, so a retraining comes before
+        # the last round.
+        "finetune": {
+            "trainer": {"name": "chgnet", "params": {"epochs": 8, "stress_weight": 0}},
+            "validation_fraction": 0,
+        },
         "evaluation": {"holdout_fraction": 0.34},
         "store": {"database": database},
         "dask": {"n_workers": 2},
@@ -306,3 +312,20 @@ def test_a_failing_step_is_recorded_and_the_daemon_goes_on(store: Store, tmp_pat
     (decision,) = store.decisions.find("error")
     assert decision.campaign == "tiny" and "the store hiccuped" in decision.reason
     assert not daemon.stopping.is_set()
+
+
+def test_rounds_wait_for_round_interval_seconds(store: Store, tmp_path) -> None:
+    path = tiny_config(tmp_path, store.database, round_interval_seconds=3600)
+    daemon = Daemon([path], idle_poll_seconds=0)
+    daemon.store = store
+    config = next(iter(daemon.configs.values()))
+    config.finetune.enabled = False  # only the round matters here
+    rounds: list[int] = []
+    daemon.run_round = lambda config, client: rounds.append(1)
+    now = datetime.now(timezone.utc)
+    store.meta.save_campaign_state(
+        "tiny", {"round": 1, "systems": ["F-Li"], "last_round": {"ended_at": now}}
+    )
+    assert daemon.step(config, client=None) is False and rounds == []  # not due yet
+    store.meta.save_campaign_state("tiny", {"last_round": {"ended_at": now - timedelta(hours=2)}})
+    assert daemon.step(config, client=None) is True and rounds == [1]

@@ -56,6 +56,7 @@ from pestle.stages.score import force_scores
 from pestle.stages.select import softening_model
 from pestle.stages.split import SplitPolicy, pooled, split_by_role
 from pestle.store import JOB_QUEUED, ROLE_HOLDOUT, ROLE_TRAIN, ROLE_VALIDATION, Store, resolve_uri
+from pestle.store.errors import as_utc
 from pestle.structures import settings_hash
 
 log = logging.getLogger("pestle.daemon")
@@ -225,6 +226,14 @@ class Daemon:
             return worked
         if state.systems and all(s in state.finished for s in state.systems):
             return worked
+        ended = state.last_round.get("ended_at")
+        wait = config.daemon.round_interval_seconds
+        if (
+            ended is not None
+            and wait
+            and (datetime.now(timezone.utc) - as_utc(ended)).total_seconds() < wait
+        ):
+            return worked  # the next round is not due yet
         self.run_round(config, client)
         if not self.stopping.is_set():
             self.maybe_retrain(config, client)
@@ -263,6 +272,7 @@ class Daemon:
                     "selected": len(recorded.get("select", {}).get("selected", [])),
                     "labelled": recorded.get("label", {}).get("dispatched", 0),
                     "model_id": model_id,
+                    "ended_at": datetime.now(timezone.utc),
                 },
             },
         )
