@@ -166,8 +166,30 @@ class FinetuneSpec(_Strict):
     )
 
 
+class EvaluationSetSpec(_Strict):
+    """Per chemical system, structures drawn at random (stratified by sampler and amplitude)
+    from all its valid candidates: labelled once, never trained on, the set every softening
+    figure, decision and report is measured on."""
+
+    per_system: int = Field(
+        default=8, ge=0, description="structures per chemical system (0: no evaluation set)"
+    )
+    min_structures: int = Field(
+        default=5,
+        ge=1,
+        description="below this many, figures and decisions say 'not enough evaluation "
+        "structures (n = ...)' instead of a number",
+    )
+
+
 class EvaluationSpec(_Strict):
-    holdout_fraction: float = Field(default=0.34, gt=0, lt=1)
+    holdout_fraction: float = Field(
+        default=0.34,
+        gt=0,
+        lt=1,
+        description="share of each system's selected labels held out from training",
+    )
+    evaluation_set: EvaluationSetSpec = Field(default_factory=EvaluationSetSpec)
 
 
 class RetrainSpec(_Strict):

@@ -56,9 +56,9 @@ def mini_config(tmp_path: Path, database: str) -> Path:
         ],
         "potential": {"name": "chgnet", "params": {"model": "0.3.0"}},
         "selection": {"per_system": 3},
+        "evaluation": {"holdout_fraction": 0.34, "evaluation_set": {"per_system": 2}},
         "labeller": {"name": "gpaw", "params": {"ecut": 200, "kpoint_density": 1.0}},
         "finetune": {"trainer": {"name": "chgnet", "params": {"epochs": 1}}},
-        "evaluation": {"holdout_fraction": 0.34},
         "store": {"database": database},
         "dask": {"n_workers": 2},
     }
@@ -118,20 +118,22 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
         assert prov["code_versions"]["chgnet"] and prov["run_id"] == run["_id"]
 
     labels = list(db["labels"].find())
-    assert len(labels) == 3
+    assert len(labels) == 5  # 3 selected, 2 drawn at random for the evaluation set
     for label in labels:
         lot = label["level_of_theory"]
         assert lot["code"] == "gpaw" and lot["xc"] == "PBE" and lot["ecut"] == 200
         assert lot["version"] and lot["setups"]
         assert np.isfinite(label["energy"]) and np.asarray(label["forces"]).shape == (2, 3)
         assert len(label["stress"]) == 6
-    assert store.jobs.counts() == {"done": 3}
+    assert store.jobs.counts() == {"done": 5}
 
     [model] = list(db["models"].find())
     holdout = set(model["training"]["holdout_label_ids"])
     train = set(model["training"]["label_ids"])
+    evaluation = {label["_id"] for label in labels if label.get("role") == "evaluation"}
+    assert len(evaluation) == 2 and not evaluation & (train | holdout)
     assert train and holdout and not train & holdout
-    assert train | holdout == {label["_id"] for label in labels}
+    assert train | holdout | evaluation == {label["_id"] for label in labels}
     assert len(model["checkpoint"]["sha256"]) == 64
 
     metrics = run["stages"]["evaluate"]["metrics"]
@@ -147,7 +149,7 @@ def test_second_run_adds_nothing(campaign) -> None:
     before = snapshot(db)
     pestle("run", str(campaign["config"]), env=campaign["env"])
     assert snapshot(db) == before
-    assert db["labels"].count_documents({}) == 3
+    assert db["labels"].count_documents({}) == 5
 
 
 def test_query_and_export(campaign) -> None:
@@ -162,7 +164,7 @@ def test_query_and_export(campaign) -> None:
     target = campaign["tmp"] / "labels.extxyz"
     pestle("export", "-c", config, "--format", "extxyz", "--output", str(target), env=env)
     images = read(target, index=":")
-    assert len(images) == 3
+    assert len(images) == 5
     stored = {d["_id"]: d for d in campaign["db"]["labels"].find()}
     for atoms in images:
         label = stored[atoms.info["label_id"]]
@@ -197,13 +199,13 @@ def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -
         os.killpg(process.pid, signal.SIGKILL)  # the whole run: driver, scheduler, workers
         process.wait()
         assert db["runs"].find_one()["state"] == "running"
-        assert db["labels"].count_documents({}) < 3
+        assert db["labels"].count_documents({}) < 5
 
         pestle("run", str(config), env=env)
         assert db["runs"].find_one()["state"] == "finished"
         assert snapshot(db) == snapshot(campaign["db"])
-        assert store.jobs.counts() == {"done": 3}
-        assert db["labels"].count_documents({}) == 3
+        assert store.jobs.counts() == {"done": 5}
+        assert db["labels"].count_documents({}) == 5
     finally:
         store.drop()
         store.close()

@@ -50,7 +50,7 @@ def tiny_config(tmp_path: Path, database: str, **daemon: object) -> Path:
             "trainer": {"name": "chgnet", "params": {"epochs": 8, "stress_weight": 0}},
             "validation_fraction": 0,
         },
-        "evaluation": {"holdout_fraction": 0.34},
+        "evaluation": {"holdout_fraction": 0.34, "evaluation_set": {"per_system": 2}},
         "store": {"database": database},
         "dask": {"n_workers": 2},
         "daemon": {

@@ -6,7 +6,15 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from pestle.config import CampaignConfig
-from pestle.stages import RunContext, SampleStage, ScoreStage, SeedStage, SelectStage, run_stages
+from pestle.stages import (
+    EvaluationSetStage,
+    RunContext,
+    SampleStage,
+    ScoreStage,
+    SeedStage,
+    SelectStage,
+    run_stages,
+)
 
 
 def test_committee_descriptors_and_fps_selection(
@@ -26,13 +34,22 @@ def test_committee_descriptors_and_fps_selection(
             },
             "selection": {"selector": {"name": "fps", "params": {"score": "combined"}}, "per_system": 3},
             "labeller": {"name": "emt"},
+            "evaluation": {"evaluation_set": {"per_system": 2}},
         }
     )  # fmt: skip
     campaign = RunContext(config, store, mongo_uri)
     campaign.start()
-    picks = run_stages(campaign, [SeedStage(), SampleStage(), ScoreStage(), SelectStage()])[
-        "selected"
-    ]
+    stages = [SeedStage(), SampleStage(), ScoreStage(), EvaluationSetStage(), SelectStage()]
+    outputs = run_stages(campaign, stages)
+    picks = outputs["selected"]
+    # The evaluation set: one of each rattle amplitude, drawn at random, never picked.
+    (evaluation,) = outputs["evaluation_set"].values()
+    assert len(evaluation) == 2 and not set(evaluation) & set(picks)
+    amplitudes = {
+        raw_db["structures"].find_one({"_id": i})["provenance"]["params"]["amplitude"]
+        for i in evaluation
+    }
+    assert amplitudes == {0.02, 0.3}
     assert len(picks) == 3
     docs = {d["_id"]: d for d in raw_db["structures"].find({"kind": "candidate"})}
     key = campaign.model_key

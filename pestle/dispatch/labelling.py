@@ -148,6 +148,7 @@ def run_label_job(
                 stress=result.stress,
                 job_id=job_id,
                 extra={**result.extra, "wall_seconds": round(seconds, 3), "worker": worker},
+                role=payload.get("role"),
             )
             heartbeat.stopped.set()
             finished = store.jobs.finish(

@@ -41,6 +41,7 @@ from pestle.evaluation.metrics import softening_scale
 from pestle.plugins import PluginSpec
 from pestle.stages import (
     EvaluateStage,
+    EvaluationSetStage,
     FinetuneStage,
     LabelStage,
     Round,
@@ -255,7 +256,7 @@ class Daemon:
         )
         started = time.monotonic()
         stages = [SeedStage(), SampleStage(self.round_samplers(config, model_id)), ScoreStage(),
-                  SelectStage(), LabelStage()]  # fmt: skip
+                  EvaluationSetStage(), SelectStage(), LabelStage()]  # fmt: skip
         run_passes(ctx, stages)
         recorded = self.store.runs.require(ctx.run_id).stages
         systems = sorted({s["chemical_system"] for s in recorded["seed"]["seeds"]})
@@ -379,7 +380,9 @@ class Daemon:
     ) -> tuple[dict[str, list[str]], dict[str, dict[str, list[str]]]]:
         """The campaign's labels per system at its level of theory, and the roles the split
         policy gives them (recorded only once training goes ahead)."""
-        by_system = self.store.labels.ids_by_system(self.context(config).lot_hash, systems)
+        by_system = self.store.labels.ids_by_system(
+            self.context(config).lot_hash, systems, trainable=True
+        )
         ids = [i for members in by_system.values() for i in members]
         roles = SplitPolicy.from_config(config).assign(by_system, self.store.labels.roles(ids))
         return by_system, split_by_role(by_system, roles)

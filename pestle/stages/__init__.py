@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 from pestle.stages.context import Round, RunContext
 from pestle.stages.evaluate import EvaluateStage
+from pestle.stages.evaluation_set import EvaluationSetStage
 from pestle.stages.finetune import FinetuneStage
 from pestle.stages.label import LabelStage
 from pestle.stages.report import ReportStage
@@ -47,12 +48,13 @@ def run_stages(ctx: RunContext, stages: Sequence[Stage]) -> dict[str, Any]:
 
 
 def campaign_stages() -> list[Stage]:
-    return [SeedStage(), SampleStage(), ScoreStage(), SelectStage(), LabelStage(),
+    return [SeedStage(), SampleStage(), ScoreStage(), EvaluationSetStage(), SelectStage(), LabelStage(),
             SplitStage(), FinetuneStage(), EvaluateStage("pretrained"), ReportStage()]  # fmt: skip
 
 
 __all__ = [
     "EvaluateStage",
+    "EvaluationSetStage",
     "FinetuneStage",
     "LabelStage",
     "ReportStage",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pestle.samplers.validity import check_structure
-from pestle.store import JOB_DONE, JOB_WITHDRAWN, label_id
+from pestle.store import JOB_DONE, JOB_WITHDRAWN, ROLE_EVALUATION, label_id
 
 if TYPE_CHECKING:
     from pestle.stages.context import RunContext
@@ -41,16 +41,20 @@ def drive_label_jobs(
 
 
 class LabelStage:
+    """Labels the picks and the evaluation set (whose labels carry the role ``evaluation``);
+    hands on the picks' labels per system."""
+
     name = "label"
-    requires = ("selected",)
+    requires = ("selected", "evaluation_set")
     provides = ("labels_by_system",)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        structure_ids: list[str] = ctx.outputs["selected"]
+        picks: list[str] = ctx.outputs["selected"]
+        evaluation = sorted(i for ids in ctx.outputs["evaluation_set"].values() for i in ids)
         rejected: dict[str, str] = {}
-        to_queue: list[str] = []
+        to_queue: list[tuple[str, str | None]] = []
         already = 0
-        for sid in structure_ids:
+        for sid, role in [(s, None) for s in picks] + [(s, ROLE_EVALUATION) for s in evaluation]:
             # Checked again before paying for DFT: structures may come from other runs,
             # imports or older, laxer versions of the checks.
             reason = check_structure(ctx.store.structures.atoms(sid))
@@ -61,15 +65,21 @@ class LabelStage:
             if ctx.store.labels.exists(label_id(sid, ctx.lot_hash)) and state in (None, JOB_DONE):
                 already += 1
                 continue
-            to_queue.append(sid)
+            to_queue.append((sid, role))
         payload = {"labeller": ctx.config.labeller.model_dump(), "lot_hash": ctx.lot_hash}
-        job_ids = [ctx.label_job_id(sid) for sid in to_queue]
+        job_ids = [ctx.label_job_id(sid) for sid, _ in to_queue]
         ctx.store.jobs.enqueue_many(
-            [(ctx.label_job_id(sid), {**payload, "structure_id": sid}) for sid in to_queue],
+            [(ctx.label_job_id(sid), {**payload, "structure_id": sid, "role": role})
+             for sid, role in to_queue],
             "label",
             run_id=ctx.run_id,
-        )
+        )  # fmt: skip
         states = drive_label_jobs(ctx, job_ids)
+        # Labels that existed before the draw (another campaign's, say) join the set too.
+        ctx.store.labels.set_roles(
+            dict.fromkeys((label_id(s, ctx.lot_hash) for s in evaluation), ROLE_EVALUATION),
+            {"evaluation_set": ctx.config.name},
+        )
         failed = {j: s for j, s in states.items() if s not in (JOB_DONE, JOB_WITHDRAWN)}
         ctx.record(
             "label",
@@ -77,7 +87,8 @@ class LabelStage:
                 "labeller": ctx.labeller.name,
                 "lot_hash": ctx.lot_hash,
                 "level_of_theory": ctx.level_of_theory,
-                "requested": len(structure_ids),
+                "requested": len(picks),
+                "evaluation_set": len(evaluation),
                 "already_labelled": already,
                 "dispatched": len(job_ids),
                 "failed": sorted(failed),
@@ -85,7 +96,7 @@ class LabelStage:
                 "rejected_before_dispatch": rejected,
             },
         )
-        return {"labels_by_system": labels_by_system(ctx, structure_ids)}
+        return {"labels_by_system": labels_by_system(ctx, picks)}
 
 
 def labels_by_system(ctx: RunContext, structure_ids: Sequence[str]) -> dict[str, list[str]]:

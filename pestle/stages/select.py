@@ -45,7 +45,7 @@ def taken(ctx: RunContext, structure_ids: Iterable[str]) -> set[str]:
 
 class SelectStage:
     name = "select"
-    requires = ("scored",)
+    requires = ("scored", "evaluation_set")
     provides = ("selected",)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -55,8 +55,11 @@ class SelectStage:
         if previous and previous.get("selected"):
             return {"selected": [s["id"] for s in previous["selected"]]}
         key = ctx.model_key
-        fields = ["chemical_system", "provenance.sampler", f"scores.{key}", f"embeddings.{key}"]
-        docs = ctx.store.structures.run_candidates(ctx.run_id, fields)
+        fields = ["chemical_system", "provenance.sampler", f"scores.{key}", f"embeddings.{key}",
+                  "evaluation_for"]  # fmt: skip
+        # An evaluation-set structure (of any campaign) is never picked for training.
+        docs = [d for d in ctx.store.structures.run_candidates(ctx.run_id, fields)
+                if not d.evaluation_for]  # fmt: skip
         if ctx.round is not None:  # a round never re-picks what earlier rounds labelled
             already = taken(ctx, [d.id for d in docs])
             docs = [d for d in docs if d.id not in already]

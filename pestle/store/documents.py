@@ -19,9 +19,11 @@ JOB_WITHDRAWN = "withdrawn"
 JOB_TERMINAL = (JOB_DONE, JOB_FAILED, JOB_WITHDRAWN)
 JOB_STATES = (JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_WITHDRAWN)
 
-# A label's part in fine-tuning, decided once by the split policy (pestle.stages.split).
+# A label's part in fine-tuning, decided once: by the split policy (pestle.stages.split) for
+# selected structures, or ``evaluation`` for a campaign's random evaluation set.
 ROLE_TRAIN, ROLE_VALIDATION, ROLE_HOLDOUT = "train", "validation", "holdout"
-ROLES = (ROLE_TRAIN, ROLE_VALIDATION, ROLE_HOLDOUT)
+ROLE_EVALUATION = "evaluation"
+ROLES = (ROLE_TRAIN, ROLE_VALIDATION, ROLE_HOLDOUT, ROLE_EVALUATION)
 
 
 class Document(BaseModel):
@@ -76,6 +78,8 @@ class StructureDoc(Document):
     scores: dict[str, dict[str, float]] = Field(default_factory=dict)
     embeddings: dict[str, list[float]] = Field(default_factory=dict)
     selection: dict[str, Selection] = Field(default_factory=dict)  # run id -> why picked
+    # Campaigns whose evaluation set holds this structure: never picked, never trained on.
+    evaluation_for: list[str] = Field(default_factory=list)
     created_at: datetime | None = None
 
 
@@ -98,7 +102,7 @@ class LabelDoc(Document):
     extra: dict[str, Any] = Field(default_factory=dict)
     code_versions: dict[str, str] = Field(default_factory=dict)
     created_at: datetime | None = None
-    role: Literal["train", "validation", "holdout"] | None = None
+    role: Literal["train", "validation", "holdout", "evaluation"] | None = None
     split: dict[str, Any] | None = None  # the policy that decided the role, and when
 
 

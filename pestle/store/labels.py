@@ -82,8 +82,13 @@ class LabelRepository:
         stress: np.ndarray | None,
         job_id: str | None = None,
         extra: Mapping[str, Any] | None = None,
+        role: str | None = None,
     ) -> bool:
-        """Store a label once; returns False (and stores nothing) if it already exists."""
+        """Store a label once; returns False (and stores nothing) if it already exists.
+        ``role``: decided before the label existed (``evaluation`` for an evaluation set);
+        else the split policy records one later."""
+        if role is not None and role not in ROLES:
+            raise ValueError(f"unknown label role {role!r} (known: {', '.join(ROLES)})")
         structure = self._structures.get(structure_id)
         if structure is None:
             raise StoreError(f"cannot label unknown structure {structure_id}")
@@ -116,8 +121,9 @@ class LabelRepository:
             code_versions=code_versions(),
             created_at=utcnow(),
         ).to_mongo()
-        for key in ("role", "split"):  # decided by the split policy, not by the labeller
-            doc.pop(key)
+        doc.pop("split")
+        if role is None:  # the split policy decides it later; a missing field means undecided
+            doc.pop("role")
         try:
             self._c.insert_one(doc)
         except DuplicateKeyError:
@@ -162,10 +168,13 @@ class LabelRepository:
         return None if doc is None else LabelDoc.model_validate(doc)
 
     def ids_by_system(
-        self, lot_hash: str, systems: Iterable[str] | None = None
+        self, lot_hash: str, systems: Iterable[str] | None = None, *, trainable: bool = False
     ) -> dict[str, list[str]]:
-        """Label ids at one level of theory, per chemical system, sorted."""
+        """Label ids at one level of theory, per chemical system, sorted; ``trainable``
+        leaves out evaluation-set labels (never trained on)."""
         query: dict[str, Any] = {"lot_hash": lot_hash}
+        if trainable:
+            query["role"] = {"$ne": "evaluation"}
         if systems is not None:
             query["chemical_system"] = {"$in": list(systems)}
         out: dict[str, list[str]] = defaultdict(list)
@@ -177,6 +186,14 @@ class LabelRepository:
         """The chemical system of each of these labels that exists."""
         query = {"_id": {"$in": list(label_ids)}}
         return {d["_id"]: d["chemical_system"] for d in self._c.find(query, {"chemical_system": 1})}
+
+    def structures_with_roles(
+        self, structure_ids: Iterable[str], exclude: Iterable[str] = ()
+    ) -> set[str]:
+        """Which of these structures have a label with a recorded role (not in ``exclude``)."""
+        query = {"structure_id": {"$in": list(structure_ids)},
+                 "role": {"$nin": [None, *exclude]}}  # fmt: skip
+        return {d["structure_id"] for d in self._c.find(query, {"structure_id": 1})}
 
     def roles(self, label_ids: Iterable[str]) -> dict[str, str]:
         """Recorded roles of these labels (labels without one are left out)."""

@@ -70,7 +70,7 @@ class StructureRepository:
             created_at=utcnow(),
         ).to_mongo()
         # Fields a later run adds to are never part of the insert.
-        for key in ("_id", "runs", "scores", "embeddings", "selection"):
+        for key in ("_id", "runs", "scores", "embeddings", "selection", "evaluation_for"):
             doc.pop(key)
         return sid, doc
 
@@ -139,7 +139,24 @@ class StructureRepository:
                 ordered=False,
             )  # fmt: skip
 
+    def add_to_evaluation_set(self, campaign: str, structure_ids: Iterable[str]) -> None:
+        ids = list(structure_ids)
+        if ids:
+            self._c.update_many({"_id": {"$in": ids}}, {"$addToSet": {"evaluation_for": campaign}})
+
     # -- reading ------------------------------------------------------------------------
+    def evaluation_set(
+        self, campaign: str, systems: Iterable[str] | None = None
+    ) -> dict[str, list[str]]:
+        """A campaign's evaluation set: structure ids per chemical system."""
+        query: dict[str, Any] = {"evaluation_for": campaign}
+        if systems is not None:
+            query["chemical_system"] = {"$in": list(systems)}
+        out: dict[str, list[str]] = {}
+        for doc in self._c.find(query, {"chemical_system": 1}).sort("_id", 1):
+            out.setdefault(doc["chemical_system"], []).append(doc["_id"])
+        return out
+
     def get(self, structure_id: str) -> StructureDoc | None:
         doc = self._c.find_one({"_id": structure_id})
         return None if doc is None else StructureDoc.model_validate(doc)
