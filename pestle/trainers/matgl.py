@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from ase import units
+from ase.data import atomic_numbers
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -129,8 +130,14 @@ class _Base:
     element_types: tuple[str, ...]
     refs_before: dict[str, float] | None
     ref_shift: dict[str, float] = field(default_factory=dict)  # eV/atom, elements in the data
-    numbers: list[int] = field(default_factory=list)  # linear_correction: element_types' Z
-    references: list[float] = field(default_factory=list)  # and their refs before
+
+    def numbers(self) -> list[int]:
+        return [atomic_numbers[e] for e in self.element_types]
+
+    def references(self) -> list[float]:
+        """The element refs before any shift (eV/atom, ``element_types`` order; 0 without)."""
+        refs = self.refs_before
+        return [refs[e] for e in self.element_types] if refs else [0.0] * len(self.element_types)
 
 
 @TRAINERS.register("matgl")
@@ -254,7 +261,7 @@ class MatGLTrainer(TrainerBase[_Base]):
         element_types = base.element_types
         shift = np.zeros(len(element_types))
         if p.refit_element_refs:
-            shift = self._refit(potential, base.folder, train_set)
+            shift = self._refit(base, train_set)
         base.ref_shift = {
             element: float(s)
             for element, s in zip(element_types, shift, strict=True)
@@ -360,25 +367,15 @@ class MatGLTrainer(TrainerBase[_Base]):
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
     ) -> tuple[LinearTerms, LinearTerms | None]:
-        from ase.data import atomic_numbers
-
-        refs = base.refs_before
-        base.numbers = [atomic_numbers[e] for e in base.element_types]
-        base.references = (
-            [refs[e] for e in base.element_types] if refs else [0.0] * len(base.numbers)
-        )
+        numbers, references = base.numbers(), base.references()
         # The fit evaluates the saved base in float64 (the Potential follows its dtype).
         exact = MatGLPotential(
             MatGLPotential.Params(model_path=base.folder, model_sha256=folder_sha256(base.folder),
                                   device="cpu", default_dtype="float64")
         )  # fmt: skip
         with torch_threads(self.params.cpu_threads):
-            train = LinearTerms.collect(exact, train_set, base.numbers, base.references, GPA)
-            val = (
-                LinearTerms.collect(exact, val_set, base.numbers, base.references, GPA)
-                if val_set
-                else None
-            )
+            train = LinearTerms.collect(exact, train_set, numbers, references, GPA)
+            val = LinearTerms.collect(exact, val_set, numbers, references, GPA) if val_set else None
         return train, val
 
     def _bake(
@@ -416,7 +413,7 @@ class MatGLTrainer(TrainerBase[_Base]):
                                   device="cpu", default_dtype="float64")
         )  # fmt: skip
         with torch_threads(self.params.cpu_threads):
-            return LinearTerms.collect(tuned, [first], base.numbers, base.references, GPA)
+            return LinearTerms.collect(tuned, [first], base.numbers(), base.references(), GPA)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -460,26 +457,20 @@ class MatGLTrainer(TrainerBase[_Base]):
         values = refs.property_offset.detach().cpu().numpy().astype(float)
         return {e: float(v) for e, v in zip(potential.model.element_types, values, strict=True)}
 
-    def _refit(
-        self, potential: Potential, folder: Path, labelled: Sequence[LabelledStructure]
-    ) -> np.ndarray:
+    def _refit(self, base: _Base, labelled: Sequence[LabelledStructure]) -> np.ndarray:
         """Shift the element refs by the least-squares fit of label-minus-model energies;
         returns the shift per element in ``element_types`` order (eV/atom)."""
-        from ase.data import atomic_numbers
-
-        element_types = tuple(potential.model.element_types)
-        # The model as saved in `folder`, which `potential` still is at this point.
-        base = MatGLPotential(
+        # The model as saved in its folder, which `base.potential` still is at this point.
+        saved = MatGLPotential(
             MatGLPotential.Params(
-                model_path=folder, model_sha256=folder_sha256(folder), device="cpu"
+                model_path=base.folder, model_sha256=folder_sha256(base.folder), device="cpu"
             )
         )
         structures = [ls.atoms for ls in labelled]
-        predicted = [pred.energy for pred in base.predict(structures)]
+        predicted = [pred.energy for pred in saved.predict(structures)]
         residuals = [reference_labels(ls)[0] - e for ls, e in zip(labelled, predicted, strict=True)]
-        numbers = [atomic_numbers[e] for e in element_types]
-        shift = least_squares_shift(structures, residuals, numbers)
-        self._shift_refs(potential, shift)
+        shift = least_squares_shift(structures, residuals, base.numbers())
+        self._shift_refs(base.potential, shift)
         return shift
 
     @staticmethod
