@@ -2,7 +2,11 @@
 
 Protocol: a registered class with a nested pydantic ``Params`` model and
 ``train(train_set, val_set, workdir) -> TrainedModel``. Runs inside a Dask task that asks for
-a GPU and falls back to the CPU (``pestle.dispatch.pick_device``).
+a GPU and falls back to the CPU (``pestle.devices.pick_device``).
+
+The built-in families (chgnet, mace, matgl) build on ``base.TrainerBase`` and the shared
+modules ``modes``, ``linear`` and ``references``; no trainer module imports another
+(tests/test_trainers_layout.py).
 """
 
 from __future__ import annotations
