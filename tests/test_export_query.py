@@ -13,7 +13,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from pestle.export import write_ase_db, write_chgnet_json, write_mace_xyz
+from pestle.export import EXPORTERS
 from pestle.store import Store
 from pestle.store.queries import build_filter, normalise_system
 
@@ -79,8 +79,8 @@ def test_ase_db_round_trip(filled: Store, tmp_path) -> None:
     import ase.db
 
     path = tmp_path / "labels.db"
-    assert write_ase_db(filled, path) == 3
-    assert write_ase_db(filled, path) == 0  # rows already there are not duplicated
+    assert EXPORTERS["ase-db"](filled, path) == 3
+    assert EXPORTERS["ase-db"](filled, path) == 0  # rows already there are not duplicated
     database = ase.db.connect(str(path))
     for stored, row in zip(filled.labels.labelled({}), database.select(sort="id"), strict=True):
         atoms = stored.atoms
@@ -95,7 +95,7 @@ def test_chgnet_json_reads_back_in_chgnets_units(filled: Store, tmp_path) -> Non
     from chgnet.graph import CrystalGraphConverter
 
     path = tmp_path / "chgnet.json"
-    assert write_chgnet_json(filled, path) == 3
+    assert EXPORTERS["chgnet"](filled, path) == 3
     assert list(json.loads(path.read_text())) == ["seed-cu"]  # grouped by parent
     dataset = StructureJsonData(
         str(path), graph_converter=CrystalGraphConverter(), targets="efs", shuffle=False
@@ -117,7 +117,7 @@ def test_mace_xyz_reads_back_with_mace(filled: Store, tmp_path) -> None:
     from ase.io import read
 
     path = tmp_path / "mace.xyz"
-    assert write_mace_xyz(filled, path) == 3
+    assert EXPORTERS["mace"](filled, path) == 3
     frames = read(path, index=":")
     assert {f.info["config_type"] for f in frames} == {"rattle", "solid_solution"}
     for frame, atoms in zip(frames, [s.atoms for s in filled.labels.labelled({})], strict=True):

@@ -2,7 +2,12 @@
 
 Protocol: a registered class with a nested pydantic ``Params`` model,
 ``train(train_set, val_set, workdir, device) -> TrainedModel`` and ``resources() -> Resources``
-(``gpus=1``: runs in a Dask task that asks for a GPU and falls back to the CPU).
+(``gpus=1``: runs in a Dask task that asks for a GPU and falls back to the CPU,
+``pestle.devices.pick_device``).
+
+The built-in families (chgnet, mace, matgl) build on ``base.TrainerBase`` and the shared
+modules ``modes``, ``linear`` and ``references``; no trainer module imports another
+(tests/test_trainers_layout.py).
 """
 
 from __future__ import annotations

@@ -25,8 +25,11 @@ Three modes (``Params.mode``):
   MAE kept;
 * ``linear_correction``: the same paper's one-parameter correction: a single scale ``s`` on the
   network's energy (everything but the AtomRef composition model), so forces and stress scale
-  by ``s`` too, all else frozen. Solved in closed form (see ``pestle.trainers.modes.fit_linear_scale``) and baked
+  by ``s`` too, all else frozen. Solved in closed form (``pestle.trainers.linear``) and baked
   into the readout's last linear layer, so the checkpoint is an ordinary CHGNet.
+
+What every family does alike (checks, mode dispatch, metrics, checkpoint and sha256) is
+``pestle.trainers.base.TrainerBase``; this module supplies CHGNet's hooks.
 """
 
 from __future__ import annotations
@@ -46,8 +49,6 @@ from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.plugins import Resources
-from pestle.potentials.checkpoints import sha256_file
 from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
     check_pretrained_name,
@@ -55,8 +56,16 @@ from pestle.potentials.chgnet import (
     pack_by_atom_count,
     save_checkpoint,
 )
-from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
-from pestle.trainers.modes import LinearTerms, fit_linear_scale, joined_arrays, linear_metrics
+from pestle.trainers import TRAINERS, LabelledStructure, reference_results
+from pestle.trainers.base import BestEpoch, FineTuned, TrainerBase
+from pestle.trainers.linear import LinearTerms, joined_arrays
+from pestle.trainers.modes import (
+    PAPER_FINAL_LEARNING_RATE,
+    PAPER_FULL,
+    PAPER_LOSS_WEIGHTS,
+    Mode,
+    apply_mode,
+)
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -66,20 +75,8 @@ log = logging.getLogger("pestle.trainers.chgnet")
 CHECKPOINT_NAME = "chgnet_finetuned.pth.tar"
 MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
 
-# Deng et al. (2025): loss weights of both fine-tuning modes, and the full fine-tune's
-# optimisation (Adam, MSE, learning rate cosine-decayed from 1e-3 to 1e-5, 100 epochs).
-PAPER_LOSS_WEIGHTS: dict[str, Any] = {
-    "energy_weight": 0.1,
-    "force_weight": 100.0,
-    "stress_weight": 0.1,
-}
-PAPER_FULL: dict[str, Any] = {
-    **PAPER_LOSS_WEIGHTS,
-    "learning_rate": 1e-3,
-    "epochs": 100,
-    "freeze": "none",
-}
-PAPER_FINAL_LEARNING_RATE = 1e-5
+# Deng et al. (2025)'s full fine-tune trains every parameter.
+FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze")
 
@@ -169,7 +166,7 @@ class _LossMeter:
 
 
 @TRAINERS.register("chgnet")
-class CHGNetTrainer:
+class CHGNetTrainer(TrainerBase["CHGNet"]):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -185,82 +182,90 @@ class CHGNetTrainer:
         refit_atom_ref: bool = True
         seed: int = 0
         # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
-        # recipes, which fill in the fields they fix (see PAPER_FULL, PAPER_LOSS_WEIGHTS).
-        mode: Literal["custom", "linear_correction", "full"] = "custom"
+        # recipes, which fill in the fields they fix (see FULL, modes.PAPER_LOSS_WEIGHTS).
+        mode: Mode = "custom"
 
         _known_model = field_validator("base_model")(check_pretrained_name)
 
         @model_validator(mode="after")
         def _apply_mode(self) -> CHGNetTrainer.Params:
-            """Fill in the paper's values; a value the user set that contradicts the mode is
-            an error rather than silently overridden (``epochs`` is the user's in ``full``)."""
-            if self.mode == "custom":
-                return self
-            fixed = dict(PAPER_FULL if self.mode == "full" else PAPER_LOSS_WEIGHTS)
-            if self.mode == "full" and "epochs" in self.model_fields_set:
-                del fixed["epochs"]
-            if self.mode == "linear_correction":
-                defaults = type(self).model_fields
-                unused = [
-                    name
-                    for name in _UNUSED_BY_LINEAR
-                    if name in self.model_fields_set
-                    and getattr(self, name) != defaults[name].default
-                ]
-                if unused:
-                    raise ValueError(
-                        f"mode linear_correction fits one scale in closed form; "
-                        f"{', '.join(unused)} do not apply to it"
-                    )
-            for name, value in fixed.items():
-                if name in self.model_fields_set and getattr(self, name) != value:
-                    raise ValueError(
-                        f"mode {self.mode} fixes {name} = {value!r} (Deng et al. 2025); "
-                        f"got {getattr(self, name)!r}. Use mode custom to choose it."
-                    )
-                setattr(self, name, value)
+            apply_mode(self, full=FULL, linear=PAPER_LOSS_WEIGHTS,
+                       unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
             return self
 
+    family = "CHGNet"
+    potential_name = "chgnet"
+    baked_into = "CHGNet readout"
+    baked_rtol = 1e-3  # a float32 model
+
     def __init__(self, params: Params | None = None) -> None:
-        self.params = params if params is not None else self.Params()
+        super().__init__(params)
         self.model: CHGNet | None = None  # the fine-tuned model after train(), on the CPU
 
-    def resources(self) -> Resources:
-        """One worker core, and a GPU when the cluster has one (else the CPU)."""
-        return Resources(cpus=1, gpus=1)
+    @property
+    def refit_references(self) -> bool:
+        return self.params.refit_atom_ref
 
-    def train(
+    def _load_base(
         self,
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
         workdir: Path,
-        device: str = "cpu",
-    ) -> TrainedModel:
+    ) -> CHGNet:
+        p = self.params
+        _seed_everything(p.seed)  # before the model is built: its construction draws weights
+        return load_chgnet(p.base_model, p.base_checkpoint, device="cpu")
+
+    def _potential_params(self, model: CHGNet) -> dict[str, Any]:
+        return {"model": self.params.base_model}
+
+    def _save(
+        self,
+        model: CHGNet,
+        workdir: Path,
+        *,
+        best_epoch: int | None = None,
+        linear_scale: float | None = None,
+    ) -> Path:
+        """Keep ``model`` and write its checkpoint."""
+        p = self.params
+        self.model = model
+        if linear_scale is not None:
+            outcome: dict[str, Any] = {"linear_scale": linear_scale}
+        else:
+            outcome = {"best_epoch": best_epoch}
+        return save_checkpoint(
+            model,
+            workdir / CHECKPOINT_NAME,
+            {
+                "trainer": "chgnet",
+                "hyperparameters": p.model_dump(mode="json"),
+                "mode": p.mode,
+                **outcome,
+            },
+        )
+
+    # -- custom / full: chgnet's Trainer ---------------------------------------------------
+
+    def _train(
+        self,
+        model: CHGNet,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+        device: str,
+    ) -> FineTuned:
         import torch
         from chgnet.trainer import Trainer
         from torch.utils.data import DataLoader
 
-        from pestle.devices import pick_device
-
         p = self.params
-        if not train_set:
-            raise ValueError("cannot fine-tune CHGNet on an empty training set")
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        _seed_everything(p.seed)
-
-        model = load_chgnet(p.base_model, p.base_checkpoint, device="cpu")
-        if p.mode == "linear_correction":
-            # One scalar in closed form: no optimiser, no device worth moving to.
-            return self._train_linear(model, train_set, val_set, workdir)
-        device = pick_device(device)
         atom_ref_shift = self._refit_atom_ref(model, train_set) if p.refit_atom_ref else {}
         _freeze(model, p.freeze)
 
         has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
         targets = "efs" if has_stress and p.stress_weight > 0 else "ef"
         train_data = self._dataset(model, train_set)
-        val_source = "val_set" if val_set else "train_set (val_set was empty)"
         val_data = self._dataset(model, val_set) if val_set else train_data
 
         # A seeded generator makes the shuffling order a function of the seed alone.
@@ -322,7 +327,7 @@ class CHGNetTrainer:
         epochs: list[dict[str, Any]] = []
         # If no epoch finishes with a finite loss we keep the (refit) base model, never
         # weights a NaN step may have touched.
-        best_score, best_epoch, best_state = math.inf, -1, snapshot()
+        best, best_state = BestEpoch(p.mode), snapshot()
         stopped = None
         for epoch in range(p.epochs):
             # One epoch per call so we can keep a copy of the best weights (chgnet's own
@@ -358,93 +363,57 @@ class CHGNetTrainer:
                     "learning_rate": float(trainer.optimizer.param_groups[0]["lr"]),
                 }
             )
-            # The paper keeps the best validation force MAE; custom the best loss.
-            score = epochs[-1]["val_mae"]["f"] if full else val_loss
-            if score < best_score:
-                best_score, best_epoch = score, epoch
+            if best.offer(epoch, val_loss=val_loss, val_force_mae=epochs[-1]["val_mae"]["f"]):
                 best_state = snapshot()
 
         trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
         model.to("cpu")
         model.load_state_dict(best_state)
         model.eval()
-        best_loss = epochs[best_epoch]["val_loss"] if best_epoch >= 0 else None
-        if best_epoch < 0:
-            selection = "base model (no epoch)"
-        else:
-            selection = "lowest validation force MAE" if full else "lowest validation loss"
-        metrics = {
-            "mode": p.mode,
-            "epochs": epochs,
-            "best_epoch": best_epoch,
-            "best_val_loss": best_loss,
-            "best_val_force_mae": epochs[best_epoch]["val_mae"]["f"] if best_epoch >= 0 else None,
-            "selection": selection,
-            "stopped": stopped,
-            "val_source": val_source,
-            "n_train": len(train_set),
-            "n_val": len(val_set) if val_set else len(train_set),
-            "targets": targets,
-            "mae_units": {k: MAE_UNITS[k] for k in targets},
-            "atom_ref_shift_eV_per_atom": atom_ref_shift,
-            "trainable_parameters": trainable,
-            "optimisation": schedule,
-            "device": device,
-        }
-        return self._finish(model, workdir, metrics, {"best_epoch": best_epoch})
-
-    def _finish(
-        self, model: CHGNet, workdir: Path, metrics: dict[str, Any], metadata: dict[str, Any]
-    ) -> TrainedModel:
-        """Keep ``model``, write its checkpoint and describe the result."""
-        p = self.params
-        self.model = model
-        checkpoint = save_checkpoint(
-            model,
-            workdir / CHECKPOINT_NAME,
-            {
-                "trainer": "chgnet",
-                "hyperparameters": p.model_dump(mode="json"),
-                "mode": p.mode,
-                **metadata,
+        kept = epochs[best.epoch] if best.epoch is not None else None
+        return FineTuned(
+            epochs=epochs,
+            best_epoch=best.epoch if best.epoch is not None else -1,  # -1: none (the base)
+            best_val_loss=kept["val_loss"] if kept else None,
+            selection=best.criterion if kept else "base model (no epoch)",
+            metrics={
+                "best_val_force_mae": kept["val_mae"]["f"] if kept else None,
+                "stopped": stopped,
+                "targets": targets,
+                "mae_units": {k: MAE_UNITS[k] for k in targets},
+                "atom_ref_shift_eV_per_atom": atom_ref_shift,
+                "trainable_parameters": trainable,
+                "optimisation": schedule,
             },
         )
-        metrics["checkpoint_sha256"] = sha256_file(checkpoint)
-        return TrainedModel(
-            checkpoint=checkpoint,
-            potential="chgnet",
-            potential_params={"model": p.base_model},
-            hyperparameters=p.model_dump(mode="json"),
-            metrics=metrics,
-        )
 
-    def _train_linear(
+    # -- linear_correction -----------------------------------------------------------------
+
+    def _linear_terms(
         self,
         model: CHGNet,
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
-        workdir: Path,
-    ) -> TrainedModel:
-        """Deng et al.'s linear correction: one scale on the network energy, fitted in
-        closed form together with the AtomRef shift, then baked into the readout."""
-        import torch
-
-        p = self.params
+    ) -> tuple[LinearTerms, LinearTerms | None]:
         model.eval()
         model.requires_grad_(False)
-        has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
-        weights = {
-            "e": p.energy_weight,
-            "f": p.force_weight,
-            "s": p.stress_weight if has_stress else 0.0,
-        }
-        targets = "efs" if weights["s"] > 0 else "ef"
-        train = _linear_terms(model, self._dataset(model, train_set))
-        val = _linear_terms(model, self._dataset(model, val_set)) if val_set else None
+        train = graph_linear_terms(model, self._dataset(model, train_set))
+        val = graph_linear_terms(model, self._dataset(model, val_set)) if val_set else None
+        return train, val
 
-        scale, shift = fit_linear_scale(train, weights, refit_references=p.refit_atom_ref)
+    def _bake(
+        self,
+        model: CHGNet,
+        scale: float,
+        shift: np.ndarray | None,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+    ) -> dict[str, Any]:
+        """The AtomRef shift into the composition model, the scale into the readout."""
+        import torch
+
         atom_ref_shift: dict[str, float] = {}
-        if p.refit_atom_ref:
+        if shift is not None:
             with torch.no_grad():
                 model.composition_model.fc.weight += torch.as_tensor(
                     shift, dtype=model.composition_model.fc.weight.dtype
@@ -452,24 +421,20 @@ class CHGNetTrainer:
             numbers = sorted({int(z) for ls in train_set for z in ls.atoms.numbers})
             atom_ref_shift = {chemical_symbols[z]: float(shift[z - 1]) for z in numbers}
         scale_readout(model, scale)
-        _check_baked(model, self._dataset(model, train_set[:1]), train, scale, shift)
-
-        metrics: dict[str, Any] = {
-            "mode": p.mode,
+        return {
             "linear_scale": scale,
-            **linear_metrics(train, val, scale, shift, weights),
             "stopped": None,
-            "val_source": "val_set" if val_set else "none (val_set was empty)",
-            "n_train": len(train_set),
-            "n_val": len(val_set),
-            "targets": targets,
             "mae_units": {k: MAE_UNITS[k] for k in "efs"},
             "atom_ref_shift_eV_per_atom": atom_ref_shift,
-            "trainable_parameters": 1,
-            "device": "cpu",
         }
-        log.info("CHGNet linear correction: scale %.5f on %d structures", scale, len(train_set))
-        return self._finish(model, workdir, metrics, {"linear_scale": scale})
+
+    def _baked_terms(
+        self, model: CHGNet, checkpoint: Path, checkpoint_sha256: str, first: LabelledStructure
+    ) -> LinearTerms:
+        # The model in memory is the one just saved (save_checkpoint leaves it as it is).
+        return graph_linear_terms(model, self._dataset(model, [first]))
+
+    # -- data ------------------------------------------------------------------------------
 
     def _dataset(self, model: CHGNet, labelled: Sequence[LabelledStructure]) -> _GraphDataset:
         import torch
@@ -548,7 +513,7 @@ def _scheduler_steps_per_epoch(n_batches: int) -> int:
     return len({int(i) for i in np.arange(1, 11) * n_batches // 10} - {0})
 
 
-def _linear_terms(model: CHGNet, data: _GraphDataset) -> LinearTerms:
+def graph_linear_terms(model: CHGNet, data: _GraphDataset) -> LinearTerms:
     """What the linear correction needs of a data set, in the model's energy unit (eV/atom
     for intensive CHGNets, as its loss): labels, the AtomRef composition energy (the
     element references), the network energy (prediction minus composition energy) and the
@@ -636,29 +601,6 @@ def scale_readout(model: CHGNet, scale: float) -> None:
         layer.weight.mul_(scale)
         if layer.bias is not None:
             layer.bias.mul_(scale)
-
-
-def _check_baked(
-    model: CHGNet,
-    first: _GraphDataset,
-    before: LinearTerms,
-    scale: float,
-    shift: np.ndarray | None,
-) -> None:
-    """The model now predicts what the fit assumed (guards against a chgnet whose energy is
-    more than composition + readout)."""
-    after = _linear_terms(model, first)
-    n_f, n_s = after.f_net.size, after.s_net.size
-    want = before.predictions(scale, shift)
-    got = np.concatenate([after.e_refs + after.e_net, after.f_net, after.s_net])
-    want = np.concatenate([want["e"][:1], want["f"][:n_f], want["s"][:n_s]])
-    if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
-        worst = float(np.max(np.abs(got - want)))
-        raise RuntimeError(
-            f"scaling CHGNet's readout by {scale:.5f} did not scale its predictions as "
-            f"assumed (largest deviation {worst:.3g}); this chgnet version's energy may not "
-            "be composition + readout"
-        )
 
 
 def _seed_everything(seed: int) -> None:

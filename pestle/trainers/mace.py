@@ -51,6 +51,9 @@ Modes of Deng et al. (2025) (``Params.mode``, see ``pestle.trainers.modes``):
   ``scale`` and ``shift`` of the per-atom interaction energy, and both are multiplied by s)
   is fitted in closed form jointly with the E0 shift (``e0s: refit``), baked in and the
   module saved with ``torch.save`` like mace saves it.
+
+What every family does alike (checks, mode dispatch, metrics, checkpoint and sha256) is
+``pestle.trainers.base.TrainerBase``; the data files are ``pestle.formats.mace_xyz``'s.
 """
 
 from __future__ import annotations
@@ -64,31 +67,44 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.plugins import Resources
-from pestle.potentials.checkpoints import ChecksumError, check_sha256, sha256_file
+from pestle.formats.mace_xyz import (
+    REF_ENERGY,
+    REF_FORCES,
+    REF_STRESS,
+    read_mace_xyz,
+    write_mace_xyz,
+)
+from pestle.potentials.checkpoints import check_sha256
 from pestle.potentials.mace import MACEPotential, choose_head, load_mace_model, mace_version
-from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel, reference_results
-from pestle.trainers.modes import (
-    PAPER_EPOCHS,
-    PAPER_FINAL_LEARNING_RATE,
-    PAPER_LEARNING_RATE,
-    PAPER_LOSS_WEIGHTS,
-    LinearTerms,
-    Mode,
-    apply_mode,
-    check_baked,
-    fit_linear_scale,
-    linear_metrics,
+from pestle.trainers import TRAINERS, LabelledStructure
+from pestle.trainers.base import (
+    SELECTED_BY_FORCE,
+    ChecksumError,
+    FineTuned,
+    TrainerBase,
+    best_epoch,
+    sha256_file,
     torch_threads,
 )
+from pestle.trainers.linear import LinearTerms
+from pestle.trainers.modes import (
+    PAPER_FINAL_LEARNING_RATE,
+    PAPER_FULL,
+    PAPER_LOSS_WEIGHTS,
+    Mode,
+    apply_mode,
+)
+from pestle.trainers.references import least_squares_shift, reference_labels
 
 log = logging.getLogger("pestle.trainers.mace")
 
@@ -100,12 +116,8 @@ MULTIHEAD_LOG_LINE = "Using multiheads finetuning mode"
 # How often the full mode looks for checkpoints it can delete while mace runs (seconds).
 PRUNE_INTERVAL = 2.0
 
-PAPER_FULL: dict[str, Any] = {
-    **PAPER_LOSS_WEIGHTS,
-    "learning_rate": PAPER_LEARNING_RATE,
-    "epochs": PAPER_EPOCHS,
-    "ema": False,
-}
+# Deng et al. (2025)'s full fine-tune is plain Adam on the weights themselves.
+FULL: dict[str, Any] = {**PAPER_FULL, "ema": False}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = (
     "epochs",
@@ -121,97 +133,44 @@ _UNUSED_BY_LINEAR = (
 )
 
 
-def reference_labels(ls: LabelledStructure) -> tuple[float, np.ndarray, np.ndarray | None]:
-    """``reference_results``, with no stress for structures that are not periodic in 3D."""
-    energy, forces, stress = reference_results(ls)
-    if not np.all(ls.atoms.pbc):
-        stress = None  # no volume, no stress
-    return energy, forces, stress
-
-
-def composition_matrix(structures: Sequence[Atoms], numbers: Sequence[int]) -> np.ndarray:
-    """Atom counts per structure (rows) and element (columns, in ``numbers`` order)."""
-    column = {int(z): i for i, z in enumerate(numbers)}
-    counts = np.zeros((len(structures), len(numbers)))
-    for row, atoms in enumerate(structures):
-        for z in atoms.numbers:
-            counts[row, column[int(z)]] += 1
-    return counts
-
-
-def least_squares_shift(
-    structures: Sequence[Atoms], residuals: Sequence[float], numbers: Sequence[int]
-) -> np.ndarray:
-    """Per-element energies c minimising |counts @ c - residuals|; the minimum-norm solution,
-    so an element absent from ``structures`` gets 0 and elements that always appear in the
-    same ratio (Li and F in LiF) share their sum equally."""
-    counts = composition_matrix(structures, numbers)
-    shift, *_ = np.linalg.lstsq(counts, np.asarray(residuals, dtype=float), rcond=None)
-    return shift
-
-
-def _labelled_frame(ls: LabelledStructure) -> Atoms:
-    """A clean copy of the geometry with the labels under mace's REF_ keys."""
+def _training_atoms(ls: LabelledStructure) -> Atoms:
+    """A clean copy of the geometry with the labels mace trains on (no stress without a
+    volume) in a SinglePointCalculator, and pestle's ids."""
     energy, forces, stress = reference_labels(ls)
     atoms = Atoms(
         numbers=ls.atoms.numbers, positions=ls.atoms.positions, cell=ls.atoms.cell, pbc=ls.atoms.pbc
     )
-    atoms.info["REF_energy"] = energy
-    atoms.arrays["REF_forces"] = forces
-    if stress is not None:
-        atoms.info["REF_stress"] = stress
     atoms.info["pestle_structure_id"] = str(ls.structure_id)
     atoms.info["pestle_label_id"] = str(ls.label_id)
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
     return atoms
 
 
-def _replay_frames(path: Path, limit: int | None, seed: int) -> list[Atoms]:
-    """The pretraining (replay) structures with their labels under REF_ keys.
+@dataclass
+class _Foundation:
+    """The verified foundation and what a run learns about it and its data."""
 
-    Accepts extended XYZ (or anything ASE reads) whose labels sit either under the REF_ keys
-    or in the calculator results ASE makes of plain ``energy``/``forces``/``stress`` keys.
-    """
-    from ase.io import read
+    run_dir: Path  # everything mace (and we) write
+    file: Path  # the verified copy mace and we load
+    potential: MACEPotential | None  # float64 on the CPU; dropped before mace runs
+    model: Any  # its torch module
+    heads: list[str]
+    head_index: int
+    head: str  # the head the trained model is used through
+    zs: list[int]  # the foundation's elements, in its order
+    e0s: dict[int, float]  # of the starting head
+    train_frames: list[Atoms]
+    val_frames: list[Atoms]  # the training frames when val_set is empty
+    replay_frames: list[Atoms]
+    loss: str = ""  # mace's --loss, once chosen
 
-    frames = read(path, index=":")
-    if not frames:
-        raise ValueError(f"replay file {path} holds no structures")
-    if limit is not None and len(frames) > limit:
-        keep = np.sort(np.random.default_rng(seed).choice(len(frames), limit, replace=False))
-        frames = [frames[i] for i in keep]
-    out = []
-    for index, atoms in enumerate(frames):
-        results = atoms.calc.results if atoms.calc is not None else {}
-        energy = atoms.info.get("REF_energy", results.get("energy"))
-        forces = atoms.arrays.get("REF_forces", results.get("forces"))
-        stress = atoms.info.get("REF_stress", results.get("stress"))
-        if energy is None or forces is None:
-            raise ValueError(
-                f"replay file {path}: structure {index} has no energy or forces (looked for "
-                "REF_energy/REF_forces and for ASE calculator results)"
-            )
-        frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell,
-                      pbc=atoms.pbc)  # fmt: skip
-        frame.info["REF_energy"] = float(energy)
-        frame.arrays["REF_forces"] = np.asarray(forces, dtype=float)
-        if stress is not None and np.all(atoms.pbc):
-            frame.info["REF_stress"] = np.asarray(stress, dtype=float).reshape(-1)
-        for key in ("config_type", "config_weight"):
-            if key in atoms.info:
-                frame.info[key] = atoms.info[key]
-        out.append(frame)
-    return out
-
-
-def _write_extxyz(path: Path, frames: Sequence[Atoms]) -> Path:
-    from ase.io import write
-
-    write(path, list(frames), format="extxyz")
-    return path
+    def references(self) -> list[float]:
+        """The starting head's E0s in the order of ``zs``."""
+        return [self.e0s[z] for z in self.zs]
 
 
 @TRAINERS.register("mace")
-class MACETrainer:
+class MACETrainer(TrainerBase[_Foundation]):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -245,7 +204,7 @@ class MACETrainer:
         # busy CPU.
         cpu_threads: int | None = Field(None, ge=1)
         # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
-        # recipes, which fill in the fields they fix (see PAPER_FULL, PAPER_LOSS_WEIGHTS).
+        # recipes, which fill in the fields they fix (see FULL, modes.PAPER_LOSS_WEIGHTS).
         mode: Mode = "custom"
 
         @model_validator(mode="before")
@@ -266,7 +225,7 @@ class MACETrainer:
 
         @model_validator(mode="after")
         def _replay_for_multihead(self) -> MACETrainer.Params:
-            apply_mode(self, full=PAPER_FULL, linear=PAPER_LOSS_WEIGHTS,
+            apply_mode(self, full=FULL, linear=PAPER_LOSS_WEIGHTS,
                        unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
             if self.finetuning == "multihead" and self.mode == "full":
                 raise ValueError(
@@ -284,31 +243,27 @@ class MACETrainer:
                 raise ValueError("replay_file is only used with finetuning 'multihead'")
             return self
 
+    family = "MACE"
+    potential_name = "mace"
+    baked_into = "MACE model"
+
     def __init__(self, params: Params) -> None:
-        self.params = params
+        super().__init__(params)
         self._foundation_head: str | None = None
 
-    def resources(self) -> Resources:
-        """One worker core, and a GPU when the cluster has one (else the CPU)."""
-        return Resources(cpus=1, gpus=1)
+    @property
+    def refit_references(self) -> bool:
+        return self.params.e0s == "refit"
 
-    def train(
+    def _load_base(
         self,
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
         workdir: Path,
-        device: str = "cpu",
-    ) -> TrainedModel:
-        from pestle.devices import pick_device
-
+    ) -> _Foundation:
         p = self.params
-        if not train_set:
-            raise ValueError("cannot fine-tune MACE on an empty training set")
         if p.finetuning == "multihead" and p.replay_file is None:  # Params refuses it
             raise ValueError("finetuning 'multihead' needs replay_file")
-        workdir = Path(workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        device = pick_device(device)
         run_dir = workdir / "mace"
         if run_dir.exists():  # a rerun must not resume from (or report) an older run's files
             shutil.rmtree(run_dir)
@@ -331,13 +286,12 @@ class MACETrainer:
         head = choose_head(foundation_heads, p.foundation_head)
         self._foundation_head = head if len(foundation_heads) > 1 else None
         foundation_zs = [int(z) for z in model.atomic_numbers]
-        foundation_e0s = self._e0s(model, foundation_heads.index(head))
+        head_index = foundation_heads.index(head)
 
-        train_frames = [_labelled_frame(ls) for ls in train_set]
-        val_source = "val_set" if val_set else "train_set (val_set was empty)"
-        val_frames = [_labelled_frame(ls) for ls in val_set] if val_set else train_frames
+        train_frames = [_training_atoms(ls) for ls in train_set]
+        val_frames = [_training_atoms(ls) for ls in val_set] if val_set else train_frames
         replay_frames = (
-            _replay_frames(p.replay_file, p.replay_max_structures, p.seed)
+            read_mace_xyz(p.replay_file, limit=p.replay_max_structures, seed=p.seed)
             if p.finetuning == "multihead" and p.replay_file is not None
             else []
         )
@@ -350,37 +304,97 @@ class MACETrainer:
                 f"the foundation model has no parameters for element(s) {names}: MACE "
                 "fine-tuning keeps the foundation's element embedding"
             )
-        if p.mode == "linear_correction":
-            return self._train_linear(base, foundation_heads.index(head), foundation, train_set,
-                                      val_set, run_dir)  # fmt: skip
-        model_zs = (
-            sorted(foundation_zs) if p.keep_foundation_elements else sorted(data_zs | replay_zs)
+        return _Foundation(
+            run_dir=run_dir,
+            file=foundation,
+            potential=base,
+            model=model,
+            heads=foundation_heads,
+            head_index=head_index,
+            head=head,
+            zs=foundation_zs,
+            e0s=self._e0s(model, head_index),
+            train_frames=train_frames,
+            val_frames=val_frames,
+            replay_frames=replay_frames,
         )
+
+    def _potential_params(self, foundation: _Foundation) -> dict[str, Any]:
+        return {"head": foundation.head, "default_dtype": self.params.default_dtype}
+
+    def _save(
+        self,
+        foundation: _Foundation,
+        workdir: Path,
+        *,
+        best_epoch: int | None = None,
+        linear_scale: float | None = None,
+    ) -> Path:
+        """linear_correction: the baked module saved as mace saves one. Otherwise mace has
+        saved it (with the kept epoch's weights, see ``_train``)."""
+        checkpoint = foundation.run_dir / CHECKPOINT_NAME
+        if linear_scale is not None:
+            _save_mace(foundation.model, checkpoint, self.params.default_dtype)
+            foundation.model = foundation.potential = None  # the saved one is checked next
+        return checkpoint
+
+    def _after_save(
+        self, foundation: _Foundation, checkpoint: Path, checkpoint_sha256: str
+    ) -> dict[str, Any]:
+        """After mace's own training: what it saved (heads, E0s) and whether it really
+        trained with the replay. Then the verified foundation copy goes (the checkpoints
+        dir holds mace's own)."""
+        entries = {}
+        if self.params.mode != "linear_correction":
+            entries = self._check_saved(foundation, checkpoint, checkpoint_sha256)
+        foundation_sha256 = sha256_file(foundation.file)
+        foundation.file.unlink()
+        return {**entries, "foundation_sha256": foundation_sha256, "mace_version": mace_version()}
+
+    # -- custom / full: mace's run_train -------------------------------------------------------
+
+    def _train(
+        self,
+        foundation: _Foundation,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+        device: str,
+    ) -> FineTuned:
+        p = self.params
+        f = foundation
+        data_zs = {int(z) for frame in f.train_frames + f.val_frames for z in frame.numbers}
+        replay_zs = {int(z) for frame in f.replay_frames for z in frame.numbers}
+        model_zs = sorted(f.zs) if p.keep_foundation_elements else sorted(data_zs | replay_zs)
 
         e0_shift: dict[str, float] = {}
         if p.e0s == "refit":
             structures = [ls.atoms for ls in train_set]
-            predicted = [pred.energy for pred in base.predict(structures)]
+            assert f.potential is not None
+            predicted = [pred.energy for pred in f.potential.predict(structures)]
             residuals = [
                 reference_labels(ls)[0] - e for ls, e in zip(train_set, predicted, strict=True)
             ]
             shift = least_squares_shift(structures, residuals, model_zs)
-            e0s = {z: foundation_e0s[z] + float(c) for z, c in zip(model_zs, shift, strict=True)}
+            e0s = {z: f.e0s[z] + float(c) for z, c in zip(model_zs, shift, strict=True)}
             e0_shift = {chemical_symbols[z]: float(c) for z, c in zip(model_zs, shift, strict=True)
                         if z in data_zs}  # fmt: skip
         else:
-            e0s = {z: foundation_e0s[z] for z in model_zs}
-        del model, base
+            e0s = {z: f.e0s[z] for z in model_zs}
+        f.model = f.potential = None  # mace loads the foundation itself, in its own process
 
-        train_file = _write_extxyz(run_dir / "train.xyz", train_frames)
-        valid_file = _write_extxyz(run_dir / "valid.xyz", val_frames)
-        replay_file = (
-            _write_extxyz(run_dir / "replay.xyz", replay_frames) if replay_frames else None
-        )
-        has_stress = any("REF_stress" in f.info for f in train_frames)
-        loss = "stress" if has_stress and p.stress_weight > 0 else "weighted"
+        run_dir = f.run_dir
+        train_file, valid_file = run_dir / "train.xyz", run_dir / "valid.xyz"
+        write_mace_xyz(train_file, f.train_frames)
+        write_mace_xyz(valid_file, f.val_frames)
+        replay_file = None
+        if f.replay_frames:
+            replay_file = run_dir / "replay.xyz"
+            write_mace_xyz(replay_file, f.replay_frames)
+        has_stress = any(frame.calc.results.get("stress") is not None for frame in f.train_frames)
+        f.loss = loss = "stress" if has_stress and p.stress_weight > 0 else "weighted"
 
-        argv = self._argv(run_dir, foundation, train_file, valid_file, replay_file, e0s, loss,
+        argv = self._argv(run_dir, f.file, train_file, valid_file, replay_file, e0s, loss,
                           device)  # fmt: skip
         full = p.mode == "full"
         self._run(argv, run_dir, device, prune=full)
@@ -392,11 +406,40 @@ class MACETrainer:
             )
         if full:
             # mace saved its latest checkpoint; the paper keeps the best validation forces.
-            best_epoch, selection = self._keep_best_force_epoch(run_dir, checkpoint)
+            kept, selection = self._keep_best_force_epoch(run_dir, checkpoint)
         else:
-            best_epoch = self._best_epoch_from_checkpoints(run_dir)
+            kept = self._best_epoch_from_checkpoints(run_dir)
             selection = "lowest validation loss of the fine-tuning head (mace's checkpoint)"
-        checkpoint_sha256 = sha256_file(checkpoint)
+        f.head = FINETUNE_HEAD  # the head mace gives the fine-tuning data
+
+        history = self._history(run_dir)
+        metrics: dict[str, Any] = {
+            "initial_val": history["initial_val"],
+            "final_train_loss": history["final_train_loss"],
+            "n_replay": len(f.replay_frames),
+            "finetuning": p.finetuning,
+            "e0_shift_eV": e0_shift,
+            "argv": argv,
+        }
+        if full:
+            best = [e for e in history["epochs"] if e["epoch"] == kept]
+            metrics["best_val_force_mae"] = best[0]["val_mae_f"] if best else None
+            metrics["optimisation"] = self._full_schedule(loss)
+        return FineTuned(
+            epochs=history["epochs"],
+            best_epoch=kept,
+            best_val_loss=history["best_val_loss"],
+            selection=selection,
+            metrics=metrics,
+        )
+
+    def _check_saved(
+        self, foundation: _Foundation, checkpoint: Path, checkpoint_sha256: str
+    ) -> dict[str, Any]:
+        """The heads and E0s of the model mace saved, refusing a multihead fine-tune that
+        mace quietly ran naively (or a naive one with a replay head)."""
+        p = self.params
+        run_dir = foundation.run_dir
         tuned = load_mace_model(checkpoint, checkpoint_sha256, device="cpu")
         heads = [str(h) for h in getattr(tuned, "heads", [FINETUNE_HEAD])]
         saved_e0s = self._e0s(tuned, heads.index(FINETUNE_HEAD))
@@ -410,44 +453,13 @@ class MACETrainer:
             )
         if p.finetuning == "naive" and REPLAY_HEAD in heads:
             raise RuntimeError(f"mace trained a replay head in naive mode (heads: {heads})")
-
-        foundation_sha256 = sha256_file(foundation)
-        foundation.unlink()  # only a verified copy; the checkpoints dir holds mace's own
-        history = self._history(run_dir)
-        hyperparameters = p.model_dump(mode="json")
-        metrics: dict[str, Any] = {
-            **history,
-            "best_epoch": best_epoch,
-            "selection": selection,
-            "val_source": val_source,
-            "n_train": len(train_frames),
-            "n_val": len(val_frames),
-            "n_replay": len(replay_frames),
-            "mode": p.mode,
-            "finetuning": p.finetuning,
+        return {
             "multihead_replay": multihead_used,
             "heads": heads,
-            "loss": "universal" if multihead_used else loss,
+            "loss": "universal" if multihead_used else foundation.loss,
             "e0s": {chemical_symbols[z]: e for z, e in saved_e0s.items()},
-            "e0_shift_eV": e0_shift,
             "elements": [chemical_symbols[z] for z in sorted(saved_e0s)],
-            "device": device,
-            "foundation_sha256": foundation_sha256,
-            "checkpoint_sha256": checkpoint_sha256,
-            "mace_version": mace_version(),
-            "argv": argv,
         }
-        if full:
-            best = [e for e in history["epochs"] if e["epoch"] == best_epoch]
-            metrics["best_val_force_mae"] = best[0]["val_mae_f"] if best else None
-            metrics["optimisation"] = self._full_schedule(loss)
-        return TrainedModel(
-            checkpoint=checkpoint,
-            potential="mace",
-            potential_params={"head": FINETUNE_HEAD, "default_dtype": p.default_dtype},
-            hyperparameters=hyperparameters,
-            metrics=metrics,
-        )
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -512,9 +524,9 @@ class MACETrainer:
             f"--foundation_model_elements={p.keep_foundation_elements}",
             f"--train_file={train_file}",
             f"--valid_file={valid_file}",
-            "--energy_key=REF_energy",
-            "--forces_key=REF_forces",
-            "--stress_key=REF_stress",
+            f"--energy_key={REF_ENERGY}",
+            f"--forces_key={REF_FORCES}",
+            f"--stress_key={REF_STRESS}",
             f"--E0s={dict(e0s)!r}",  # mace reads it with ast.literal_eval
             f"--loss={loss}",
             f"--energy_weight={p.energy_weight}",
@@ -633,7 +645,7 @@ class MACETrainer:
         if len(files) < 2:
             return
         errors = self._val_force_errors(run_dir)
-        best = min(errors, key=lambda epoch: (errors[epoch], epoch)) if errors else None
+        best = best_epoch(errors)
         newest = max(files)
         for epoch, path in files.items():
             if epoch not in (newest, best) and epoch in errors:
@@ -648,10 +660,10 @@ class MACETrainer:
         errors = self._val_force_errors(run_dir)
         files = self._checkpoint_files(run_dir)
         candidates = {epoch: error for epoch, error in errors.items() if epoch in files}
-        if not candidates:
+        best = best_epoch(candidates)
+        if best is None:
             log.warning("mace full fine-tune: no finite validation force error; keeping its model")
             return None, "mace's latest model (no finite validation force MAE)"
-        best = min(candidates, key=lambda epoch: (candidates[epoch], epoch))
         if any(errors[e] < candidates[best] for e in errors):  # pruning kept the best always
             raise RuntimeError(f"the checkpoint of the best epoch is missing from {run_dir}")
         # A checkpoint is a dict of state dicts: the safe loader reads it.
@@ -670,7 +682,7 @@ class MACETrainer:
                  *run_dir.glob(f"{RUN_NAME}*_compiled.model")]  # fmt: skip
         for path in stale:
             path.unlink(missing_ok=True)
-        return best, "lowest validation force MAE"
+        return best, SELECTED_BY_FORCE
 
     def _full_schedule(self, loss: str) -> dict[str, Any]:
         p = self.params
@@ -688,94 +700,76 @@ class MACETrainer:
 
     # -- linear correction -----------------------------------------------------------------
 
-    def _train_linear(
+    def _linear_terms(
         self,
-        base: MACEPotential,
-        head_index: int,
-        foundation: Path,
+        foundation: _Foundation,
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
-        run_dir: Path,
-    ) -> TrainedModel:
-        """Deng et al.'s linear correction: one scale on the interaction energy, fitted in
-        closed form together with the E0 shift (``e0s: refit``), baked into the model."""
+    ) -> tuple[LinearTerms, LinearTerms | None]:
+        f = foundation
+        check_scalable(f.model, len(f.heads))
+        with torch_threads(self.params.cpu_threads):
+            train = LinearTerms.collect(f.potential, train_set, f.zs, f.references())
+            val = (
+                LinearTerms.collect(f.potential, val_set, f.zs, f.references()) if val_set else None
+            )
+        return train, val
+
+    def _bake(
+        self,
+        foundation: _Foundation,
+        scale: float,
+        shift: np.ndarray | None,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+    ) -> dict[str, Any]:
+        """The E0 shift into the head's E0s, the scale into its interaction energy."""
         import torch
 
-        p = self.params
-        model = base.load_model()  # float64, on the CPU, frozen
-        heads = [str(h) for h in getattr(model, "heads", [FINETUNE_HEAD])]
-        head = heads[head_index]
-        check_scalable(model, len(heads))
-        numbers = [int(z) for z in model.atomic_numbers]
-        foundation_e0s = self._e0s(model, head_index)
-        references = [foundation_e0s[z] for z in numbers]
-        with torch_threads(p.cpu_threads):
-            train = LinearTerms.collect(base, train_set, numbers, references)
-            val = LinearTerms.collect(base, val_set, numbers, references) if val_set else None
-        weights = {
-            "e": p.energy_weight,
-            "f": p.force_weight,
-            "s": p.stress_weight if train.s_ref.size else 0.0,
-        }
-        scale, shift = fit_linear_scale(train, weights, refit_references=p.e0s == "refit")
-
+        f = foundation
+        model = f.model
         with torch.no_grad():
             if shift is not None:
                 energies = model.atomic_energies_fn.atomic_energies
                 delta = torch.as_tensor(shift, dtype=energies.dtype)
                 if energies.ndim == 2:
-                    energies[head_index] += delta
+                    energies[f.head_index] += delta
                 else:
                     energies += delta
-            scale_interaction_energy(model, scale, head_index, len(heads))
-        saved_e0s = self._e0s(model, head_index)
-        checkpoint = run_dir / CHECKPOINT_NAME
-        _save_mace(model, checkpoint, p.default_dtype)
-        del model, base
-        checkpoint_sha256 = sha256_file(checkpoint)
-        tuned = MACEPotential(
-            MACEPotential.Params(model_path=checkpoint, model_sha256=checkpoint_sha256,
-                                 head=head, device="cpu", default_dtype="float64")
-        )  # fmt: skip
-        with torch_threads(p.cpu_threads):
-            check_baked(tuned, train_set[0], train, scale, shift, numbers, references,
-                        family="MACE model")  # fmt: skip
-        del tuned
-        foundation_sha256 = sha256_file(foundation)
-        foundation.unlink()
+            scale_interaction_energy(model, scale, f.head_index, len(f.heads))
+        saved_e0s = self._e0s(model, f.head_index)
         data_zs = {int(z) for ls in [*train_set, *val_set] for z in ls.atoms.numbers}
-        metrics: dict[str, Any] = {
-            **linear_metrics(train, val, scale, shift, weights),
-            "mode": p.mode,
+        return {
             "finetuning": None,
-            "val_source": "val_set" if val_set else "none (val_set was empty)",
-            "n_train": len(train_set),
-            "n_val": len(val_set),
-            "targets": "efs" if weights["s"] > 0 else "ef",
-            "heads": heads,
-            "head": head,
+            "heads": f.heads,
+            "head": f.head,
             "e0s": {chemical_symbols[z]: e for z, e in saved_e0s.items()},
             "e0_shift_eV": {
                 chemical_symbols[z]: float(c)
-                for z, c in zip(numbers, shift, strict=True)
+                for z, c in zip(f.zs, shift, strict=True)
                 if z in data_zs
             }
             if shift is not None
             else {},
             "elements": [chemical_symbols[z] for z in sorted(saved_e0s)],
-            "device": "cpu",
-            "foundation_sha256": foundation_sha256,
-            "checkpoint_sha256": checkpoint_sha256,
-            "mace_version": mace_version(),
         }
-        log.info("MACE linear correction: scale %.5f on %d structures", scale, len(train_set))
-        return TrainedModel(
-            checkpoint=checkpoint,
-            potential="mace",
-            potential_params={"head": head, "default_dtype": p.default_dtype},
-            hyperparameters=p.model_dump(mode="json"),
-            metrics=metrics,
-        )
+
+    def _baked_terms(
+        self,
+        foundation: _Foundation,
+        checkpoint: Path,
+        checkpoint_sha256: str,
+        first: LabelledStructure,
+    ) -> LinearTerms:
+        f = foundation
+        tuned = MACEPotential(
+            MACEPotential.Params(model_path=checkpoint, model_sha256=checkpoint_sha256,
+                                 head=f.head, device="cpu", default_dtype="float64")
+        )  # fmt: skip
+        with torch_threads(self.params.cpu_threads):
+            return LinearTerms.collect(tuned, [first], f.zs, f.references())
+
+    # -- mace's records ----------------------------------------------------------------------
 
     @staticmethod
     def _log_text(run_dir: Path) -> str:
@@ -825,16 +819,11 @@ class MACETrainer:
             "final_train_loss": epochs[-1]["train_loss"] if epochs else None,
         }
 
-    @staticmethod
-    def _best_epoch_from_checkpoints(run_dir: Path) -> int | None:
+    @classmethod
+    def _best_epoch_from_checkpoints(cls, run_dir: Path) -> int | None:
         """The epoch of the checkpoint mace kept and saved as the model: mace saves one when
         the fine-tuning head's validation loss improves and deletes the one before."""
-        epochs = []
-        for path in (run_dir / "checkpoints").glob(f"{RUN_NAME}*_epoch-*.pt"):
-            match = re.search(r"_epoch-(\d+)\.pt$", path.name)
-            if match:
-                epochs.append(int(match.group(1)))
-        return max(epochs) if epochs else None
+        return max(cls._checkpoint_files(run_dir), default=None)
 
 
 def exponential_gamma(learning_rate: float, epochs: int) -> float:

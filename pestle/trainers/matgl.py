@@ -32,25 +32,28 @@ Modes of Deng et al. (2025) (``Params.mode``, see ``pestle.trainers.modes``):
   scale multiplies ``data_std``, ``data_mean`` (and the repulsion's ``ke``), fitted in closed
   form jointly with the element-ref shift (``refit_element_refs``); the Potential is saved
   with ``Potential.save`` as always.
+
+What every family does alike (checks, mode dispatch, metrics, checkpoint and sha256) is
+``pestle.trainers.base.TrainerBase``; this module supplies matgl's hooks.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from ase import units
+from ase.data import atomic_numbers
 from ase.stress import voigt_6_to_full_3x3_stress
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pestle.plugins import Resources
-from pestle.potentials.checkpoints import ChecksumError, check_sha256
+from pestle.potentials.checkpoints import check_sha256
 from pestle.potentials.matgl import (
     DEFAULT_MODEL,
     MatGLPotential,
@@ -60,21 +63,18 @@ from pestle.potentials.matgl import (
     folder_sha256,
     matgl_version,
 )
-from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
-from pestle.trainers.mace import least_squares_shift, reference_labels
+from pestle.trainers import TRAINERS, LabelledStructure
+from pestle.trainers.base import BestEpoch, ChecksumError, FineTuned, TrainerBase, torch_threads
+from pestle.trainers.linear import LinearTerms
 from pestle.trainers.modes import (
-    PAPER_EPOCHS,
     PAPER_FINAL_LEARNING_RATE,
+    PAPER_FULL,
     PAPER_LEARNING_RATE,
     PAPER_LOSS_WEIGHTS,
-    LinearTerms,
     Mode,
     apply_mode,
-    check_baked,
-    fit_linear_scale,
-    linear_metrics,
-    torch_threads,
 )
+from pestle.trainers.references import least_squares_shift, reference_labels
 
 if TYPE_CHECKING:
     from matgl.apps.pes import Potential
@@ -89,16 +89,14 @@ _QUIET = (
     r".*GPU available but not used.*",
 )
 
-# matgl's cosine ends at lr * decay_alpha: 1e-3 * 0.01 = 1e-5.
-PAPER_DECAY_ALPHA = PAPER_FINAL_LEARNING_RATE / PAPER_LEARNING_RATE
-PAPER_FULL: dict[str, Any] = {
-    **PAPER_LOSS_WEIGHTS,
-    "learning_rate": PAPER_LEARNING_RATE,
-    "decay_alpha": PAPER_DECAY_ALPHA,
-    "epochs": PAPER_EPOCHS,
+# matgl's cosine ends at lr * decay_alpha: 1e-3 * 0.01 = 1e-5; the paper's loss is MSE.
+FULL: dict[str, Any] = {
+    **PAPER_FULL,
+    "decay_alpha": PAPER_FINAL_LEARNING_RATE / PAPER_LEARNING_RATE,
     "loss": "mse_loss",
 }
-PAPER_LINEAR: dict[str, Any] = {**PAPER_LOSS_WEIGHTS, "loss": "mse_loss"}
+LINEAR: dict[str, Any] = {**PAPER_LOSS_WEIGHTS, "loss": "mse_loss"}
+GPA = 1.0 / units.GPa  # matgl's loss sees stresses in GPa
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "decay_alpha", "batch_size")
 
@@ -122,8 +120,28 @@ class _Split:
                 )
 
 
+@dataclass
+class _Base:
+    """The base Potential (the one trained or scaled, then saved) and what a run learns
+    about it."""
+
+    folder: Path  # as saved; linear_correction fits on a float64 copy of it
+    potential: Potential
+    element_types: tuple[str, ...]
+    refs_before: dict[str, float] | None
+    ref_shift: dict[str, float] = field(default_factory=dict)  # eV/atom, elements in the data
+
+    def numbers(self) -> list[int]:
+        return [atomic_numbers[e] for e in self.element_types]
+
+    def references(self) -> list[float]:
+        """The element refs before any shift (eV/atom, ``element_types`` order; 0 without)."""
+        refs = self.refs_before
+        return [refs[e] for e in self.element_types] if refs else [0.0] * len(self.element_types)
+
+
 @TRAINERS.register("matgl")
-class MatGLTrainer:
+class MatGLTrainer(TrainerBase[_Base]):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -145,67 +163,116 @@ class MatGLTrainer:
         # busy CPU.
         cpu_threads: int | None = Field(None, ge=1)
         # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
-        # recipes, which fill in the fields they fix (see PAPER_FULL, PAPER_LINEAR).
+        # recipes, which fill in the fields they fix (see FULL, LINEAR).
         mode: Mode = "custom"
 
         @model_validator(mode="after")
         def _apply_mode(self) -> MatGLTrainer.Params:
-            apply_mode(self, full=PAPER_FULL, linear=PAPER_LINEAR,
+            apply_mode(self, full=FULL, linear=LINEAR,
                        unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
             return self
 
         _hex_digest = field_validator("model_sha256")(check_sha256)
 
+    family = "matgl"
+    potential_name = "matgl"
+    baked_into = "matgl Potential"
+
     def __init__(self, params: Params | None = None) -> None:
-        self.params = params if params is not None else self.Params()
+        super().__init__(params)
         self.potential: Potential | None = None  # the fine-tuned Potential after train()
 
-    def resources(self) -> Resources:
-        """One worker core, and a GPU when the cluster has one (else the CPU)."""
-        return Resources(cpus=1, gpus=1)
+    @property
+    def refit_references(self) -> bool:
+        return self.params.refit_element_refs
 
-    def train(
+    def _load_base(
         self,
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
         workdir: Path,
-        device: str = "cpu",
-    ) -> TrainedModel:
+    ) -> _Base:
         import lightning as pl
-        import torch
+
+        pl.seed_everything(self.params.seed, workers=True, verbose=False)
+        folder = self._base_folder()
+        potential = self._load(folder)
+        element_types = tuple(potential.model.element_types)
+        for ls in list(train_set) + list(val_set):
+            check_structure(ls.atoms, element_types)
+        return _Base(folder, potential, element_types, self._element_refs(potential))
+
+    def _potential_params(self, base: _Base) -> dict[str, Any]:
+        return {"default_dtype": "float32"}
+
+    def _save(
+        self,
+        base: _Base,
+        workdir: Path,
+        *,
+        best_epoch: int | None = None,
+        linear_scale: float | None = None,
+    ) -> Path:
+        """Keep the Potential and write it with ``Potential.save`` (a folder)."""
+        self.potential = base.potential
+        checkpoint = workdir / CHECKPOINT_NAME
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        metadata: dict[str, Any] = {"trainer": "pestle matgl", "base": str(base.folder)}
+        if linear_scale is not None:
+            metadata |= {"mode": self.params.mode, "linear_correction_scale": linear_scale}
+        else:
+            metadata["best_epoch"] = best_epoch
+        base.potential.save(checkpoint, metadata=metadata)
+        return checkpoint
+
+    def _checksum(self, checkpoint: Path) -> str:
+        return folder_sha256(checkpoint)
+
+    def _after_save(self, base: _Base, checkpoint: Path, checkpoint_sha256: str) -> dict[str, Any]:
+        return {
+            "element_types": list(base.element_types),
+            "element_refs_before": base.refs_before,
+            "element_refs_after": self._element_refs(base.potential),
+            "element_ref_shift_eV": base.ref_shift,
+            "architecture": type(base.potential.model).__name__,
+            "base_model": str(base.folder),
+            "base_sha256": folder_sha256(base.folder),
+            "matgl_version": matgl_version(),
+        }
+
+    # -- custom / full: matgl's PotentialLightningModule -------------------------------------
+
+    def _train(
+        self,
+        base: _Base,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+        device: str,
+    ) -> FineTuned:
+        import lightning as pl
         from lightning.pytorch.loggers import CSVLogger
         from matgl.utils.training import PotentialLightningModule
 
-        from pestle.devices import pick_device
-
         p = self.params
-        if not train_set:
-            raise ValueError("cannot fine-tune a matgl model on an empty training set")
-        workdir = Path(workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-        device = pick_device(device)
-        pl.seed_everything(p.seed, workers=True, verbose=False)
-
-        folder = self._base_folder()
-        potential = self._load(folder)
+        potential = base.potential
         model = potential.model
-        element_types = tuple(model.element_types)
-        for ls in list(train_set) + list(val_set):
-            check_structure(ls.atoms, element_types)
-        if p.mode == "linear_correction":
-            return self._train_linear(potential, folder, train_set, val_set, workdir)
-
-        refs_before = self._element_refs(potential)
+        element_types = base.element_types
         shift = np.zeros(len(element_types))
         if p.refit_element_refs:
-            shift = self._refit(potential, folder, train_set)
+            shift = self._refit(base, train_set)
+        base.ref_shift = {
+            element: float(s)
+            for element, s in zip(element_types, shift, strict=True)
+            if any(element in ls.atoms.get_chemical_symbols() for ls in train_set)
+        }
 
         everything = list(train_set) + list(val_set)
         with_stress = p.stress_weight > 0 and all(
             reference_labels(ls)[2] is not None for ls in everything
         )
         train_split = _Split(train_set, with_stress)
-        val_source = "val_set" if val_set else "train_set (val_set was empty)"
         val_split = _Split(val_set, with_stress) if val_set else train_split
         train_loader, val_loader = self._loaders(workdir, model, train_split, val_split)
 
@@ -233,7 +300,7 @@ class MatGLTrainer:
         module.model = potential
         trainable = sum(x.numel() for x in potential.parameters() if x.requires_grad)
 
-        history = _history_callback(potential, select="force" if full else "loss")
+        history = _history_callback(potential, p.mode)
         accelerator, devices = (
             ("gpu", [int(device.partition(":")[2] or 0)])
             if device.startswith("cuda")
@@ -254,19 +321,13 @@ class MatGLTrainer:
             num_sanity_val_steps=0,
             log_every_n_steps=1,
         )
-        threads = torch.get_num_threads()
-        try:
-            if p.cpu_threads is not None:
-                torch.set_num_threads(p.cpu_threads)
-            with warnings.catch_warnings():
-                for pattern in _QUIET:
-                    warnings.filterwarnings("ignore", message=pattern)
-                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(p.cpu_threads), warnings.catch_warnings():
+            for pattern in _QUIET:
+                warnings.filterwarnings("ignore", message=pattern)
+            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
 
-        best_epoch = history.best_epoch
-        if best_epoch is not None:
+        kept = history.best.epoch
+        if kept is not None:
             potential.load_state_dict(history.best_state)
         else:
             log.warning("matgl fine-tuning produced no finite validation loss: keeping the base")
@@ -275,158 +336,84 @@ class MatGLTrainer:
         potential.to("cpu")
         potential.requires_grad_(False)
         potential.eval()
-        self.potential = potential
 
-        checkpoint = workdir / CHECKPOINT_NAME
-        if checkpoint.exists():
-            shutil.rmtree(checkpoint)
-        potential.save(
-            checkpoint,
-            metadata={"trainer": "pestle matgl", "base": str(folder), "best_epoch": best_epoch},
-        )
-        refs_after = self._element_refs(potential)
-        hyperparameters = p.model_dump(mode="json")
-        if best_epoch is None:
-            selection = "base model"
-        else:
-            selection = "lowest validation force MAE" if full else "lowest validation loss"
-        best = [e for e in history.epochs if e["epoch"] == best_epoch]
-        metrics: dict[str, Any] = {
-            "mode": p.mode,
-            "epochs": history.epochs,
-            "best_epoch": best_epoch,
-            "best_val_loss": best[0].get("val_loss") if best else None,
-            "best_val_force_mae": best[0].get("val_mae", {}).get("Force") if best else None,
-            "selection": selection,
-            "val_source": val_source,
-            "n_train": len(train_set),
-            "n_val": len(val_set) if val_set else len(train_set),
-            "targets": "efs" if with_stress else "ef",
-            "element_types": list(element_types),
-            "element_refs_before": refs_before,
-            "element_refs_after": refs_after,
-            "element_ref_shift_eV": {
-                element: float(s)
-                for element, s in zip(element_types, shift, strict=True)
-                if any(element in ls.atoms.get_chemical_symbols() for ls in train_set)
+        best = [e for e in history.epochs if e["epoch"] == kept]
+        return FineTuned(
+            epochs=history.epochs,
+            best_epoch=kept,
+            best_val_loss=best[0].get("val_loss") if best else None,
+            selection=history.best.criterion if kept is not None else "base model",
+            metrics={
+                "best_val_force_mae": best[0].get("val_mae", {}).get("Force") if best else None,
+                "targets": "efs" if with_stress else "ef",
+                "lightning_logs": str(logs),
+                "optimisation": {
+                    "optimizer": "Adam (matgl's PotentialLightningModule default)",
+                    "loss": p.loss,
+                    "scheduler": "CosineAnnealingLR (matgl's default)",
+                    "learning_rate_start": p.learning_rate,
+                    "learning_rate_end": p.learning_rate * p.decay_alpha,
+                    "decay_steps": module.decay_steps,
+                    "trainable_parameters": trainable,
+                },
             },
-            "architecture": type(model).__name__,
-            "base_model": str(folder),
-            "base_sha256": folder_sha256(folder),
-            "device": device,
-            "lightning_logs": str(logs),
-            "checkpoint_sha256": folder_sha256(checkpoint),
-            "matgl_version": matgl_version(),
-            "optimisation": {
-                "optimizer": "Adam (matgl's PotentialLightningModule default)",
-                "loss": p.loss,
-                "scheduler": "CosineAnnealingLR (matgl's default)",
-                "learning_rate_start": p.learning_rate,
-                "learning_rate_end": p.learning_rate * p.decay_alpha,
-                "decay_steps": module.decay_steps,
-                "trainable_parameters": trainable,
-            },
-        }
-        return TrainedModel(
-            checkpoint=checkpoint,
-            potential="matgl",
-            potential_params={"default_dtype": "float32"},
-            hyperparameters=hyperparameters,
-            metrics=metrics,
         )
 
-    def _train_linear(
+    # -- linear_correction -----------------------------------------------------------------
+
+    def _linear_terms(
         self,
-        potential: Potential,
-        folder: Path,
+        base: _Base,
         train_set: Sequence[LabelledStructure],
         val_set: Sequence[LabelledStructure],
-        workdir: Path,
-    ) -> TrainedModel:
-        """Deng et al.'s linear correction: one scale on the energy without the element
-        refs, fitted in closed form together with the refs' shift, baked into the
-        Potential's ``data_std``/``data_mean`` (and ZBL ``ke``)."""
-        from ase.data import atomic_numbers
-
-        p = self.params
-        element_types = tuple(potential.model.element_types)
-        numbers = [atomic_numbers[e] for e in element_types]
-        refs_before = self._element_refs(potential)
-        references = (
-            [refs_before[e] for e in element_types] if refs_before else [0.0] * len(numbers)
-        )
+    ) -> tuple[LinearTerms, LinearTerms | None]:
+        numbers, references = base.numbers(), base.references()
         # The fit evaluates the saved base in float64 (the Potential follows its dtype).
-        base = MatGLPotential(
-            MatGLPotential.Params(model_path=folder, model_sha256=folder_sha256(folder),
+        exact = MatGLPotential(
+            MatGLPotential.Params(model_path=base.folder, model_sha256=folder_sha256(base.folder),
                                   device="cpu", default_dtype="float64")
         )  # fmt: skip
-        gpa = 1.0 / units.GPa  # matgl's loss sees stresses in GPa
-        with torch_threads(p.cpu_threads):
-            train = LinearTerms.collect(base, train_set, numbers, references, gpa)
-            val = LinearTerms.collect(base, val_set, numbers, references, gpa) if val_set else None
-        del base
-        weights = {
-            "e": p.energy_weight,
-            "f": p.force_weight,
-            "s": p.stress_weight if train.s_ref.size else 0.0,
-        }
-        scale, shift = fit_linear_scale(train, weights, refit_references=p.refit_element_refs)
+        with torch_threads(self.params.cpu_threads):
+            train = LinearTerms.collect(exact, train_set, numbers, references, GPA)
+            val = LinearTerms.collect(exact, val_set, numbers, references, GPA) if val_set else None
+        return train, val
+
+    def _bake(
+        self,
+        base: _Base,
+        scale: float,
+        shift: np.ndarray | None,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+    ) -> dict[str, Any]:
+        """The shift into the element refs, the scale into data_std/data_mean (and ZBL)."""
+        potential = base.potential
         if shift is not None:
             self._shift_refs(potential, shift)
         scale_energy(potential, scale)
         potential.requires_grad_(False)
         potential.eval()
-        self.potential = potential
+        present = {e for ls in [*train_set, *val_set] for e in ls.atoms.get_chemical_symbols()}
+        base.ref_shift = (
+            {
+                element: float(c)
+                for element, c in zip(base.element_types, shift, strict=True)
+                if element in present
+            }
+            if shift is not None
+            else {}
+        )
+        return {}
 
-        checkpoint = workdir / CHECKPOINT_NAME
-        if checkpoint.exists():
-            shutil.rmtree(checkpoint)
-        potential.save(
-            checkpoint,
-            metadata={"trainer": "pestle matgl", "base": str(folder), "mode": p.mode,
-                      "linear_correction_scale": scale},
-        )  # fmt: skip
-        checkpoint_sha256 = folder_sha256(checkpoint)
+    def _baked_terms(
+        self, base: _Base, checkpoint: Path, checkpoint_sha256: str, first: LabelledStructure
+    ) -> LinearTerms:
         tuned = MatGLPotential(
             MatGLPotential.Params(model_path=checkpoint, model_sha256=checkpoint_sha256,
                                   device="cpu", default_dtype="float64")
         )  # fmt: skip
-        with torch_threads(p.cpu_threads):
-            check_baked(tuned, train_set[0], train, scale, shift, numbers, references, gpa,
-                        family="matgl Potential")  # fmt: skip
-        present = {e for ls in [*train_set, *val_set] for e in ls.atoms.get_chemical_symbols()}
-        metrics: dict[str, Any] = {
-            **linear_metrics(train, val, scale, shift, weights),
-            "mode": p.mode,
-            "val_source": "val_set" if val_set else "none (val_set was empty)",
-            "n_train": len(train_set),
-            "n_val": len(val_set),
-            "targets": "efs" if weights["s"] > 0 else "ef",
-            "element_types": list(element_types),
-            "element_refs_before": refs_before,
-            "element_refs_after": self._element_refs(potential),
-            "element_ref_shift_eV": {
-                element: float(c)
-                for element, c in zip(element_types, shift, strict=True)
-                if element in present
-            }
-            if shift is not None
-            else {},
-            "architecture": type(potential.model).__name__,
-            "base_model": str(folder),
-            "base_sha256": folder_sha256(folder),
-            "device": "cpu",
-            "checkpoint_sha256": checkpoint_sha256,
-            "matgl_version": matgl_version(),
-        }
-        log.info("matgl linear correction: scale %.5f on %d structures", scale, len(train_set))
-        return TrainedModel(
-            checkpoint=checkpoint,
-            potential="matgl",
-            potential_params={"default_dtype": "float32"},
-            hyperparameters=p.model_dump(mode="json"),
-            metrics=metrics,
-        )
+        with torch_threads(self.params.cpu_threads):
+            return LinearTerms.collect(tuned, [first], base.numbers(), base.references(), GPA)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -470,26 +457,20 @@ class MatGLTrainer:
         values = refs.property_offset.detach().cpu().numpy().astype(float)
         return {e: float(v) for e, v in zip(potential.model.element_types, values, strict=True)}
 
-    def _refit(
-        self, potential: Potential, folder: Path, labelled: Sequence[LabelledStructure]
-    ) -> np.ndarray:
+    def _refit(self, base: _Base, labelled: Sequence[LabelledStructure]) -> np.ndarray:
         """Shift the element refs by the least-squares fit of label-minus-model energies;
         returns the shift per element in ``element_types`` order (eV/atom)."""
-        from ase.data import atomic_numbers
-
-        element_types = tuple(potential.model.element_types)
-        # The model as saved in `folder`, which `potential` still is at this point.
-        base = MatGLPotential(
+        # The model as saved in its folder, which `base.potential` still is at this point.
+        saved = MatGLPotential(
             MatGLPotential.Params(
-                model_path=folder, model_sha256=folder_sha256(folder), device="cpu"
+                model_path=base.folder, model_sha256=folder_sha256(base.folder), device="cpu"
             )
         )
         structures = [ls.atoms for ls in labelled]
-        predicted = [pred.energy for pred in base.predict(structures)]
+        predicted = [pred.energy for pred in saved.predict(structures)]
         residuals = [reference_labels(ls)[0] - e for ls, e in zip(labelled, predicted, strict=True)]
-        numbers = [atomic_numbers[e] for e in element_types]
-        shift = least_squares_shift(structures, residuals, numbers)
-        self._shift_refs(potential, shift)
+        shift = least_squares_shift(structures, residuals, base.numbers())
+        self._shift_refs(base.potential, shift)
         return shift
 
     @staticmethod
@@ -558,18 +539,17 @@ def scale_energy(potential: Any, scale: float) -> None:
             potential.repuls.ke.mul_(scale)
 
 
-def _history_callback(potential: Any, select: str = "loss") -> Any:
+def _history_callback(potential: Any, mode: str) -> Any:
     """A Lightning callback recording per-epoch losses and learning rates, and keeping a copy
-    of the weights with the lowest validation loss (``select="loss"``) or validation force
-    MAE (``"force"``) (Lightning's ModelCheckpoint writes files; we want the state). Defined
-    here so that importing this module does not import Lightning."""
+    of the weights of the epoch ``BestEpoch(mode)`` chooses (Lightning's ModelCheckpoint
+    writes files; we want the state). Defined here so that importing this module does not
+    import Lightning."""
     import lightning as pl
 
     class History(pl.Callback):
         def __init__(self) -> None:
             self.epochs: list[dict[str, Any]] = []
-            self.best_loss = math.inf
-            self.best_epoch: int | None = None
+            self.best = BestEpoch(mode)
             self.initial_state = _snapshot(potential)
             self.best_state: dict[str, Any] = self.initial_state
 
@@ -585,7 +565,7 @@ def _history_callback(potential: Any, select: str = "loss") -> Any:
                 return
             metrics = trainer.callback_metrics
             epoch = int(trainer.current_epoch)
-            loss = float(metrics.get("val_Total_Loss", math.nan))
+            loss = float(metrics.get("val_Total_Loss", float("nan")))
             entry = self._entry(epoch)
             entry["val_loss"] = loss
             entry["val_mae"] = {
@@ -593,10 +573,7 @@ def _history_callback(potential: Any, select: str = "loss") -> Any:
                 for key in ("Energy", "Force", "Stress")
                 if f"val_{key}_MAE" in metrics
             }
-            score = entry["val_mae"].get("Force", math.nan) if select == "force" else loss
-            # The loss must be finite too: a NaN step leaves no weights worth keeping.
-            if math.isfinite(loss) and math.isfinite(score) and score < self.best_loss:
-                self.best_loss, self.best_epoch = score, epoch
+            if self.best.offer(epoch, val_loss=loss, val_force_mae=entry["val_mae"].get("Force")):
                 self.best_state = _snapshot(potential)
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
