@@ -371,7 +371,9 @@ def test_unphysical_structure_is_rejected_before_dispatch(
     squashed = bulk("Cu", "fcc", a=3.61, cubic=True)
     squashed.positions[1] = squashed.positions[0] + [0.4, 0, 0]
     sid, _ = store.structures.add(squashed, kind="candidate", provenance={"sampler": "import"})
-    context = RunContext(config, store, mongo_uri, outputs={"selected": [sid]})
+    context = RunContext(
+        config, store, mongo_uri, outputs={"selected": [sid], "evaluation_set": {}}
+    )
     context.start()
     LabelStage().run(context)
     outcome = store.runs.require(context.run_id).stages["label"]
