@@ -366,3 +366,24 @@ def test_legacy_layers_carry_structure_intervals() -> None:
     assert fit["ci_high"] - fit["ci_low"] > fit["component_ci_high"] - fit["component_ci_low"]
     assert cu["arrays"]["reference"].shape == cu["arrays"]["predicted"].shape == (96,)
     assert cu["intervals"]["force_mae"]["value"] == pytest.approx(cu["force_mae"])
+
+
+def test_stored_softening_reads_every_shape() -> None:
+    from pestle.evaluation.evaluate import stored_softening
+    from pestle.evaluation.metrics import evaluate_potential
+
+    labelled = labelled_set()
+    result = evaluate({"a": Scaled(0.8, noise=0.02), "b": Scaled(1.0)}, labelled)
+    new = stored_softening(result.as_dict(), model="a")
+    assert new["Cu"] == result.metrics("a", "chemical_system", "Cu").softening
+    summary = stored_softening(result.model_summary("a"), "chemical_system+sampler")
+    assert not summary["Cu/strain"].enough
+    legacy = {s: {k: v for k, v in m.items() if k != "arrays"}
+              for s, m in evaluate_potential(Scaled(0.8, noise=0.02), labelled).items()}  # fmt: skip
+    assert stored_softening(legacy)["Cu"].low == legacy["Cu"]["softening"]["ci_low"]
+    # A record from before structure-level intervals: its t interval is not shown as one.
+    old = {"Si": {"n_structures": 3, "softening": {"slope": 1.059, "ci_low": 1.029,
+                                                   "ci_high": 1.089, "n": 72}}}  # fmt: skip
+    si = stored_softening(old)["Si"]
+    assert si.value == 1.059 and math.isnan(si.low) and si.component_low == 1.029
+    assert format_estimate(si) == "not enough structures (n = 3)"

@@ -293,6 +293,44 @@ class Evaluation:
         return markdown_table(self)
 
 
+def stored_softening(
+    metrics: Mapping[str, Any], level: str = "chemical_system", model: str | None = None
+) -> dict[str, Estimate]:
+    """Softening scale per group from a stored evaluation, whatever its shape:
+    ``Evaluation.as_dict()`` (give ``model``), ``Evaluation.model_summary(model)``, or the
+    per-system shape of ``metrics.legacy_metrics`` / older records. Records made before
+    structure-level intervals hold the component t interval in ``ci_low``/``ci_high``: it is
+    returned as ``component_low``/``component_high`` and the structure-level interval is NaN
+    (unknown), so a reader never shows it as structure-level."""
+    if "levels" in metrics:
+        values = metrics["levels"].get(level, {})
+        out = {}
+        for key, entry in values.items():
+            figures = entry["models"][model] if "models" in entry and model else entry
+            if "softening" in figures:
+                out[key] = Estimate.from_dict(figures["softening"])
+        return out
+    out = {}
+    for system, entry in metrics.items():
+        if not isinstance(entry, Mapping) or "softening" not in entry:
+            continue
+        if "intervals" in entry and "softening" in entry["intervals"]:
+            out[system] = Estimate.from_dict(entry["intervals"]["softening"])
+            continue
+        fit = entry["softening"]
+        n_structures = int(entry.get("n_structures") or 0)
+        nan = math.nan
+        out[system] = Estimate(
+            _float(fit.get("slope")), nan, nan, n_structures, int(fit.get("n") or 0),
+            component_low=_float(fit.get("ci_low")), component_high=_float(fit.get("ci_high")),
+        )  # fmt: skip
+    return out
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _cat(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0)
 
