@@ -99,8 +99,31 @@ def not_enough_text(n_structures: int) -> str:
     return f"not enough structures (n = {n_structures})"
 
 
+class _Figure:
+    """What ``Estimate`` and ``Difference`` share: the "enough structures" rule and the
+    JSON-friendly dict form (undefined numbers as None, ``enough`` included)."""
+
+    value: float
+    n_structures: int
+    min_structures: int
+
+    @property
+    def enough(self) -> bool:
+        return self.n_structures >= self.min_structures and math.isfinite(self.value)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: _none_if_nan(v) for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        out["enough"] = self.enough
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: _nan_if_none(v) for k, v in data.items() if k in names})
+
+
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(_Figure):
     """A figure with its structure-level interval ``[low, high]``.
 
     ``n_values``: the values behind it (force components, stress components or structures).
@@ -122,10 +145,6 @@ class Estimate:
     component_low: float = math.nan
     component_high: float = math.nan
 
-    @property
-    def enough(self) -> bool:
-        return self.n_structures >= self.min_structures and math.isfinite(self.value)
-
     def inside(self, low: float, high: float) -> bool:
         """The whole interval lies in ``[low, high]`` (and there are enough structures):
         an equivalence test at level (1 - confidence) / 2 on each side."""
@@ -140,20 +159,9 @@ class Estimate:
     def text(self, digits: int = 3, scale: float = 1.0) -> str:
         return format_estimate(self, digits, scale)
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly: undefined numbers are None; ``enough`` included."""
-        out = {k: _none_if_nan(v) for k, v in asdict(self).items()}
-        out["enough"] = self.enough
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Estimate:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: _nan_if_none(v) for k, v in data.items() if k in names})
-
 
 @dataclass(frozen=True)
-class Difference:
+class Difference(_Figure):
     """``candidate - baseline`` of one figure on the same structures, with its paired
     structure-level interval ``[low, high]``; ``ratio`` (candidate / baseline) and the
     difference's interval relative to the baseline's value, ``1 + [low, high] / baseline``
@@ -178,10 +186,6 @@ class Difference:
     se: float = math.nan
     dof: float = math.nan
     min_structures: int = DEFAULT_MIN_STRUCTURES
-
-    @property
-    def enough(self) -> bool:
-        return self.n_structures >= self.min_structures and math.isfinite(self.value)
 
     def _directed(self) -> None:
         if self.lower_is_better is None:
@@ -214,16 +218,6 @@ class Difference:
 
     def text(self, digits: int = 3, scale: float = 1.0) -> str:
         return format_difference(self, digits, scale)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {k: _none_if_nan(v) for k, v in asdict(self).items()}
-        out["enough"] = self.enough
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Difference:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: _nan_if_none(v) for k, v in data.items() if k in names})
 
 
 def _finite(value: float | None) -> bool:

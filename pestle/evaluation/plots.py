@@ -277,61 +277,48 @@ def evaluation_plots(
     Returns ``{group key or "summary": {plot kind: path}}``."""
     labels = labels or {}
     out_dir = Path(out_dir)
+    name = {m: labels.get(m, m) for m in evaluation.models}
     written: dict[str, dict[str, Path]] = {}
     others = [lv for lv in evaluation.levels if lv != "all"]
-    levels = [level] if level in evaluation.levels else others[:1]
-    for lv in levels:
-        for key in evaluation.levels[lv]:
-            arrays = evaluation.arrays(lv, key)
-            slug = _slug(key)
-            plots: dict[str, Path] = {}
-            name = {m: labels.get(m, m) for m in evaluation.models}
-            if arrays["reference_forces"].size:
-                plots["forces"] = parity_plot(
-                    arrays["reference_forces"],
-                    {name[m]: arrays["forces"][m] for m in evaluation.models},
-                    out_dir / f"parity-forces-{slug}.png",
-                    title=f"{key}: forces",
+    per_group = level if level in evaluation.levels else next(iter(others), None)
+    # (plot kind, reference array, model arrays, title, what is plotted and its unit)
+    parities = (
+        ("forces", "reference_forces", "forces", "forces", {}),
+        ("energy", "reference_energy", "energy", "energy per atom, each mean removed",
+         {"quantity": "energy", "unit": "eV/atom", "fit": False}),
+        ("stress", "reference_stress", "stress", "stress (Voigt components)",
+         {"quantity": "stress component", "unit": "GPa", "fit": False}),
+    )  # fmt: skip
+    for key in evaluation.levels.get(per_group, {}) if per_group else ():
+        arrays = evaluation.arrays(per_group, key)
+        slug = _slug(key)
+        plots: dict[str, Path] = {}
+        for kind, reference, model, title, options in parities:
+            if arrays[reference].size >= 2:  # energies: one per structure, two to compare
+                plots[kind] = parity_plot(
+                    arrays[reference],
+                    {name[m]: arrays[model][m] for m in evaluation.models},
+                    out_dir / f"parity-{kind}-{slug}.png",
+                    title=f"{key}: {title}",
+                    **options,
                 )
-                plots["force_error"] = force_error_plot(
-                    arrays["atom_force_norm"],
-                    {name[m]: arrays["atom_force_error"][m] for m in evaluation.models},
-                    out_dir / f"force-error-{slug}.png",
-                    title=f"{key}: force error against reference force",
-                    edges=_finite_edges(evaluation, arrays["atom_force_norm"]),
-                )
-                plots["softening_by_force"] = softening_by_force_plot(
-                    evaluation, key, out_dir / f"softening-by-force-{slug}.png", lv, labels
-                )
-            if arrays["reference_energy"].size >= 2:
-                plots["energy"] = parity_plot(
-                    arrays["reference_energy"],
-                    {name[m]: arrays["energy"][m] for m in evaluation.models},
-                    out_dir / f"parity-energy-{slug}.png",
-                    title=f"{key}: energy per atom, each mean removed",
-                    quantity="energy",
-                    unit="eV/atom",
-                    fit=False,
-                )
-            if arrays["reference_stress"].size:
-                plots["stress"] = parity_plot(
-                    arrays["reference_stress"],
-                    {name[m]: arrays["stress"][m] for m in evaluation.models},
-                    out_dir / f"parity-stress-{slug}.png",
-                    title=f"{key}: stress (Voigt components)",
-                    quantity="stress component",
-                    unit="GPa",
-                    fit=False,
-                )
-            written[key] = plots
-    summary: dict[str, Path] = {}
-    for lv in evaluation.levels:
-        if lv == "all":
-            continue
-        summary[lv] = softening_summary_plot(
-            evaluation, out_dir / f"softening-{_slug(lv)}.png", lv, labels, band
-        )
-    written["summary"] = summary
+        if arrays["reference_forces"].size:
+            plots["force_error"] = force_error_plot(
+                arrays["atom_force_norm"],
+                {name[m]: arrays["atom_force_error"][m] for m in evaluation.models},
+                out_dir / f"force-error-{slug}.png",
+                title=f"{key}: force error against reference force",
+                edges=_finite_edges(evaluation, arrays["atom_force_norm"]),
+            )
+            plots["softening_by_force"] = softening_by_force_plot(
+                evaluation, key, out_dir / f"softening-by-force-{slug}.png", per_group, labels
+            )
+        written[key] = plots
+    written["summary"] = {
+        lv: softening_summary_plot(evaluation, out_dir / f"softening-{_slug(lv)}.png", lv,
+                                   labels, band)
+        for lv in others
+    }  # fmt: skip
     return written
 
 
