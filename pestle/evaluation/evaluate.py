@@ -168,6 +168,20 @@ class _Structures:
     energy: dict[str, np.ndarray]
     stress: dict[str, list[np.ndarray | None]]  # GPa, Voigt
 
+    def with_forces(self, members: Sequence[int]) -> list[int]:
+        return [i for i in members if self.ref_forces[i] is not None]
+
+    def with_energy(self, members: Sequence[int]) -> list[int]:
+        return [i for i in members if np.isfinite(self.ref_energy[i])]
+
+    def with_stress(self, members: Sequence[int], models: Sequence[str]) -> list[int]:
+        """Structures with a reference stress and one from every model of ``models``."""
+        return [
+            i
+            for i in members
+            if self.ref_stress[i] is not None and all(self.stress[m][i] is not None for m in models)
+        ]
+
 
 @dataclass
 class Evaluation:
@@ -238,6 +252,15 @@ class Evaluation:
             },
         }
 
+    def forces_per_structure(
+        self, model: str, level: str = ALL, key: str = ALL
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(model forces, reference forces), one (n_atoms, 3) array per structure of the
+        group that has reference forces: the input of ``intervals.softening_interval``."""
+        data = self._data
+        members = data.with_forces(self._members[(level, key)])
+        return [data.forces[model][i] for i in members], [data.ref_forces[i] for i in members]
+
     def structure_ids(self, level: str = ALL, key: str = ALL) -> list[str]:
         return [self._data.ids[i] for i in self._members[(level, key)]]
 
@@ -251,7 +274,7 @@ class Evaluation:
         reference and every model)."""
         data = self._data
         members = self._members[(level, key)]
-        with_forces = [i for i in members if data.ref_forces[i] is not None]
+        with_forces = data.with_forces(members)
         ref = [data.ref_forces[i] for i in with_forces]
         out: dict[str, Any] = {
             "reference_forces": _cat([f.ravel() for f in ref]),
@@ -267,7 +290,7 @@ class Evaluation:
             out["atom_force_error"][name] = _cat(
                 [np.linalg.norm(m - r, axis=1) for m, r in zip(model, ref, strict=True)]
             )
-        with_energy = [i for i in members if np.isfinite(data.ref_energy[i])]
+        with_energy = data.with_energy(members)
         systems = [data.systems[i] for i in with_energy]
         counts = data.n_atoms[with_energy]
         out["reference_energy_absolute"] = data.ref_energy[with_energy] / counts
@@ -276,12 +299,7 @@ class Evaluation:
         for name in self.models:
             out["energy_absolute"][name] = data.energy[name][with_energy] / counts
             out["energy"][name] = _relative(out["energy_absolute"][name], systems)
-        with_stress = [
-            i
-            for i in members
-            if data.ref_stress[i] is not None
-            and all(data.stress[n][i] is not None for n in self.models)
-        ]
+        with_stress = data.with_stress(members, self.models)
         out["reference_stress"] = _cat([data.ref_stress[i] for i in with_stress])
         for name in self.models:
             out["stress"][name] = _cat([data.stress[name][i] for i in with_stress])
@@ -431,17 +449,15 @@ def _model_metrics(
     edges: np.ndarray,
     options: IntervalOptions,
 ) -> ModelMetrics:
-    with_forces = [i for i in members if data.ref_forces[i] is not None]
+    with_forces = data.with_forces(members)
     ref = [data.ref_forces[i] for i in with_forces]
     model = [data.forces[name][i] for i in with_forces]
     systems = [data.systems[i] for i in with_forces]
-    with_energy = [i for i in members if np.isfinite(data.ref_energy[i])]
+    with_energy = data.with_energy(members)
     energy_args = (data.energy[name][with_energy], data.ref_energy[with_energy],
                    data.n_atoms[with_energy])  # fmt: skip
     energy_systems = [data.systems[i] for i in with_energy]
-    with_stress = [
-        i for i in members if data.ref_stress[i] is not None and data.stress[name][i] is not None
-    ]
+    with_stress = data.with_stress(members, [name])
     bins = []
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         picked_model, picked_ref, n_atoms = [], [], 0
@@ -482,19 +498,13 @@ def _model_metrics(
 def _paired_metrics(
     data: _Structures, name: str, baseline: str, members: list[int], options: IntervalOptions
 ) -> dict[str, Difference]:
-    with_forces = [i for i in members if data.ref_forces[i] is not None]
+    with_forces = data.with_forces(members)
     ref = [data.ref_forces[i] for i in with_forces]
     cand = [data.forces[name][i] for i in with_forces]
     base = [data.forces[baseline][i] for i in with_forces]
     systems = [data.systems[i] for i in with_forces]
-    with_energy = [i for i in members if np.isfinite(data.ref_energy[i])]
-    with_stress = [
-        i
-        for i in members
-        if data.ref_stress[i] is not None
-        and data.stress[name][i] is not None
-        and data.stress[baseline][i] is not None
-    ]
+    with_energy = data.with_energy(members)
+    with_stress = data.with_stress(members, [name, baseline])
     return {
         "force_mae": paired_mae(cand, base, ref, options=options),
         "softening": paired_softening(cand, base, ref, options=options),
