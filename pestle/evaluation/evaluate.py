@@ -607,8 +607,8 @@ def evaluate(
     result: dict[str, dict[str, GroupResult]] = {}
     member_map: dict[tuple[str, str], list[int]] = {}
     for level, key, group, members_of in splits:
-        norms = _cat([np.linalg.norm(data.ref_forces[i], axis=1) for i in members_of
-                      if data.ref_forces[i] is not None])  # fmt: skip
+        norms = _cat([np.linalg.norm(data.ref_forces[i], axis=1)
+                      for i in data.with_forces(members_of)])  # fmt: skip
         edges = _bin_edges(norms, force_bins)
         per_model = {name: _model_metrics(data, name, members_of, edges, options) for name in names}
         paired = {
