@@ -1,5 +1,6 @@
-"""compare_models against EMT labels, with a softened EMT whose softening scale is exactly 0.8;
-the structure bootstrap; reading labelled extxyz files."""
+"""compare_models (``pestle evaluate``'s layer over ``evaluate``) against EMT labels, with a
+softened EMT whose softening scale is exactly 0.8; the structure bootstrap; reading labelled
+extxyz files."""
 
 from __future__ import annotations
 
@@ -80,9 +81,11 @@ def test_compare_recovers_exact_softening(tmp_path: Path) -> None:
         {"emt": EMTPotential(), "soft": ScaledEMT(SOFTENING)}, labelled, plot_dir=tmp_path
     )
     assert result["parent"] == "emt" and result["models"] == ["emt", "soft"]
-    assert set(result["groups"]) == {"chemical_system", "sampler"}
+    assert set(result["groups"]) == {"chemical_system", "chemical_system+sampler"}
     assert set(result["groups"]["chemical_system"]) == {"Al", "Cu"}
-    assert set(result["groups"]["sampler"]) == {"rattle", "strain"}
+    assert set(result["groups"]["chemical_system+sampler"]) == {
+        "Al/rattle", "Al/strain", "Cu/rattle", "Cu/strain"
+    }  # fmt: skip
 
     parent = result["overall"]["emt"]
     assert parent["force_mae"] == 0 and parent["energy_mae_per_atom"] == 0
@@ -93,8 +96,10 @@ def test_compare_recovers_exact_softening(tmp_path: Path) -> None:
         for per_model in values.values():
             soft = per_model["soft"]
             assert soft["softening"]["slope"] == pytest.approx(SOFTENING, abs=1e-12)
-            assert soft["softening_bootstrap"]["low"] == pytest.approx(SOFTENING, abs=1e-12)
-            assert soft["softening_bootstrap"]["high"] == pytest.approx(SOFTENING, abs=1e-12)
+            if soft["n_structures"] >= 2:  # an interval needs two structures
+                assert soft["softening"]["ci_low"] == pytest.approx(SOFTENING, abs=1e-12)
+                assert soft["softening_bootstrap"]["low"] == pytest.approx(SOFTENING, abs=1e-12)
+                assert soft["softening_bootstrap"]["high"] == pytest.approx(SOFTENING, abs=1e-12)
     cu = result["groups"]["chemical_system"]["Cu"]["soft"]
     assert cu["n_structures"] == 5 and cu["n_force_components"] == 5 * 4 * 3
     cu_forces = np.concatenate(
@@ -107,14 +112,20 @@ def test_compare_recovers_exact_softening(tmp_path: Path) -> None:
     assert 0 < cu["energy_mae_per_atom_offset_removed"] < cu["energy_mae_per_atom"]
 
     table = result["table"]
-    assert "| all | soft |" in table and "| chemical_system = Cu | soft |" in table
-    assert "| sampler = strain | emt |" in table
-    assert "0.800 [0.800, 0.800]" in table and "-0.200" in table
-    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert "| all | soft | 10 | 0.800 [0.800, 0.800] |" in table
+    assert "| Cu | soft | 5 | 0.800 [0.800, 0.800] |" in table
+    assert "-0.200 [-0.200, -0.200]" in table
+    # One strained structure per system: too few for any figure.
+    assert "| Cu, sampler strain | emt | 1 | not enough structures (n = 1) |" in table
+    main = table.split("\n\n")[0]
+    rows = [line for line in main.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in rows}) == 1  # well-formed columns
-    assert len(rows) == 2 + 2 * (1 + 2 + 2)
+    assert len(rows) == 2 + 2 * (1 + 2 + 4)
+    assert "Softening scale by reference force" in table
 
-    assert len(result["plots"]) == 5
+    # Per system: force, energy and stress parity, force error, softening by force bin;
+    # and the softening summaries per system and per system and sampler.
+    assert len(result["plots"]) == 2 * 5 + 2
     assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in result["plots"])
 
 
@@ -124,6 +135,7 @@ def test_sampler_mapping_overrides_info() -> None:
     result = compare_models(
         {"emt": EMTPotential()}, labelled, groups=("sampler",), samplers=mapping, n_bootstrap=50
     )
+    assert set(result["groups"]) == {"sampler"}
     sampler = result["groups"]["sampler"]
     assert sampler["md"]["emt"]["n_structures"] == 3
     assert sampler["rattle"]["emt"]["n_structures"] == 5
@@ -154,9 +166,8 @@ def test_bootstrap_resamples_structures() -> None:
     # Reported as 2.5/97.5 percentiles of the resampled slopes.
     narrower = softening_bootstrap(model, reference, n=2000, seed=1, confidence=0.5)
     assert low < narrower[0] < narrower[1] < high
-    # One structure: no spread to resample.
-    one = softening_bootstrap(model[:1], reference[:1], n=100)
-    assert one[0] == pytest.approx(one[1])
+    # One structure: no interval.
+    assert all(np.isnan(softening_bootstrap(model[:1], reference[:1], n=100)))
     assert all(np.isnan(softening_bootstrap([], [])))
     with pytest.raises(ValueError, match="components"):
         softening_bootstrap([np.zeros(3)], [np.zeros(6)])
