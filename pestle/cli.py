@@ -142,19 +142,14 @@ def run(
 
 
 def _print_summary(stages: dict[str, Any]) -> None:
-    evaluation = stages.get("evaluate", {})
-    table = Table(title="softening scale on held-out labels")
-    for column in ("system", "model", "slope [95% CI]", "force MAE eV/Å"):
+    from pestle.engine.run import summary_rows
+
+    table = Table(title="softening scale and force MAE (eV/Å), 95% structure-level intervals")
+    for column in ("labels", "system", "model", "structures", "softening scale", "force MAE"):
         table.add_column(column)
-    for model, per_system in evaluation.get("metrics", {}).items():
-        for system, m in per_system.items():
-            fit = m["softening"]
-            table.add_row(
-                system,
-                model,
-                f"{fit['slope']:.3f} [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]",
-                f"{m['force_mae']:.3f}",
-            )
+    for row in summary_rows(stages):
+        table.add_row(row["labels"], row["system"], row["model"], row["n"], row["softening"],
+                      row["force_mae"])  # fmt: skip
     console.print(table)
 
 
@@ -435,17 +430,26 @@ def models(ctx: typer.Context, config: ConfigOption = None, work_dir: WorkDirOpt
     """List model versions: family, parent, training data, held-out softening, promotion."""
     if ctx.invoked_subcommand is not None:
         return
+    from pestle.evaluation.evaluate import stored_softening
+    from pestle.evaluation.intervals import format_estimate
+
     store = _open_store(config, work_dir)
     table = Table(title="models")
-    for column in ("id", "family", "parent", "train labels", "held-out softening", "current"):
+    for column in (
+        "id",
+        "family",
+        "parent",
+        "train labels",
+        "softening (latest evaluation)",
+        "current",
+    ):
         table.add_column(column, overflow="fold")
     for doc in store.models.all():
         # The latest evaluation of the model, whoever made it (a run, the daemon, the CLI).
         evaluation = doc.evaluations[-1].metrics if doc.evaluations else {}
         slopes = ", ".join(
-            f"{system} {m['softening']['slope']:.3f}"
-            for system, m in sorted(evaluation.items())
-            if isinstance(m, dict) and "softening" in m
+            f"{system} {format_estimate(estimate)}"
+            for system, estimate in sorted(stored_softening(evaluation).items())
         )
         table.add_row(
             doc.id,

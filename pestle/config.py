@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pestle.plugins import PluginSpec, Registry, RegistryError, format_validation_error
 
@@ -223,15 +231,23 @@ class RetrainSpec(_Strict):
 
 
 class StopSpec(_Strict):
-    """A chemical system is finished when both hold for the promoted model."""
+    """A chemical system is finished when both hold for the promoted model, measured on the
+    campaign's evaluation set (never trained on)."""
 
     softening_band: tuple[float, float] = Field(
-        default=(0.95, 1.05), description="softening scale inside [low, high]"
+        default=(0.95, 1.05),
+        description="the softening scale's structure-level 95% interval lies inside [low, high]",
     )
     committee_force_below: float | None = Field(
         default=None, gt=0, description="mean committee force spread (eV/A) of a round's picks"
     )
-    min_labels: int = Field(default=4, ge=1, description="labels a system needs before it stops")
+    min_structures: int = Field(
+        default=5,
+        ge=2,
+        validation_alias=AliasChoices("min_structures", "min_labels"),
+        description="evaluation-set structures a system needs before it can stop "
+        "(min_labels, its former name, is still read)",
+    )
 
     @model_validator(mode="after")
     def _ordered_band(self) -> StopSpec:

@@ -50,14 +50,19 @@ def tiny_config(tmp_path: Path, database: str, **daemon: object) -> Path:
             "trainer": {"name": "chgnet", "params": {"epochs": 8, "stress_weight": 0}},
             "validation_fraction": 0,
         },
-        "evaluation": {"holdout_fraction": 0.34, "evaluation_set": {"per_system": 2}},
+        # Four evaluation structures (two drawn in each of the first two rounds) judge the
+        # retraining after round 1.
+        "evaluation": {
+            "holdout_fraction": 0.34,
+            "evaluation_set": {"per_system": 4, "min_structures": 3},
+        },
         "store": {"database": database},
         "dask": {"n_workers": 2},
         "daemon": {
             "per_round": 2,
             "max_rounds": 3,
             "retrain": {"every_n_labels": 2},
-            "stop": {"softening_band": [0.98, 1.02], "min_labels": 20},
+            "stop": {"softening_band": [0.98, 1.02], "min_structures": 20},
             **daemon,
         },
     }

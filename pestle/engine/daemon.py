@@ -37,7 +37,6 @@ import numpy as np
 
 from pestle.config import CampaignConfig, ConfigError, load_config
 from pestle.engine.run import run_passes
-from pestle.evaluation.metrics import softening_scale
 from pestle.plugins import PluginSpec
 from pestle.stages import (
     EvaluateStage,
@@ -75,18 +74,6 @@ def pid_file(config: CampaignConfig) -> Path:
 
 def log_file(config: CampaignConfig) -> Path:
     return daemon_dir(config) / "daemon.log"
-
-
-def pooled_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Force MAE over every held-out component and mean |1 - s| over systems."""
-    reference = np.concatenate([r["arrays"]["reference"] for r in results.values()])
-    predicted = np.concatenate([r["arrays"]["predicted"] for r in results.values()])
-    return {
-        "force_mae": float(np.mean(np.abs(predicted - reference))),
-        "softening_distance": float(
-            np.mean([abs(1.0 - r["softening"]["slope"]) for r in results.values()])
-        ),
-    }
 
 
 class Daemon:
@@ -294,13 +281,15 @@ class Daemon:
     def finished_systems(self, ctx: RunContext, recorded: dict[str, Any]) -> dict[str, dict]:
         """Systems that meet the stop criterion now, with the figures that decided it.
 
-        The softening scale is measured on labels the scoring model never trained on; the
-        committee spread is the mean over this round's picks."""
+        The softening scale of the scoring model is measured on the campaign's evaluation set
+        (never trained on); a system is finished when the scale's structure-level interval,
+        not its point estimate, lies inside the band, on at least ``stop.min_structures``
+        structures. The committee spread is the mean over this round's picks."""
+        from pestle.evaluation.intervals import softening_interval
+        from pestle.stages.evaluate import evaluation_set_labels
+
         stop = ctx.config.daemon.stop
-        trained: set[str] = set()
-        if ctx.round.model_id is not None:
-            training = self.store.models.require(ctx.round.model_id).training
-            trained = set(training.label_ids) | set(training.validation_label_ids)
+        low, high = stop.softening_band
         picks = [s["id"] for s in recorded.get("select", {}).get("selected", [])]
         spread: dict[str, list[float]] = defaultdict(list)
         for doc in self.store.structures.find(
@@ -310,35 +299,33 @@ class Daemon:
             if value is not None:
                 spread[doc.chemical_system].append(value)
         by_system: dict[str, list] = defaultdict(list)
-        for stored in self.store.labels.labelled({"lot_hash": ctx.lot_hash}):
-            if stored.label_id not in trained:
-                by_system[stored.chemical_system].append(stored.atoms)
+        for stored in evaluation_set_labels(ctx):
+            by_system[stored.chemical_system].append(stored.atoms)
         finished = {}
-        for system, members in by_system.items():
-            if len(members) < stop.min_labels:
-                continue
+        for system, members in sorted(by_system.items()):
             predictions = ctx.potential.predict(members, stress=False)
-            fit = softening_scale(
-                np.concatenate([p.forces.ravel() for p in predictions]),
-                np.concatenate([a.calc.results["forces"].ravel() for a in members]),
+            fit = softening_interval(
+                [p.forces for p in predictions],
+                [a.calc.results["forces"] for a in members],
+                min_structures=stop.min_structures,
             )
-            low, high = stop.softening_band
             committee = float(np.mean(spread[system])) if spread.get(system) else None
-            if not low <= fit.slope <= high:
+            if not fit.inside(low, high):
                 continue
             if stop.committee_force_below is not None and (
                 committee is None or committee >= stop.committee_force_below
             ):
                 continue
             reason = (
-                f"softening scale {fit.slope:.3f} in [{low}, {high}] on {len(members)} labels "
-                "the model did not train on"
+                f"softening scale {fit.text()} inside [{low}, {high}] on {fit.n_structures} "
+                "evaluation-set structures the model never trained on"
                 + (f"; committee spread {committee:.3f} eV/A" if committee is not None else "")
             )
-            finished[system] = {"slope": fit.slope, "committee_force": committee, "reason": reason}
+            finished[system] = {"softening": fit.as_dict(), "committee_force": committee,
+                                "reason": reason}  # fmt: skip
             self.store.decisions.record(
                 {"kind": "finished", "campaign": ctx.config.name, "chemical_system": system,
-                 "model_id": ctx.round.model_id, "reason": reason}
+                 "model_id": ctx.round.model_id, "softening": fit.as_dict(), "reason": reason}
             )  # fmt: skip
             log.info("%s: %s finished: %s", ctx.config.name, system, reason)
         return finished
@@ -453,34 +440,47 @@ class Daemon:
 
     def judge(self, ctx: RunContext, outputs: dict[str, Any]) -> dict[str, Any]:
         """Candidate vs. promoted model (the pretrained one before any promotion) on the same
-        held-out labels, by the configured rule."""
+        evaluation-set structures: promoted only when the paired improvement of the rule's
+        figure has a structure-level interval clear of ``min_improvement``, and no chemical
+        system's force MAE got worse beyond its interval."""
+        from pestle.evaluation.intervals import format_difference
+
         rule = ctx.config.daemon.retrain
         model_id = outputs["model_id"]
-        results = outputs["evaluation"]
-        evaluate = self.store.runs.require(ctx.run_id).stages["evaluate"]
+        evaluation = outputs["evaluation"]
         incumbent_id = self.promoted(ctx.config)
-        pooled_figures = {name: pooled_metrics(r) for name, r in results.items()}
-        key = "force_mae" if rule.rule == "force_mae" else "softening_distance"
-        new, old = pooled_figures["candidate"][key], pooled_figures["incumbent"][key]
-        better = new < old * (1.0 - rule.min_improvement)
-        holdout_ids = evaluate["holdout_label_ids"]
+        incumbent = incumbent_id or "the pretrained model"
+        metric = "force_mae" if rule.rule == "force_mae" else "softening_distance"
+        decided: dict[str, Any] = {"model_id": model_id, "incumbent": incumbent_id,
+                                   "rule": rule.rule, "metric": metric, "run_id": ctx.run_id}  # fmt: skip
+        if evaluation is None:
+            return {**decided, "outcome": "kept",
+                    "reason": "no evaluation-set labels to judge the candidate on"}  # fmt: skip
+        difference = evaluation.paired("candidate", metric)
+        regressions = evaluation.regressions("candidate", "force_mae", "chemical_system")
+        improved = difference.improved(rule.min_improvement)
+        shown = format_difference(difference, digits=4)
+        if not difference.enough:
+            verdict = f"not enough evaluation structures (n = {difference.n_structures})"
+        elif regressions:
+            worse = ", ".join(f"{system} {format_difference(d, digits=4)}"
+                              for system, d in sorted(regressions.items()))  # fmt: skip
+            verdict = f"force MAE worse beyond its interval in {worse}"
+        elif improved:
+            verdict = "better beyond its interval"
+        else:
+            verdict = "not better beyond its interval"
         reason = (
-            f"{key} {new:.4f} vs {old:.4f} of {incumbent_id or 'the pretrained model'} on "
-            f"{len(holdout_ids)} held-out labels: {'better' if better else 'not better'} by "
-            f"the rule (improvement > {rule.min_improvement:.0%})"
+            f"{metric} candidate - {incumbent}: {shown} on {difference.n_structures} "
+            f"evaluation-set structures (improvement required > {rule.min_improvement:.0%}): "
+            f"{verdict}"
         )
         return {
-            "model_id": model_id,
-            "incumbent": incumbent_id,
-            "rule": rule.rule,
-            "run_id": ctx.run_id,
-            "metrics": evaluate["metrics"],
-            "pooled": pooled_figures,
-            "holdout_label_ids": holdout_ids,
-            "plots": {
-                system: str(ctx.run_dir / name) for system, name in evaluate["plots"].items()
-            },
-            "outcome": "promoted" if better else "kept",
+            **decided,
+            "difference": difference.as_dict(),
+            "regressions": {system: d.as_dict() for system, d in regressions.items()},
+            "evaluation": evaluation.as_dict(),
+            "outcome": "promoted" if improved and not regressions else "kept",
             "reason": reason,
         }
 

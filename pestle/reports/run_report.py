@@ -21,42 +21,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def metrics_rows(metrics: dict[str, dict[str, dict]]) -> list[list[Any]]:
-    """One row per (chemical system, model) from ``evaluate`` metrics."""
-    rows = []
-    systems = sorted({s for per_model in metrics.values() for s in per_model})
-    for system in systems:
-        for model, per_system in metrics.items():
-            m = per_system.get(system)
-            if m is None:
-                continue
-            fit = m["softening"]
-            rows.append(
-                [
-                    system,
-                    model,
-                    m["n_structures"],
-                    m["n_force_components"],
-                    f"{fit['slope']:.3f} [{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]",
-                    m["force_mae"],
-                    m["force_rmse"],
-                    m.get("energy_mae_per_atom"),
-                    m.get("energy_mae_per_atom_offset_removed"),
-                ]
-            )
-    return rows
-
-
 METRIC_HEADER = [
+    "labels",
     "system",
     "model",
-    "held-out structures",
-    "force components",
-    "softening scale [95% CI]",
-    "force MAE (eV/Å)",
-    "force RMSE (eV/Å)",
-    "energy MAE (eV/atom)",
-    "energy MAE, mean offset removed (eV/atom)",
+    "structures",
+    "softening scale [95% structure-level CI]",
+    "force MAE (eV/Å) [95% CI]",
 ]
 
 
@@ -72,21 +43,28 @@ def write_report(
         "",
         f"Campaign **{run.get('campaign')}** from `{run.get('config_file')}`; store `{run.get('store')}`.",
         "",
-        "## Softening on held-out reference labels",
+        "## Softening on reference labels the models never trained on",
         "",
         "Softening scale: slope of the least-squares line through the origin of model force",
         "components against reference force components (below 1: the model is softer than the",
-        "reference). Held-out structures were never used for fine-tuning.",
+        "reference). The evaluation set is drawn at random from every valid candidate; the",
+        "held-out picks were selected by score like the training labels. Intervals are 95%",
+        "structure-level (components of one structure are not independent).",
         "",
     ]
-    metrics = evaluation.get("metrics", {})
-    if metrics:
-        lines += _table(METRIC_HEADER, metrics_rows(metrics))
+    from pestle.engine.run import summary_rows
+
+    rows = summary_rows(stages)
+    if rows:
+        lines += _table(METRIC_HEADER, [[r["labels"], r["system"], r["model"], r["n"],
+                                         r["softening"], r["force_mae"]] for r in rows])  # fmt: skip
     else:
-        lines.append("No held-out labels: nothing to evaluate (raise the per-system budget).")
+        lines.append("No labels to evaluate on (raise the per-system budgets).")
     lines.append("")
-    for system, png in evaluation.get("plots", {}).items():
-        lines += [f"### {system}", "", f"![force parity {system}]({png})", ""]
+    plots = (evaluation.get("evaluation_set") or {}).get("plots", {})
+    for system, kinds in plots.items():
+        if "forces" in kinds:
+            lines += [f"### {system}", "", f"![force parity {system}]({kinds['forces']})", ""]
 
     lines += ["## Dataset", ""]
     counts = sample.get("counts", {})

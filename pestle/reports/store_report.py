@@ -83,40 +83,38 @@ def growth_plot(store: Store, path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def softening_history(store: Store) -> list[dict[str, Any]]:
-    """Held-out softening scales in the order they were measured: one row per (model,
-    system), from campaign runs (pretrained and fine-tuned) and daemon retraining decisions
-    (incumbent and candidate on the same held-out labels)."""
-    rows: list[dict[str, Any]] = []
+    """Softening scales on the evaluation set in the order they were measured: one row per
+    (model, system), from campaign runs (pretrained and fine-tuned) and daemon retrainings
+    (incumbent and candidate on the same structures), with structure-level intervals."""
+    from pestle.evaluation.evaluate import stored_softening
+
     outcomes = {d.model_dump().get("run_id"): d.model_dump().get("outcome")
                 for d in store.decisions.find("retrain")}  # fmt: skip
+    rows: list[dict[str, Any]] = []
     for run in store.runs.with_stage("evaluate"):
         evaluate = run.stages["evaluate"]
+        stored = (evaluate.get("evaluation_set") or {}).get("evaluation")
+        if not stored:
+            continue
         model_id = (run.stages.get("finetune") or {}).get("model_id")
-        for name, per_system in evaluate.get("metrics", {}).items():
+        for name in stored["models"]:
             if name in ("fine-tuned", "candidate"):
                 outcome = outcomes.get(run.id)
                 model = f"{model_id} ({outcome})" if outcome else model_id
             elif name == "incumbent":  # the promoted model, or the pretrained one before any
-                baseline = evaluate.get("baseline", "")
-                model = f"{baseline} (promoted)" if baseline.startswith("model-") else "pretrained"
+                label = evaluate.get("labels", {}).get(name, "")
+                model = f"{label} (promoted)" if label.startswith("model-") else "pretrained"
             else:
                 model = "pretrained"
-            for system, metrics in per_system.items():
+            for system, estimate in stored_softening(stored, model=name).items():
+                figures = stored["levels"]["chemical_system"][system]["models"][name]
                 rows.append({"at": run.started_at, "model": model, "system": system,
-                             **_softening(metrics)})  # fmt: skip
+                             "slope": estimate.value, "ci_low": estimate.low,
+                             "ci_high": estimate.high,
+                             "force_mae": (figures.get("force_mae") or {}).get("value"),
+                             "n_structures": estimate.n_structures})  # fmt: skip
     rows.sort(key=lambda r: _utc(r["at"]) if r["at"] else datetime.min.replace(tzinfo=timezone.utc))
     return rows
-
-
-def _softening(metrics: dict[str, Any]) -> dict[str, Any]:
-    fit = metrics.get("softening", {})
-    return {
-        "slope": fit.get("slope"),
-        "ci_low": fit.get("ci_low"),
-        "ci_high": fit.get("ci_high"),
-        "force_mae": metrics.get("force_mae"),
-        "n_structures": metrics.get("n_structures"),
-    }
 
 
 def _short(model: str) -> str:
@@ -220,8 +218,11 @@ def _parity_plots(store: Store, work_dir: Path, out: Path) -> list[tuple[str, st
     """Parity PNGs of the latest run evaluations and daemon decisions, copied beside the report."""
     found: list[tuple[str, Path]] = []
     for run in store.runs.with_stage("evaluate")[::-1][:3]:  # the latest three
-        for system, name in run.stages["evaluate"].get("plots", {}).items():
-            found.append((f"{system}: run {run.id}", work_dir / "runs" / run.id / name))
+        plots = (run.stages["evaluate"].get("evaluation_set") or {}).get("plots", {})
+        for system, kinds in plots.items():
+            if "forces" in kinds:
+                found.append((f"{system}: run {run.id}, evaluation set",
+                              work_dir / "runs" / run.id / kinds["forces"]))  # fmt: skip
     copied = []
     for caption, source in found:
         if source.is_file():

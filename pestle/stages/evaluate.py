@@ -1,23 +1,48 @@
-"""The evaluate stage: a baseline and the freshly trained model on the same held-out labels
-(errors and softening scale per chemical system), parity plots of both, and the candidate's
-evaluation recorded on its model version."""
+"""The evaluate stage: a baseline and the freshly trained model on the same labels, with
+structure-level intervals, paired differences and every plot.
+
+Two sets of labels, never trained on: the campaign's *evaluation set* (drawn at random from
+all valid candidates, stratified by sampler and amplitude) is what every figure, decision and
+report rests on; the *held-out picks* (score-selected like the training labels, so they
+measure the regime pestle chose) are shown beside it. Below ``min_structures`` a figure says
+"not enough structures (n = ...)" instead of a number.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pestle.stages.split import pooled
-from pestle.store import ROLE_HOLDOUT
+from pestle.store import ROLE_HOLDOUT, StoredLabel
 
 if TYPE_CHECKING:
+    from pestle.evaluation.evaluate import Evaluation
     from pestle.potentials import Potential
     from pestle.stages.context import RunContext
 
 
-def strip_arrays(results: Mapping[str, dict]) -> dict[str, dict]:
-    """Per-system metrics without the arrays kept for plots (what is stored)."""
-    return {s: {k: v for k, v in m.items() if k != "arrays"} for s, m in results.items()}
+def evaluation_set_labels(ctx: RunContext, systems: list[str] | None = None) -> list[StoredLabel]:
+    """The stored labels of the campaign's evaluation set (at this level of theory)."""
+    members = ctx.store.structures.evaluation_set(ctx.config.name, systems)
+    ids = [i for group in members.values() for i in group]
+    return list(ctx.store.labels.labelled({"structure_id": {"$in": ids}, "lot_hash": ctx.lot_hash}))
+
+
+def evaluate_on(
+    ctx: RunContext, models: dict[str, Potential], stored: list[StoredLabel], baseline: str
+) -> Evaluation | None:
+    """``pestle.evaluation.evaluate`` of these models on these labels (None without labels)."""
+    from pestle.evaluation.evaluate import evaluate
+
+    if not stored:
+        return None
+    return evaluate(
+        models,
+        [s.labelled() for s in stored],
+        samplers={s.structure_id: s.sampler for s in stored},
+        baseline=baseline,
+        min_structures=ctx.config.evaluation.evaluation_set.min_structures,
+    )
 
 
 class EvaluateStage:
@@ -27,7 +52,7 @@ class EvaluateStage:
 
     name = "evaluate"
     requires = ("split", "model_id")
-    provides = ("evaluation",)
+    provides = ("evaluation", "holdout_evaluation")
 
     def __init__(self, baseline: str = "pretrained") -> None:
         if baseline not in ("pretrained", "promoted"):
@@ -53,45 +78,51 @@ class EvaluateStage:
         return models
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from pestle.evaluation.metrics import evaluate_potential
-        from pestle.evaluation.plots import parity_plot
+        from pestle.evaluation.plots import evaluation_plots
 
         model_id = ctx.outputs["model_id"]
-        holdout_ids = pooled(ctx.outputs["split"], ROLE_HOLDOUT)
-        holdout = [s.labelled() for s in ctx.store.labels.labelled({"_id": {"$in": holdout_ids}})]
+        split = ctx.outputs["split"]
         models = self._models(ctx, model_id)
-        results = (
-            {
-                name: evaluate_potential(potential, holdout)
-                for name, (_, potential) in models.items()
-            }
-            if holdout
-            else {}
-        )
-        plots: dict[str, str] = {}
-        for system in sorted({s for r in results.values() for s in r}):
-            arrays = {name: r[system]["arrays"] for name, r in results.items() if system in r}
-            path = parity_plot(
-                next(iter(arrays.values()))["reference"],
-                {models[name][0]: a["predicted"] for name, a in arrays.items()},
-                ctx.run_dir / f"parity-forces-{system}.png",
-                title=f"{system}: held-out forces vs {ctx.labeller.name}",
-            )
-            plots[system] = path.name
-        summary = {name: strip_arrays(r) for name, r in results.items()}
-        candidate = "fine-tuned" if self.baseline == "pretrained" else "candidate"
-        ctx.record(
-            "evaluate",
-            {
-                "holdout_label_ids": holdout_ids,
-                "metrics": summary,
-                "plots": plots,
-                "models": {name: potential.describe() for name, (_, potential) in models.items()},
-                "baseline": models[next(iter(models))][0],
-            },
-        )
-        if model_id is not None and candidate in summary:
-            ctx.store.models.record_evaluation(
-                model_id, ctx.run_id, holdout_ids, summary[candidate]
-            )
-        return {"evaluation": results}
+        potentials = {name: potential for name, (_, potential) in models.items()}
+        labels = {name: label for name, (label, _) in models.items()}
+        baseline = next(iter(models))
+        candidate = next((name for name in models if name != baseline), None)
+        sets = {
+            "evaluation_set": evaluation_set_labels(ctx, sorted(split)),
+            "holdout": list(
+                ctx.store.labels.labelled({"_id": {"$in": pooled(split, ROLE_HOLDOUT)}})
+            ),
+        }
+        outcome: dict[str, Any] = {
+            "baseline": baseline,
+            "candidate": candidate,
+            "labels": labels,
+            "models": {name: potential.describe() for name, potential in potentials.items()},
+            "min_structures": ctx.config.evaluation.evaluation_set.min_structures,
+        }
+        evaluations: dict[str, Evaluation | None] = {}
+        for which, stored in sets.items():
+            evaluation = evaluate_on(ctx, potentials, stored, baseline)
+            evaluations[which] = evaluation
+            label_ids = sorted(s.label_id for s in stored)
+            entry: dict[str, Any] = {"label_ids": label_ids}
+            if evaluation is None:
+                entry["note"] = f"no {which.replace('_', ' ')} labels"
+            else:
+                entry["evaluation"] = evaluation.as_dict()
+                written = evaluation_plots(evaluation, ctx.run_dir / which, labels=labels)
+                entry["plots"] = {
+                    group: {
+                        kind: str(path.relative_to(ctx.run_dir)) for kind, path in kinds.items()
+                    }
+                    for group, kinds in written.items()
+                }
+                if candidate is not None:
+                    source = ctx.run_id if which == "evaluation_set" else f"{ctx.run_id}:{which}"
+                    ctx.store.models.record_evaluation(
+                        model_id, source, label_ids, evaluation.model_summary(candidate)
+                    )
+            outcome[which] = entry
+        ctx.record("evaluate", outcome)
+        return {"evaluation": evaluations["evaluation_set"],
+                "holdout_evaluation": evaluations["holdout"]}  # fmt: skip
