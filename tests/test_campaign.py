@@ -104,7 +104,9 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
     assert run["state"] == "finished"
     report = Path(run["report"])
     assert report.is_file() and campaign["output"].strip().endswith(str(report))
-    assert list(report.parent.glob("parity-forces-Si.png"))
+    for which in ("evaluation_set", "holdout"):
+        for kind in ("parity-forces", "parity-energy", "parity-stress", "force-error"):
+            assert (report.parent / which / f"{kind}-Si.png").stat().st_size > 10_000
 
     seeds = list(db["structures"].find({"kind": "seed"}))
     assert len(seeds) == 1  # the duplicate seed is stored once

@@ -23,6 +23,7 @@ from pestle.evaluation.intervals import (
     format_difference,
     format_estimate,
     mae_interval,
+    paired_error_ratio,
     paired_mae,
     paired_softening,
     softening_distance_interval,
@@ -67,10 +68,15 @@ def test_structure_interval_covers_and_component_t_does_not() -> None:
     ref, base, cand = simulated_campaign(rng, 20000)
     x, yb, yc = (np.concatenate([a.ravel() for a in arrays]) for arrays in (ref, base, cand))
     true_mae_difference = float(np.mean(np.abs(yc - x)) - np.mean(np.abs(yb - x)))
+    # True geometric-mean ratio of per-structure force MAEs (what a promotion decides on).
+    true_log_ratio = float(np.mean([np.log(np.abs(c - r).mean() / np.abs(b - r).mean())
+                                    for r, b, c in zip(ref, base, cand, strict=True)]))  # fmt: skip
     campaigns = 300
     print(f"\ncoverage of nominal 95 % intervals, {campaigns} simulated campaigns each:")
     for n in (5, 10, 15):
-        hits = dict.fromkeys(("structure", "component t", "paired slope", "paired MAE"), 0)
+        hits = dict.fromkeys(
+            ("structure", "component t", "paired slope", "paired MAE", "paired MAE ratio"), 0
+        )
         for _ in range(campaigns):
             ref, base, cand = simulated_campaign(rng, n)
             fit = softening_interval(base, ref)
@@ -80,12 +86,17 @@ def test_structure_interval_covers_and_component_t_does_not() -> None:
             hits["paired slope"] += diff.low <= CANDIDATE_SLOPE - TRUE_SLOPE <= diff.high
             mae = paired_mae(cand, base, ref)
             hits["paired MAE"] += mae.low <= true_mae_difference <= mae.high
+            ratio = paired_error_ratio(cand, base, ref)
+            hits["paired MAE ratio"] += (
+                ratio.ratio_low <= np.exp(true_log_ratio) <= ratio.ratio_high
+            )
         coverage = {k: v / campaigns for k, v in hits.items()}
         print(f"  {n:2d} structures: " + ", ".join(f"{k} {v:.3f}" for k, v in coverage.items()))
         assert coverage["structure"] >= 0.90
         assert coverage["component t"] <= 0.60
         assert coverage["paired slope"] >= 0.90
         assert coverage["paired MAE"] >= 0.85
+        assert coverage["paired MAE ratio"] >= 0.90
 
 
 def test_cr2_algebra() -> None:
@@ -387,3 +398,20 @@ def test_stored_softening_reads_every_shape() -> None:
     si = stored_softening(old)["Si"]
     assert si.value == 1.059 and math.isnan(si.low) and si.component_low == 1.029
     assert format_estimate(si) == "not enough structures (n = 3)"
+
+
+def test_error_ratio_sees_what_every_structure_says() -> None:
+    """Eight structures all improved by ~20 %, one of them a near-collision whose error
+    dominates the pooled MAE: the pooled difference's interval is wide, the per-structure
+    ratio's is not, and it alone decides the improvement."""
+    rng = np.random.default_rng(3)
+    ref = [rng.normal(0, 1.0, (8, 3)) for _ in range(8)]
+    ref[0] = ref[0] * 10  # a strongly distorted structure
+    base = [r + rng.normal(0, 0.15 * np.abs(r).mean(), r.shape) for r in ref]
+    cand = [r + 0.8 * (b - r) for r, b in zip(ref, base, strict=True)]
+    ratio = paired_error_ratio(cand, base, ref)
+    assert ratio.improved(0.1) and not ratio.improved(0.3)
+    assert 0.75 < ratio.ratio < 0.85 and ratio.ratio_high < 0.9
+    worse = paired_error_ratio(base, cand, ref)
+    assert worse.worse() and not worse.improved()
+    assert not paired_error_ratio(cand[:3], base[:3], ref[:3]).improved()  # too few

@@ -450,20 +450,23 @@ class Daemon:
         evaluation = outputs["evaluation"]
         incumbent_id = self.promoted(ctx.config)
         incumbent = incumbent_id or "the pretrained model"
-        metric = "force_mae" if rule.rule == "force_mae" else "softening_distance"
+        # force_mae: the per-structure error ratio (is the candidate better across
+        # structures?), not the pooled MAE that one strongly distorted structure can carry.
+        metric = "force_mae_ratio" if rule.rule == "force_mae" else "softening_distance"
         decided: dict[str, Any] = {"model_id": model_id, "incumbent": incumbent_id,
                                    "rule": rule.rule, "metric": metric, "run_id": ctx.run_id}  # fmt: skip
         if evaluation is None:
             return {**decided, "outcome": "kept",
                     "reason": "no evaluation-set labels to judge the candidate on"}  # fmt: skip
         difference = evaluation.paired("candidate", metric)
-        regressions = evaluation.regressions("candidate", "force_mae", "chemical_system")
+        regressions = evaluation.regressions("candidate", "force_mae_ratio", "chemical_system")
         improved = difference.improved(rule.min_improvement)
-        shown = format_difference(difference, digits=4)
+        relative = metric == "force_mae_ratio"
+        shown = format_difference(difference, digits=4, relative=relative)
         if not difference.enough:
             verdict = f"not enough evaluation structures (n = {difference.n_structures})"
         elif regressions:
-            worse = ", ".join(f"{system} {format_difference(d, digits=4)}"
+            worse = ", ".join(f"{system} {format_difference(d, relative=True)}"
                               for system, d in sorted(regressions.items()))  # fmt: skip
             verdict = f"force MAE worse beyond its interval in {worse}"
         elif improved:
@@ -471,7 +474,7 @@ class Daemon:
         else:
             verdict = "not better beyond its interval"
         reason = (
-            f"{metric} candidate - {incumbent}: {shown} on {difference.n_structures} "
+            f"{metric} candidate vs {incumbent}: {shown} on {difference.n_structures} "
             f"evaluation-set structures (improvement required > {rule.min_improvement:.0%}): "
             f"{verdict}"
         )

@@ -34,6 +34,7 @@ from pestle.evaluation.intervals import (
     energy_mae_interval,
     mae_interval,
     paired_energy_mae,
+    paired_error_ratio,
     paired_mae,
     paired_softening,
     rmse_interval,
@@ -56,6 +57,7 @@ DEFAULT_GROUPS: tuple[str | tuple[str, ...], ...] = (
 # Figures compared between a model and the baseline on the same structures.
 PAIRED_METRICS = (
     "force_mae",
+    "force_mae_ratio",
     "softening",
     "softening_distance",
     "energy_mae_per_atom_offset_removed",
@@ -507,6 +509,7 @@ def _paired_metrics(
     with_stress = data.with_stress(members, [name, baseline])
     return {
         "force_mae": paired_mae(cand, base, ref, options=options),
+        "force_mae_ratio": paired_error_ratio(cand, base, ref, options=options),
         "softening": paired_softening(cand, base, ref, options=options),
         "softening_distance": paired_softening(
             cand, base, ref, distance=True, strata=systems, options=options
