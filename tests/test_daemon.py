@@ -247,8 +247,8 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
 
         # The promoted model against its parent on its held-out labels.
         evaluated = pestle("evaluate", promoted[0]["model_id"], "-c", str(config)).stdout
-        assert f"| chemical_system = F-Li | {promoted[0]['model_id']} |" in evaluated
-        assert "| chemical_system = F-Li | chgnet:0.3.0 |" in evaluated
+        assert f"| F-Li | {promoted[0]['model_id']} |" in evaluated
+        assert "| F-Li | chgnet:0.3.0 |" in evaluated
         assert list((work / "evaluations" / promoted[0]["model_id"]).glob("parity-*.png"))
 
         # The report draws its figures from what the store holds.
