@@ -104,7 +104,10 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
     assert run["state"] == "finished"
     report = Path(run["report"])
     assert report.is_file() and campaign["output"].strip().endswith(str(report))
-    assert list(report.parent.glob("parity-forces-Si.png"))
+    # An HTML page in the run folder, showing the evaluate stage's plots from beside it.
+    assert report.name == "report.html"
+    assert (report.parent / "evaluation_set" / "parity-forces-Si.png").is_file()
+    assert "src='evaluation_set/parity-forces-Si.png'" in report.read_text()
 
     seeds = list(db["structures"].find({"kind": "seed"}))
     assert len(seeds) == 1  # the duplicate seed is stored once
