@@ -105,7 +105,8 @@ def campaign(tmp_path_factory, mongo_uri):
     store = Store(mongo_uri, database)
     with make_client(config.dask) as client:
         result = run_campaign(config, store, mongo_uri, client)
-    yield {"result": result, "store": store, "tmp": tmp_path, "work": tmp_path / "work"}
+    yield {"result": result, "store": store, "tmp": tmp_path, "work": tmp_path / "work",
+           "config": config}  # fmt: skip
     store.drop()
     store.close()
 
@@ -132,10 +133,7 @@ def test_run_report_renders_in_a_browser(campaign, tmp_path) -> None:
         assert fact in text
     # Five evaluation structures per system: figures with intervals; the held-out picks (2
     # per system) and every system x sampler group are too few, and the report says so.
-    assert (
-        "Al (n = 5): softening scale pretrained 1.000" in text
-        and "Force MAE, paired change" in text
-    )
+    assert "Al (n = 5): softening scale pretrained 1.000" in text and "Force MAE changed by" in text
     assert "not enough structures (n = 2)" in text
     assert "Too few structures for an interval" in text
 
@@ -172,6 +170,25 @@ def test_markdown_reports_link_existing_figures(campaign) -> None:
         links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
         assert links and all((page.parent / link).is_file() for link in links)
     assert "## Softening before and after: evaluation set" in pages[0].read_text()
+
+
+def test_pestle_report_writes_a_run_report_again(campaign, tmp_path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from pestle.cli import app
+
+    config = tmp_path / "metals.yaml"
+    config.write_text(yaml.safe_dump(campaign["config"].model_dump(mode="json")))
+    run_id = campaign["result"].run_id
+    out = tmp_path / "again"
+    result = CliRunner().invoke(app, ["report", "--run", run_id, "-c", str(config), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert f"run {run_id}" in page and "evaluation_set/" not in page  # plots copied beside it
+    assert all((out / src).is_file() for src in re.findall(r"<img src='([^']+)'", page))
+    missing = CliRunner().invoke(app, ["report", "--run", "nope", "-c", str(config)])
+    assert missing.exit_code == 2 and "no run nope" in missing.output
 
 
 def test_convergence_and_equation_of_state_are_shown_when_recorded(tmp_path) -> None:
@@ -223,3 +240,19 @@ def test_the_page_escapes_what_the_store_holds(tmp_path) -> None:
     page = doc.write(tmp_path / "report.html").read_text()
     assert "<script>" not in page and "<img" not in page and "<b>x" not in page
     assert "&lt;script&gt;" in page
+
+
+def test_a_run_report_without_its_store_says_what_it_leaves_out(campaign, tmp_path) -> None:
+    from pestle.reports.run_report import write_report
+
+    result = campaign["result"]
+    run = campaign["store"].runs.require(result.run_id).model_dump(by_alias=True)
+    run["config"]["store"] = {"uri": None, "uri_file": None, "database": "gone"}
+    run["config"]["work_dir"] = str(tmp_path)  # no store runs here: it cannot be reopened
+    out = tmp_path / "run"
+    shutil.copytree(result.run_dir / "evaluation_set", out / "evaluation_set")
+    shutil.copytree(result.run_dir / "holdout", out / "holdout")
+    page = write_report(run, run["stages"]["evaluate"], run["stages"]["finetune"]["model_id"], out)
+    text = page.read_text()
+    assert "Written without the store" in text and "Softening before and after" in text
+    assert all((out / src).is_file() for src in re.findall(r"<img src='([^']+)'", text))

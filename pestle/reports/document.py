@@ -273,7 +273,8 @@ def _md_blocks(blocks: Sequence[Block], out: list[str], level: int) -> None:
             ]
             out.append("")
         elif isinstance(block, Figure):
-            out += [f"![{block.alt or block.caption}]({block.src})", "", f"*{block.caption}*", ""]
+            alt = block.alt or block.caption.split(":")[0][:80]
+            out += [f"![{alt}]({block.src})", "", f"*{block.caption}*", ""]
         elif isinstance(block, Figures):
             _md_blocks(block.figures, out, level)
         elif isinstance(block, Code):

@@ -439,7 +439,8 @@ def jobs_plot(
     failed jobs per error (one kind is said in the report's table; nothing failed, no panel)."""
     panel = len(failures) >= 2
     fig = new_figure(11.5 if panel else 8.0, 4.0)
-    axes = fig.subplots(1, 2 if panel else 1, squeeze=False)[0]
+    ratios = {"width_ratios": [1.3, 1]} if panel else {}
+    axes = fig.subplots(1, 2 if panel else 1, squeeze=False, gridspec_kw=ratios)[0]
     left = axes[0]
     stamps = sorted(_utc(t) for t, _ in finished)
     start = stamps[0] if stamps else datetime.now(timezone.utc)
@@ -459,11 +460,10 @@ def jobs_plot(
         left.hist(stacked, bins=edges, stacked=True, label=states, edgecolor="white",
                   color=[colours.get(s, "C0") for s in states])  # fmt: skip
         left.legend(fontsize="small")
-    left.set_xlabel(f"{unit} since the first job finished ({start:%Y-%m-%d %H:%M} UTC); "
-                    f"bins of {width:g} {unit}")  # fmt: skip
+    left.set_xlabel(f"{unit} since the first job finished; bins of {width:g} {unit}")
     left.set_ylabel("jobs finished per bin")
     left.yaxis.get_major_locator().set_params(integer=True)
-    left.set_title("job throughput", fontsize=FONT)
+    left.set_title(f"job throughput from {start:%Y-%m-%d %H:%M} UTC", fontsize=FONT)
     left.grid(axis="y", alpha=0.3)
     if panel:
         right = axes[1]

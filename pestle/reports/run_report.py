@@ -14,6 +14,7 @@ set); the reference-calculation cost per label; the level of theory and code ver
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,8 @@ from pestle.reports.document import Code, Details, Document, Section, Table, Tex
 
 if TYPE_CHECKING:
     from pestle.store import Store
+
+log = logging.getLogger("pestle.reports")
 
 LABEL_FIELDS = ["structure_id", "chemical_system", "energy_per_atom", "max_force", "stress",
                 "natoms", "extra", "level_of_theory", "labeller", "role", "sampler",
@@ -43,10 +46,14 @@ def write_report(
     the run document as stored (``RunDoc.model_dump(by_alias=True)``); ``evaluation``: its
     evaluate stage; ``model_id``: the fine-tuned model (None when fine-tuning was skipped).
     ``store``: the run's store, for the model's learning curves, the labels and the
-    candidates; when None it is opened again from the run's config (as the CLI does)."""
+    candidates; when None it is opened again from the run's config (as the CLI does), and
+    if that fails the report says what it leaves out."""
     own = store is None
     if own:
-        store = _reopen(run)
+        try:
+            store = _reopen(run)
+        except Exception as exc:  # the report must not fail a finished run
+            log.warning("report of %s without its store (%s)", run.get("_id"), exc)
     try:
         stages = dict(run.get("stages") or {})
         if evaluation:
@@ -56,17 +63,23 @@ def write_report(
         doc = build_run_report(store, {**run, "stages": stages}, Path(run_dir), Path(run_dir))
         return doc.write(Path(run_dir) / f"report.{fmt}", fmt)
     finally:
-        if own:
+        if own and store is not None:
             store.close()
 
 
 def write_run_report(
-    store: Store, run_id: str, out_dir: Path | None = None, fmt: str = "html"
+    store: Store,
+    run_id: str,
+    out_dir: Path | None = None,
+    fmt: str = "html",
+    work_dir: Path | None = None,
 ) -> Path:
     """The report of a stored run, written again (``pestle report --run``): into the run's
-    folder by default, else into ``out_dir`` (the evaluate stage's plots copied beside it)."""
+    folder (``<work_dir>/runs/<run id>``; ``work_dir`` defaults to the run's config) by
+    default, else into ``out_dir`` with the evaluate stage's plots copied beside it."""
     run = store.runs.require(run_id).model_dump(by_alias=True)
-    run_dir = Path((run.get("config") or {}).get("work_dir", ".")).resolve() / "runs" / run_id
+    root = work_dir if work_dir is not None else (run.get("config") or {}).get("work_dir", ".")
+    run_dir = Path(root).resolve() / "runs" / run_id
     out = Path(out_dir) if out_dir is not None else run_dir
     doc = build_run_report(store, run, run_dir, out)
     return doc.write(out / f"report.{fmt}", fmt)
@@ -81,7 +94,9 @@ def _reopen(run: dict[str, Any]) -> Store:
                       spec.get("database", "pestle"), start=False)  # fmt: skip
 
 
-def build_run_report(store: Store, run: dict[str, Any], run_dir: Path, out: Path) -> Document:
+def build_run_report(
+    store: Store | None, run: dict[str, Any], run_dir: Path, out: Path
+) -> Document:
     """The report's document: ``run_dir`` holds the evaluate stage's plots, ``out`` is where
     the page goes (its figures under ``out/report``)."""
     from pestle.store import mask_uri
@@ -93,11 +108,16 @@ def build_run_report(store: Store, run: dict[str, Any], run_dir: Path, out: Path
     label = stages.get("label") or {}
     score = stages.get("score") or {}
     model_id = finetune.get("model_id")
-    lot = label.get("level_of_theory") or {}
+    labels = _run_labels(store, stages) if store is not None else []
+    lot = label.get("level_of_theory") or (labels[0].level_of_theory if labels else {})
+    lot_hash = label.get("lot_hash") or (labels[0].lot_hash if labels else "?")
     campaign = run.get("campaign") or "?"
     database = ((run.get("config") or {}).get("store") or {}).get("database", "pestle")
 
-    models = [f"baseline: {S.describe_model(score.get('model') or {})}"]
+    baseline = (evaluate.get("models") or {}).get(evaluate.get("baseline", ""))
+    baseline_label = (evaluate.get("labels") or {}).get(evaluate.get("baseline", ""), "")
+    models = [f"baseline: {S.describe_model(baseline or score.get('model') or {})}"
+              + (f" ({baseline_label})" if str(baseline_label).startswith("model-") else "")]  # fmt: skip
     if model_id:
         trainer = ((run.get("config") or {}).get("finetune") or {}).get("trainer") or {}
         models.append(f"fine-tuned: {model_id} ({trainer.get('name', '?')} "
@@ -120,6 +140,11 @@ def build_run_report(store: Store, run: dict[str, Any], run_dir: Path, out: Path
         ],
     )  # fmt: skip
     names = dict(evaluate.get("labels") or {})
+    if store is None:
+        doc.sections.append(Section("Written without the store").add(Text(
+            "The store could not be opened again from the run's config, so learning curves, "
+            "softening against the number of labels, distributions and the cost per label are "
+            "left out; `pestle report --run` writes the whole report.", "warning")))  # fmt: skip
 
     # -- softening, evaluation set first ------------------------------------------------------
     primary = Section("Softening before and after: evaluation set", anchor="softening")
@@ -168,8 +193,8 @@ def build_run_report(store: Store, run: dict[str, Any], run_dir: Path, out: Path
 
     # -- fine-tuning ------------------------------------------------------------------------------
     tuning = Section("Fine-tuning", anchor="finetune")
-    model = store.models.get(model_id) if model_id else None
-    if model is None:
+    model = store.models.get(model_id) if model_id and store is not None else None
+    if model_id is None:
         tuning.add(Text(f"No fine-tuning: {finetune.get('skipped', 'disabled')}.", "note"))
     else:
         tuning.add(Text(
@@ -177,42 +202,59 @@ def build_run_report(store: Store, run: dict[str, Any], run_dir: Path, out: Path
             f"{finetune.get('n_validation', 0)} more chose the epoch kept (none: the training "
             "loss chose it)."
         ))  # fmt: skip
-        tuning.add(*S.learning_curves_blocks([model], place, "learning-curves"))
+        if model is not None:
+            tuning.add(*S.learning_curves_blocks([model], place, "learning-curves"))
     doc.sections.append(tuning)
 
-    labels_section = Section("Softening against the number of labels", anchor="labels")
-    labels_section.add(Text(
-        f"Every model version of campaign {campaign} measured on its evaluation set, against "
-        "the number of labels of each system it trained on."
-    ))  # fmt: skip
-    labels_section.add(*S.softening_vs_labels_blocks(
-        S.softening_vs_labels(store, campaign), place, "softening-vs-labels"))  # fmt: skip
-    doc.sections.append(labels_section)
+    if store is not None:
+        labels_section = Section("Softening against the number of labels", anchor="labels")
+        labels_section.add(Text(
+            f"Every model version of campaign {campaign} measured on its evaluation set, "
+            "against the number of labels of each system it trained on."
+        ))  # fmt: skip
+        labels_section.add(*S.softening_vs_labels_blocks(
+            S.softening_vs_labels(store, campaign), place, "softening-vs-labels"))  # fmt: skip
+        doc.sections.append(labels_section)
 
-    # -- dataset -------------------------------------------------------------------------------
+    # -- dataset and cost ------------------------------------------------------------------------
     doc.sections.append(_dataset_section(store, run, place))
-    cost = Section("Reference-calculation cost per label", anchor="cost")
-    ids = _labelled_structure_ids(stages)
-    labels = list(store.labels.find({"structure_id": {"$in": ids}, "lot_hash": label.get("lot_hash")},
-                                    LABEL_FIELDS)) if ids else []  # fmt: skip
-    cost.add(*S.cost_blocks(labels, place, "cost-per-label"))
-    doc.sections.append(cost)
+    if store is not None:
+        cost = Section("Reference-calculation cost per label", anchor="cost")
+        cost.add(Text("Every label this run used: its picks and evaluation set, or for a "
+                      "retraining the labels it trained, validated and was evaluated on."))  # fmt: skip
+        cost.add(*S.cost_blocks(labels, place, "cost-per-label"))
+        doc.sections.append(cost)
 
     appendix = Section("Level of theory and code versions", anchor="appendix")
-    appendix.add(Text(f"Level of theory (hash {label.get('lot_hash', '?')}):"),
+    appendix.add(Text(f"Level of theory (hash {lot_hash}):"),
                  Code(json.dumps(lot, indent=2, default=str)),
                  Table(["package", "version"], [[k, v] for k, v in (run.get("code_versions") or {}).items()]))  # fmt: skip
     doc.sections.append(appendix)
     return doc
 
 
-def _labelled_structure_ids(stages: dict[str, Any]) -> list[str]:
+def _run_labels(store: Store, stages: dict[str, Any]) -> list[Any]:
+    """The labels a run used: its picks and evaluation set at its level of theory, and the
+    labels its split, fine-tune and evaluation named (a daemon retraining has only those)."""
     picks = [s["id"] for s in (stages.get("select") or {}).get("selected", [])]
     members = (stages.get("evaluation_set") or {}).get("members") or {}
-    return picks + [i for ids in members.values() for i in ids]
+    structures = picks + [i for ids in members.values() for i in ids]
+    label_ids = {i for roles in (stages.get("split") or {}).values() if isinstance(roles, dict)
+                 for ids in roles.values() for i in ids}  # fmt: skip
+    for which in ("evaluation_set", "holdout"):
+        label_ids.update(((stages.get("evaluate") or {}).get(which) or {}).get("label_ids", []))
+    lot_hash = (stages.get("label") or {}).get("lot_hash")
+    found: dict[str, Any] = {}
+    if structures and lot_hash:
+        query = {"structure_id": {"$in": structures}, "lot_hash": lot_hash}
+        found.update({doc.id: doc for doc in store.labels.find(query, LABEL_FIELDS)})
+    if label_ids:
+        found.update({doc.id: doc for doc in store.labels.find(
+            {"_id": {"$in": sorted(label_ids)}}, [*LABEL_FIELDS, "lot_hash"])})  # fmt: skip
+    return [found[k] for k in sorted(found)]
 
 
-def _dataset_section(store: Store, run: dict[str, Any], place: S.Place) -> Section:
+def _dataset_section(store: Store | None, run: dict[str, Any], place: S.Place) -> Section:
     stages = run.get("stages") or {}
     sample = stages.get("sample") or {}
     select = stages.get("select") or {}
@@ -221,14 +263,19 @@ def _dataset_section(store: Store, run: dict[str, Any], place: S.Place) -> Secti
     members = (stages.get("evaluation_set") or {}).get("members") or {}
     counts = sample.get("counts") or {}
     section = Section("Dataset", anchor="dataset")
-    section.add(Table(
-        ["seeds", "candidates new", "already stored", "rejected", "evaluation set", "picks",
-         "labels dispatched", "already labelled", "failed"],
-        [[len((stages.get("seed") or {}).get("seeds", [])), counts.get("new", 0),
-          counts.get("already_stored", 0), counts.get("rejected", 0),
-          sum(len(v) for v in members.values()), len(select.get("selected", [])),
-          label.get("dispatched"), label.get("already_labelled"), len(label.get("failed", []))]],
-    ))  # fmt: skip
+    if not sample:
+        section.add(Text("This run sampled nothing (a retraining over the campaign's stored "
+                         "labels)."))  # fmt: skip
+    else:
+        section.add(Table(
+            ["seeds", "candidates new", "already stored", "rejected", "evaluation set", "picks",
+             "labels dispatched", "already labelled", "failed"],
+            [[len((stages.get("seed") or {}).get("seeds", [])), counts.get("new", 0),
+              counts.get("already_stored", 0), counts.get("rejected", 0),
+              sum(len(v) for v in members.values()), len(select.get("selected", [])),
+              label.get("dispatched"), label.get("already_labelled"),
+              len(label.get("failed", []))]],
+        ))  # fmt: skip
     per_sampler = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in counts.items()
                             if k.startswith("sampler:"))  # fmt: skip
     if per_sampler:
@@ -248,7 +295,7 @@ def _dataset_section(store: Store, run: dict[str, Any], place: S.Place) -> Secti
     picks = {s["id"] for s in select.get("selected", [])}
     evaluation = {i for ids in members.values() for i in ids}
     predicted: dict[str, dict[str, S.Predicted]] = defaultdict(dict)
-    if key:
+    if key and store is not None:
         for doc in store.structures.run_candidates(
             run["_id"], ["chemical_system", f"scores.{key}"]
         ):
@@ -261,7 +308,7 @@ def _dataset_section(store: Store, run: dict[str, Any], place: S.Place) -> Secti
                     predicted[doc.chemical_system].setdefault(which, S.Predicted()).add(scores)
     labelled: dict[str, dict[str, S.LabelValues]] = defaultdict(dict)
     lot_hash = label.get("lot_hash")
-    if lot_hash and (picks or evaluation):
+    if lot_hash and (picks or evaluation) and store is not None:
         for doc in store.labels.find({"structure_id": {"$in": sorted(picks | evaluation)},
                                       "lot_hash": lot_hash}, LABEL_FIELDS):  # fmt: skip
             which = "evaluation set" if doc.structure_id in evaluation else "picks"
@@ -270,13 +317,16 @@ def _dataset_section(store: Store, run: dict[str, Any], place: S.Place) -> Secti
     reference = (
         (label.get("level_of_theory") or {}).get("code") or label.get("labeller") or "reference"
     )
-    section.add(Section("Distributions: candidates, picks and the evaluation set", level=3).add(
-        *S.distribution_blocks(predicted, labelled, scorer, f"reference {reference}", place,
-                               "distribution")))  # fmt: skip
+    distributions = S.distribution_blocks(predicted, labelled, scorer, f"reference {reference}",
+                                          place, "distribution")  # fmt: skip
+    if distributions:
+        section.add(Section("Distributions: candidates, picks and the evaluation set",
+                            level=3).add(*distributions))  # fmt: skip
 
     selected = select.get("selected", [])
     if selected:
-        systems = store.structures.chemical_systems([s["id"] for s in selected])
+        systems = (store.structures.chemical_systems([s["id"] for s in selected])
+                   if store is not None else {})  # fmt: skip
         by_system = Counter(systems.values())
         section.add(Details(
             f"The {len(selected)} picks ({', '.join(f'{s} {n}' for s, n in sorted(by_system.items()))}) "

@@ -317,10 +317,15 @@ class StoredEvaluation:
             for m in self.others:
                 text += f" → {self.name(m)} {shown(_estimate(group['models'][m], 'softening'))}"
                 towards = verdict(_difference(group, m, "softening_distance"),
-                                  "closer to 1", "further from 1")  # fmt: skip
+                                  "closer to 1 (the paired interval of |1 − s| lies below 0)",
+                                  "further from 1 (the paired interval of |1 − s| lies above 0)")  # fmt: skip
+                if towards.startswith("no change"):
+                    towards = (
+                        "no change towards 1 shown (the paired interval of |1 − s| includes 0)"
+                    )
                 force = _difference(group, m, "force_mae")
-                text += (f"; towards 1: {towards}. Force MAE, paired change "
-                         f"{paired_change(force, 'eV/Å')}: {verdict(force, 'lower', 'higher')}")  # fmt: skip
+                text += (f": {towards}. Force MAE changed by {paired_change(force, 'eV/Å')} on "
+                         f"the same structures: {verdict(force, 'lower beyond its interval', 'higher beyond its interval')}")  # fmt: skip
             out.append(text + ".")
         return out
 
@@ -370,6 +375,8 @@ def evaluation_summary(
     for level, title in LEVELS.items():
         if not ev.level(level):
             continue
+        if level != "chemical_system" and len(ev.level(level)) <= len(ev.level("chemical_system")):
+            continue  # one sampler per system: the same points as per system
         source = summary.get(level)
         caption = (f"Softening scale per {title}, {SETS.get(which, which)}: each model a point "
                    "with its 95% structure-level interval; 1 = no softening; hollow = too few "
@@ -384,7 +391,7 @@ def evaluation_summary(
                                   f"softening scale per {title}")  # fmt: skip
             fig = place.figure(path, caption)
         if fig is not None:
-            fig.wide = level != "chemical_system"
+            fig.wide = True  # each at its own size: legible
             grid.append(fig)
     if grid:
         blocks.append(Figures(grid))
@@ -416,7 +423,12 @@ PLOT_CAPTIONS = {
 
 
 def per_system_plots(
-    which: str, entry: Mapping[str, Any], place: Place, plots_root: Path, prefix: str = ""
+    which: str,
+    entry: Mapping[str, Any],
+    place: Place,
+    plots_root: Path,
+    prefix: str = "",
+    level: int = 3,
 ) -> list[Section]:
     """Per chemical system, the evaluate stage's force, energy and stress parity, force
     error against reference force and softening by force bin (PNGs under ``plots_root``)."""
@@ -432,7 +444,7 @@ def per_system_plots(
                                    copy_as=f"{prefix}{Path(kinds[kind]).name}")  # fmt: skip
                 if fig is not None:
                     shown_figures.append(fig)
-        section = Section(f"{system} ({SETS.get(which, which)})", level=3)
+        section = Section(f"{system} ({SETS.get(which, which)})", level=level)
         if shown_figures:
             section.add(Figures(shown_figures))
         else:

@@ -248,12 +248,15 @@ def _latest_plots(store: Store, work_dir: Path, place: S.Place) -> list[Any]:
             continue
         seen.add(run.campaign)
         labels = run.stages["evaluate"].get("labels") or {}
-        blocks.append(Text(
-            f"Campaign {run.campaign}, run {run.id} ({S.when(S.utc(run.started_at))}): "
-            + ", ".join(f"{name} = {label}" for name, label in labels.items()) + "."
+        names = {name: S.short_model(str(label)) for name, label in labels.items()}
+        prefix = f"{S.slug(run.id)}-"
+        blocks.append(Section(f"Campaign {run.campaign}", level=3).add(
+            Text(f"Run {run.id} ({S.when(S.utc(run.started_at))}) on its evaluation set: "
+                 + ", ".join(f"{name} = {label}" for name, label in labels.items()) + "."),
+            *S.evaluation_summary("evaluation_set", entry, names, place, run_dir, primary=True,
+                                  prefix=prefix),
+            *S.per_system_plots("evaluation_set", entry, place, run_dir, prefix=prefix, level=4),
         ))  # fmt: skip
-        blocks += S.per_system_plots("evaluation_set", entry, place, run_dir,
-                                     prefix=f"{S.slug(run.id)}-")  # fmt: skip
     return blocks
 
 
