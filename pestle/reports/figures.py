@@ -553,10 +553,16 @@ def decisions_plot(points: Sequence[DecisionPoint], path: Path, metric: str) -> 
 # -- model versions ---------------------------------------------------------------------------
 
 
-def versions_plot(points: Mapping[str, Mapping[str, Estimate]], path: Path, title: str) -> Path:
-    """``points[system][model version] = Estimate``: softening per chemical system, the
-    model versions side by side as points with error bars (categories not joined), the
-    legend below the axes (there may be many versions); too few structures: hollow."""
+def versions_plot(
+    points: Mapping[str, Mapping[str, Estimate]],
+    path: Path,
+    title: str,
+    xlabel: str = "chemical system",
+) -> Path:
+    """``points[category][model] = Estimate``: softening per chemical system (or system and
+    sampler), the models side by side as points with error bars (categories not joined), the
+    legend below the axes, where it hides no point; too few structures: hollow, "n = ..",
+    no interval."""
     from matplotlib.lines import Line2D
 
     systems = list(points)
@@ -594,10 +600,11 @@ def versions_plot(points: Mapping[str, Mapping[str, Estimate]], path: Path, titl
         handles.append(Line2D([], [], marker="o", color="0.3", markerfacecolor="none",
                               linestyle="none", label="hollow: too few structures"))  # fmt: skip
     ax.set_xticks(range(len(systems)))
-    ax.set_xticklabels(systems)
+    tilt = len(systems) > 6
+    ax.set_xticklabels(systems, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_xlim(-0.6, len(systems) - 0.4)
     ax.margins(y=0.1)
-    ax.set_xlabel("chemical system")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("softening scale (structure-level 95% CI)")
     ax.set_title(title, fontsize=FONT)
     ax.grid(axis="y", alpha=0.3)

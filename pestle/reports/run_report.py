@@ -161,7 +161,7 @@ def build_run_report(
     ))  # fmt: skip
     sets = {which: evaluate.get(which) or {} for which in ("evaluation_set", "holdout")}
     primary.add(*S.evaluation_summary("evaluation_set", sets["evaluation_set"], names, place,
-                                      run_dir, primary=True))  # fmt: skip
+                                      primary=True))  # fmt: skip
     doc.sections.append(primary)
     accuracy = Section("Accuracy per chemical system: evaluation set", anchor="accuracy")
     accuracy.add(*S.per_system_plots("evaluation_set", sets["evaluation_set"], place, run_dir))
@@ -173,7 +173,7 @@ def build_run_report(
         "displacements) and kept out of training: they measure the regime pestle chose, not the "
         "distribution. Read them beside the evaluation set, not instead of it."
     ))  # fmt: skip
-    holdout.add(*S.evaluation_summary("holdout", sets["holdout"], names, place, run_dir,
+    holdout.add(*S.evaluation_summary("holdout", sets["holdout"], names, place,
                                       primary=False))  # fmt: skip
     plots = S.per_system_plots("holdout", sets["holdout"], place, run_dir)
     if plots:

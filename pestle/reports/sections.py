@@ -81,10 +81,20 @@ class Place:
     figures: Path
     copied: dict[Path, str] = field(default_factory=dict)
 
+    MARKER = ".pestle-report-figures"
+
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         self.figures = Path(self.figures).resolve()
         self.figures.mkdir(parents=True, exist_ok=True)
+        # A folder a report made before: its old figures go (a report written again must
+        # not leave stale ones beside it); a folder it did not make is left alone.
+        marker = self.figures / self.MARKER
+        if marker.exists():
+            for old in self.figures.glob("*.png"):
+                old.unlink()
+        elif not any(self.figures.iterdir()):
+            marker.touch()
 
     def path(self, name: str) -> Path:
         """A path for a new figure."""
@@ -339,18 +349,14 @@ def evaluation_summary(
     entry: Mapping[str, Any],
     names: Mapping[str, str],
     place: Place,
-    plots_root: Path,
     *,
     primary: bool,
     prefix: str = "",
 ) -> list[Any]:
     """Blocks for one set of labels (``evaluation_set`` or ``holdout``) of an evaluate
     stage: where the data are too few, plain statements (``primary``), softening per system
-    and per system and sampler as points with error bars, and the tables. The softening plots
-    are the evaluate stage's PNGs (under ``plots_root``), drawn here from the stored figures
-    when the files are gone."""
-    from pestle.evaluation.plots import softening_points_plot
-
+    and per system and sampler as points with error bars (drawn from the stored figures),
+    and the tables."""
     stored = entry.get("evaluation")
     if not stored:
         return [Text(entry.get("note") or f"No {SETS.get(which, which)} labels.", "note")]
@@ -370,35 +376,29 @@ def evaluation_summary(
         ))  # fmt: skip
     if primary:
         blocks.append(Items(ev.statements()))
-    summary = (entry.get("plots") or {}).get("summary") or {}
+    # Drawn here from the stored figures (not the stage's summary PNGs, whose legend sits
+    # inside the axes and can hide a point): the legend goes below.
     grid = []
     for level, title in LEVELS.items():
         if not ev.level(level):
             continue
         if level != "chemical_system" and len(ev.level(level)) <= len(ev.level("chemical_system")):
             continue  # one sampler per system: the same points as per system
-        source = summary.get(level)
-        caption = (f"Softening scale per {title}, {SETS.get(which, which)}: each model a point "
-                   "with its 95% structure-level interval; 1 = no softening; hollow = too few "
-                   "structures.")  # fmt: skip
-        fig = None
-        if source:
-            fig = place.figure(plots_root / source, caption,
-                               copy_as=f"{prefix}{Path(source).name}")  # fmt: skip
-        if fig is None:  # not drawn by the stage (or moved): drawn from the stored figures
-            path = place.path(f"{prefix}softening-{which}-{slug(level)}.png")
-            softening_points_plot(ev.softening_points(level), path,
-                                  f"softening scale per {title}")  # fmt: skip
-            fig = place.figure(path, caption)
+        path = figures.versions_plot(
+            ev.softening_points(level), place.path(f"{prefix}softening-{which}-{slug(level)}.png"),
+            f"softening scale per {title}, {SETS.get(which, which)}", xlabel=title)  # fmt: skip
+        fig = place.figure(path, f"Softening scale per {title}, {SETS.get(which, which)}: each "
+                           "model a point with its 95% structure-level interval; 1 = no "
+                           "softening; hollow = too few structures (no interval).", wide=True)  # fmt: skip
         if fig is not None:
-            fig.wide = True  # each at its own size: legible
             grid.append(fig)
     if grid:
         blocks.append(Figures(grid))
     blocks.append(ev.softening_table("chemical_system"))
     blocks.append(ev.force_table("chemical_system"))
     per_sampler = ev.level("chemical_system+sampler")
-    if per_sampler and len(few["chemical_system+sampler"]) < len(per_sampler):
+    if (len(per_sampler) > len(ev.level("chemical_system"))
+            and len(few["chemical_system+sampler"]) < len(per_sampler)):  # fmt: skip
         blocks.append(ev.softening_table("chemical_system+sampler"))
     blocks.append(Details("Force RMSE, energy and stress errors, and the component t interval",
                           [ev.error_table("chemical_system"),

@@ -253,7 +253,7 @@ def _latest_plots(store: Store, work_dir: Path, place: S.Place) -> list[Any]:
         blocks.append(Section(f"Campaign {run.campaign}", level=3).add(
             Text(f"Run {run.id} ({S.when(S.utc(run.started_at))}) on its evaluation set: "
                  + ", ".join(f"{name} = {label}" for name, label in labels.items()) + "."),
-            *S.evaluation_summary("evaluation_set", entry, names, place, run_dir, primary=True,
+            *S.evaluation_summary("evaluation_set", entry, names, place, primary=True,
                                   prefix=prefix),
             *S.per_system_plots("evaluation_set", entry, place, run_dir, prefix=prefix, level=4),
         ))  # fmt: skip
