@@ -611,7 +611,7 @@ def versions_plot(
     columns = min(len(handles), 5)
     fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize="small", frameon=False)
     rows = math.ceil(len(handles) / columns)
-    fig.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * rows, 1, 1))
     return save(fig, path)
 
 
