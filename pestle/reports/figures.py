@@ -150,7 +150,7 @@ def learning_curves_plot(curves: Sequence[Curves], path: Path) -> Path:
             ax.set_xlabel("epoch")
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small", loc="upper right")
+            ax.legend(fontsize="small", loc="best")
             if len(c.epochs) <= 12:
                 ax.set_xticks(c.epochs)
             ax.margins(x=0.06)
