@@ -142,7 +142,7 @@ def run(
 
 
 def _print_summary(stages: dict[str, Any]) -> None:
-    from pestle.engine.run import summary_rows
+    from pestle.reports.summary import summary_rows
 
     table = Table(title="softening scale and force MAE (eV/Å), 95% structure-level intervals")
     for column in ("labels", "system", "model", "structures", "softening scale", "force MAE"):
@@ -332,21 +332,39 @@ def export(
 @app.command()
 def report(
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Directory (default <work_dir>/report).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Directory (default <work_dir>/report; with --run, the run's folder).",
+        ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="html or md")] = "html",
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Write this run's report again instead.")
+    ] = None,
     config: ConfigOption = None,
     work_dir: WorkDirOption = None,
 ) -> None:
-    """Write the store's report: dataset growth, softening across model versions, parity
-    plots, job throughput and failures (PNG figures beside an HTML or markdown page)."""
+    """Write the store's report (or with --run, one run's): softening per system and sampler
+    across model versions with structure-level intervals, parity plots, learning curves,
+    dataset distributions, cost per label, jobs and decisions (PNG figures beside an HTML or
+    Markdown page)."""
+    from pestle.reports.run_report import write_run_report
     from pestle.reports.store_report import write_store_report
+    from pestle.store import StoreError
 
     if fmt not in ("html", "md"):
         _fail(f"--format must be html or md, not {fmt!r}")
     root, _ = _location(config, work_dir)
     store = _open_store(config, work_dir)
-    path = write_store_report(store, Path(root), output or Path(root) / "report", fmt)
+    if run_id is not None:
+        try:
+            path = write_run_report(store, run_id, output, fmt, work_dir=Path(root))
+        except StoreError as exc:
+            _fail(str(exc))
+    else:
+        path = write_store_report(store, Path(root), output or Path(root) / "report", fmt)
     console.print(f"report: {path}")
 
 

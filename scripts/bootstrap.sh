@@ -3,7 +3,8 @@
 #   scripts/bootstrap.sh quickstart   # the quickstart campaign; prints its report's path last
 #   scripts/bootstrap.sh test         # lint and the test suite (what CI runs)
 #   scripts/bootstrap.sh setup        # only set up
-# Installs the Debian packages GPAW builds and runs against (as root, or through sudo),
+# Installs the Debian packages GPAW builds and runs against, and chromium (the report test
+# renders the HTML reports in it headless) (as root, or through sudo),
 # creates .venv in the repository, installs CPU torch and pestle into it. A second call with
 # nothing changed skips straight to the work.
 set -euo pipefail
@@ -15,7 +16,7 @@ PYTHON="${PYTHON:-python3}"
 # The CPU build of torch; a plain "torch" from PyPI is a multi-GB CUDA build.
 TORCH_SPEC="${PESTLE_TORCH_SPEC:-torch==2.13.0}"
 APT_PACKAGES=(gpaw-data libxc-dev libblas-dev liblapack-dev libopenmpi-dev libscalapack-mpi-dev
-              libfftw3-dev pkg-config)
+              libfftw3-dev pkg-config chromium)
 
 say() { printf '\033[1m[pestle setup]\033[0m %s\n' "$*" >&2; }
 

@@ -104,6 +104,10 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
     assert run["state"] == "finished"
     report = Path(run["report"])
     assert report.is_file() and campaign["output"].strip().endswith(str(report))
+    # An HTML page in the run folder, showing the evaluate stage's plots from beside it.
+    assert report.name == "report.html"
+    assert (report.parent / "evaluation_set" / "parity-forces-Si.png").is_file()
+    assert "src='evaluation_set/parity-forces-Si.png'" in report.read_text()
     for which in ("evaluation_set", "holdout"):
         for kind in ("parity-forces", "parity-energy", "parity-stress", "force-error"):
             assert (report.parent / which / f"{kind}-Si.png").stat().st_size > 10_000

@@ -255,11 +255,21 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         written = pestle("report", "-c", str(config)).stdout
         report = work / "report"
         assert str(report / "report.html") in written.replace("\n", "")
-        for png in ("dataset-growth.png", "softening-by-model.png", "jobs.png"):
-            assert (report / png).stat().st_size > 10_000
-        assert list(report.glob("parity-*.png"))
+        for png in (
+            "dataset-growth.png",
+            "softening-by-model.png",
+            "jobs.png",
+            "learning-curves.png",
+            "softening-vs-labels.png",
+            "decisions-force_mae.png",
+        ):
+            assert (report / "figures" / png).stat().st_size > 10_000
+        assert list(report.glob("figures/*parity-forces-F-Li.png"))
         page = (report / "report.html").read_text()
         assert promoted[0]["model_id"] in page and "F-Li" in page
+        # Titled by the campaign; the retraining decisions are shown with their intervals.
+        assert "<title>pestle store report — campaign tiny</title>" in page
+        assert "force_mae candidate − incumbent" in page
     finally:
         subprocess.run(["pkill", "-9", "-f", str(config)], check=False)
         store.drop()

@@ -147,7 +147,12 @@ def run_label_job(
                 forces=result.forces,
                 stress=result.stress,
                 job_id=job_id,
-                extra={**result.extra, "wall_seconds": round(seconds, 3), "worker": worker},
+                extra={
+                    **result.extra,
+                    "wall_seconds": round(seconds, 3),
+                    "worker": worker,
+                    "cpus": labeller.resources().cpus,
+                },  # fmt: skip
                 role=payload.get("role"),
             )
             heartbeat.stopped.set()

@@ -1,95 +1,49 @@
-"""The store's report (``pestle report``): what the dataset, the models and the jobs did.
+"""The store's report (``pestle report``): what the campaigns of one store did, drawn only from
+stored documents (and the PNG files their runs wrote, copied beside the report).
 
-Four PNG figures, each drawn only from stored documents:
+Headed by the campaigns, the store (password masked), the date, the levels of theory and the
+code versions. Sections: softening per chemical system across model versions on the
+evaluation set (points with structure-level intervals); softening against the number of
+labels; the latest evaluation's parity, force-error and softening-by-force plots per system;
+learning curves of the latest model versions; the dataset (growth, labels per role,
+distributions of candidates against picks and the evaluation set); reference-calculation cost
+per label; job throughput and failures; the daemon's decisions with their figures and
+intervals; promoted models; convergence and equation-of-state checks when recorded.
 
-* dataset growth: cumulative labels over time per chemical system, and labels per sampler;
-* softening scale per chemical system across model versions (each model's held-out scale
-  with its 95% interval, in the order the versions were evaluated; 1 = no softening);
-* parity plots already drawn by runs and daemon decisions (copied next to the report);
-* job throughput (jobs finished per time bin) and failures (counts per error).
-
-Written as HTML (PNG files beside it) or markdown.
+Written as HTML (PNG files under ``figures/`` beside it) or Markdown.
 """
 
 from __future__ import annotations
 
-import html
-import shutil
+import json
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from pestle.evaluation.intervals import Difference, Estimate, format_difference, format_estimate
+from pestle.reports import figures as F
+from pestle.reports import sections as S
+from pestle.reports.document import Code, Document, Section, Table, Text
 from pestle.store import Store
 
-
-def _figure(width: float = 7.0, height: float = 4.0):
-    # Figure + Agg canvas, not pyplot: no global state, headless.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def growth_plot(store: Store, path: Path) -> tuple[Path, dict[str, Any]]:
-    """Cumulative labels per chemical system over time (left); labels per system and
-    sampler (right, stacked)."""
-    labels = sorted(
-        (
-            label.model_dump()
-            for label in store.labels.find({}, ["chemical_system", "sampler", "created_at"])
-        ),
-        key=lambda label: _utc(label["created_at"]),
-    )
-    fig = _figure(11, 4.2)
-    left, right = fig.subplots(1, 2)
-    times: dict[str, list[datetime]] = defaultdict(list)
-    per_sampler: dict[str, Counter] = defaultdict(Counter)
-    for label in labels:
-        times[label["chemical_system"]].append(_utc(label["created_at"]))
-        per_sampler[label["chemical_system"]][label.get("sampler") or "seed"] += 1
-    for system, moments in sorted(times.items()):
-        left.step(moments, np.arange(1, len(moments) + 1), where="post", label=system)
-    left.set_xlabel("time (UTC)")
-    left.set_ylabel("labels stored (cumulative)")
-    left.set_title("dataset growth")
-    left.grid(alpha=0.3)
-    if times:
-        left.legend(fontsize="small")
-    fig.autofmt_xdate()
-    systems = sorted(per_sampler)
-    samplers = sorted({s for counts in per_sampler.values() for s in counts})
-    bottom = np.zeros(len(systems))
-    for sampler in samplers:
-        heights = np.array([per_sampler[s][sampler] for s in systems], dtype=float)
-        right.bar(systems, heights, bottom=bottom, label=sampler)
-        bottom += heights
-    right.set_ylabel("labels")
-    right.set_title("labels per chemical system and sampler")
-    if samplers:
-        right.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    summary = {s: dict(per_sampler[s]) for s in systems}
-    return path, summary
+# Model versions drawn in the softening-across-versions plot and learning curves (the rest
+# are in the tables).
+MAX_VERSIONS_PLOTTED = 6
+MAX_LEARNING_CURVES = 4
+MAX_DECISIONS_LISTED = 60
 
 
 def softening_history(store: Store) -> list[dict[str, Any]]:
     """Softening scales on the evaluation set in the order they were measured: one row per
-    (model, system), from campaign runs (pretrained and fine-tuned) and daemon retrainings
-    (incumbent and candidate on the same structures), with structure-level intervals."""
+    (model, system, run), from campaign runs (pretrained and fine-tuned) and daemon
+    retrainings (incumbent and candidate on the same structures), with structure-level
+    intervals (``estimate``) and the force MAE."""
     from pestle.evaluation.evaluate import stored_softening
 
     outcomes = {d.model_dump().get("run_id"): d.model_dump().get("outcome")
                 for d in store.decisions.find("retrain")}  # fmt: skip
+    ever_promoted = {m.id for m in store.models.all() if m.promotions}
     rows: list[dict[str, Any]] = []
     for run in store.runs.with_stage("evaluate"):
         evaluate = run.stages["evaluate"]
@@ -97,210 +51,413 @@ def softening_history(store: Store) -> list[dict[str, Any]]:
         if not stored:
             continue
         model_id = (run.stages.get("finetune") or {}).get("model_id")
-        for name in stored["models"]:
+        labels = evaluate.get("labels") or {}
+        for name in stored.get("models", []):
             if name in ("fine-tuned", "candidate"):
-                outcome = outcomes.get(run.id)
-                model = f"{model_id} ({outcome})" if outcome else model_id
-            elif name == "incumbent":  # the promoted model, or the pretrained one before any
-                label = evaluate.get("labels", {}).get(name, "")
-                model = f"{label} (promoted)" if label.startswith("model-") else "pretrained"
+                mid = model_id
+            elif name == "incumbent" and str(labels.get(name, "")).startswith("model-"):
+                mid = labels[name]
             else:
-                model = "pretrained"
+                mid = None
+            model = S.short_model(mid) if mid else "pretrained"
+            if mid in ever_promoted:
+                model += " (promoted)"
             for system, estimate in stored_softening(stored, model=name).items():
                 figures = stored["levels"]["chemical_system"][system]["models"][name]
-                rows.append({"at": run.started_at, "model": model, "system": system,
-                             "slope": estimate.value, "ci_low": estimate.low,
-                             "ci_high": estimate.high,
-                             "force_mae": (figures.get("force_mae") or {}).get("value"),
-                             "n_structures": estimate.n_structures})  # fmt: skip
-    rows.sort(key=lambda r: _utc(r["at"]) if r["at"] else datetime.min.replace(tzinfo=timezone.utc))
+                rows.append({"at": S.utc(run.started_at), "run": run.id, "campaign": run.campaign,
+                             "model": model, "model_id": mid, "system": system,
+                             "estimate": estimate,
+                             "force_mae": Estimate.from_dict(figures["force_mae"])
+                             if figures.get("force_mae") else None,
+                             "outcome": outcomes.get(run.id) if name == "candidate" else None})  # fmt: skip
+    earliest = datetime.min.replace(tzinfo=timezone.utc)
+    rows.sort(key=lambda r: r["at"] or earliest)
     return rows
 
 
-def _short(model: str) -> str:
-    """``model-0123456789abcdef (promoted)`` -> ``model-01234567 (promoted)``."""
-    name, _, outcome = model.partition(" ")
-    return name[:14] + (" " + outcome if outcome else "") if name.startswith("model-") else model
-
-
-def softening_plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Softening scale per system (one line each) over model versions in evaluation order."""
-    fig = _figure(8, 4.2)
-    ax = fig.subplots()
+def _softening_points(rows: list[dict[str, Any]]) -> dict[str, dict[str, Estimate]]:
+    """``{system: {model: latest Estimate}}`` for at most ``MAX_VERSIONS_PLOTTED`` model
+    versions (pretrained, promoted ones and the latest others), in measurement order."""
     order: list[str] = []
     for row in rows:
-        if row["model"] not in order:  # a model's first measurement fixes its place
+        if row["model"] not in order:
             order.append(row["model"])
-    order.sort(key=lambda m: m != "pretrained")
-    by_system: dict[str, dict[str, dict]] = defaultdict(dict)
+    keep = [m for m in order if m == "pretrained" or "(promoted)" in m]
+    for model in reversed(order):
+        if len(keep) >= MAX_VERSIONS_PLOTTED:
+            break
+        if model not in keep:
+            keep.append(model)
+    keep.sort(key=order.index)
+    points: dict[str, dict[str, Estimate]] = defaultdict(dict)
     for row in rows:
-        if row["slope"] is not None:
-            by_system[row["system"]][row["model"]] = row  # the latest measurement wins
-    for index, (system, per_model) in enumerate(sorted(by_system.items())):
-        xs = [order.index(m) for m in per_model]
-        ys = np.array([r["slope"] for r in per_model.values()])
-        low = ys - np.array(
-            [r["ci_low"] if r["ci_low"] is not None else r["slope"] for r in per_model.values()]
-        )
-        high = (
-            np.array(
-                [
-                    r["ci_high"] if r["ci_high"] is not None else r["slope"]
-                    for r in per_model.values()
-                ]
-            )
-            - ys
-        )
-        ax.errorbar(np.array(xs) + 0.05 * index, ys, yerr=[low, high], marker="o", capsize=3,
-                    label=system)  # fmt: skip
-    ax.axhline(1.0, color="black", linewidth=1, label="1 = no softening")
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([_short(m) for m in order], rotation=30, ha="right", fontsize="small")
-    ax.set_ylabel("softening scale (held out, 95% CI)")
-    ax.set_title("softening scale per chemical system across model versions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def jobs_plot(store: Store, path: Path) -> tuple[Path, dict[str, Any]]:
-    """Jobs finished per time bin, by final state (left); failures per error (right)."""
-    jobs = [job.model_dump() for job in store.jobs.finished()]
-    fig = _figure(11, 4.2)
-    left, right = fig.subplots(1, 2)
-    finished = [j for j in jobs if j.get("finished_at")]
-    if finished:
-        moments = [_utc(j["finished_at"]).timestamp() for j in finished]
-        span = max(moments) - min(moments)
-        width = 60.0 if span <= 6 * 3600 else 3600.0  # per minute for short campaigns
-        first = np.floor(min(moments) / width) * width  # bins on whole minutes/hours
-        edges = np.arange(first, max(moments) + width, width)
-        if len(edges) < 2:
-            edges = np.array([first, first + width])
-        states = sorted({j["state"] for j in finished})
-        stacked = [
-            [_utc(j["finished_at"]).timestamp() for j in finished if j["state"] == s]
-            for s in states
-        ]
-        left.hist(stacked, bins=edges, stacked=True, label=states)
-        ticks = edges[:: max(1, len(edges) // 6)]
-        left.set_xticks(ticks)
-        left.set_xticklabels(
-            [datetime.fromtimestamp(t, timezone.utc).strftime("%H:%M") for t in ticks]
-        )
-        left.legend(fontsize="small")
-        left.set_xlabel(f"time (UTC), bins of {'1 min' if width == 60 else '1 h'}")
-    left.set_ylabel("jobs finished")
-    left.set_title("job throughput")
-    failures = Counter(
-        (j.get("error") or "unknown").splitlines()[0][:60] for j in jobs if j["state"] == "failed"
-    )
-    if failures:
-        names, counts = zip(*failures.most_common(8), strict=True)
-        right.barh(range(len(names)), counts, color="C3")
-        right.set_yticks(range(len(names)))
-        right.set_yticklabels(names, fontsize="x-small")
-        right.invert_yaxis()
-    else:
-        right.text(0.5, 0.5, "no failed jobs", ha="center", va="center", transform=right.transAxes)
-        right.set_xticks([])
-        right.set_yticks([])
-    right.set_xlabel("failed jobs")
-    right.set_title("failures by error")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path, {"states": store.jobs.counts(), "failures": dict(failures)}
-
-
-def _parity_plots(store: Store, work_dir: Path, out: Path) -> list[tuple[str, str]]:
-    """Parity PNGs of the latest run evaluations and daemon decisions, copied beside the report."""
-    found: list[tuple[str, Path]] = []
-    for run in store.runs.with_stage("evaluate")[::-1][:3]:  # the latest three
-        plots = (run.stages["evaluate"].get("evaluation_set") or {}).get("plots", {})
-        for system, kinds in plots.items():
-            if "forces" in kinds:
-                found.append((f"{system}: run {run.id}, evaluation set",
-                              work_dir / "runs" / run.id / kinds["forces"]))  # fmt: skip
-    copied = []
-    for caption, source in found:
-        if source.is_file():
-            target = out / f"parity-{len(copied):02d}-{source.name}"
-            shutil.copyfile(source, target)
-            copied.append((caption, target.name))
-    return copied
+        if row["model"] in keep:
+            points[row["system"]][row["model"]] = row["estimate"]  # the latest wins
+    return {system: {m: per[m] for m in keep if m in per} for system, per in sorted(points.items())}
 
 
 def write_store_report(store: Store, work_dir: Path, out: Path, fmt: str = "html") -> Path:
+    """The store's report in ``out`` (``report.html`` or ``report.md``, figures under
+    ``out/figures``). ``work_dir``: where the runs' folders are (their plots are copied)."""
     if fmt not in ("html", "md"):
         raise ValueError(f"report format must be html or md, not {fmt!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    growth, per_sampler = growth_plot(store, out / "dataset-growth.png")
-    rows = softening_history(store)
-    softening = softening_plot(rows, out / "softening-by-model.png")
-    jobs, job_summary = jobs_plot(store, out / "jobs.png")
-    parity = _parity_plots(store, Path(work_dir), out)
-    decisions = [d.model_dump() for d in store.decisions.find()]
-    promoted = store.models.promoted_all()
-    sections: list[tuple[str, list[str], list[list[Any]] | None, list[tuple[str, str]]]] = [
-        ("Dataset growth", ["system", "labels per sampler"],
-         [[s, ", ".join(f"{k} {v}" for k, v in c.items())] for s, c in per_sampler.items()],
-         [("labels over time and per sampler", growth.name)]),
-        ("Softening scale across model versions", ["measured", "model", "system", "slope", "95% CI", "force MAE eV/Å"],
-         [[r["at"], r["model"], r["system"], _num(r["slope"]), f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]", _num(r["force_mae"])] for r in rows],
-         [("held-out softening scale per model version", softening.name)]),
-        ("Parity plots", [], None, parity),
-        ("Jobs", ["state", "jobs"], [[k, v] for k, v in sorted(job_summary["states"].items())],
-         [("throughput and failures", jobs.name)]),
-        ("Decisions", ["at", "kind", "campaign", "reason"],
-         [[d["at"], d["kind"], d.get("campaign", ""), d.get("reason", "")] for d in decisions[-30:]], []),
-        ("Promoted models", ["family", "model", "since", "reason"],
-         [[p["family"], p["model_id"], p["at"], p.get("reason", "")] for p in promoted], []),
-    ]  # fmt: skip
+    out = Path(out)
+    doc = build_store_report(store, Path(work_dir), out)
+    return doc.write(out / f"report.{fmt}", fmt)
+
+
+def build_store_report(store: Store, work_dir: Path, out: Path) -> Document:
+    place = S.Place(out, out / "figures")
+    runs = store.runs.with_stage("seed") + [r for r in store.runs.with_stage("split")
+                                            if "seed" not in r.stages]  # fmt: skip
+    runs.sort(key=lambda r: S.utc(r.started_at) or datetime.min.replace(tzinfo=timezone.utc))
+    campaigns = Counter(r.campaign for r in runs if r.campaign)
+    for decision in store.decisions.find():
+        if decision.campaign and decision.campaign not in campaigns:
+            campaigns[decision.campaign] = 0
+    label_docs = list(store.labels.find({}, ["chemical_system", "sampler", "created_at", "role",
+                                             "lot_hash", "level_of_theory", "labeller", "extra",
+                                             "natoms", "energy_per_atom", "max_force", "stress",
+                                             "structure_id"]))  # fmt: skip
+    lots: dict[str, tuple[dict[str, Any], int]] = {}
+    for label in label_docs:
+        lot, n = lots.get(label.lot_hash, (label.level_of_theory, 0))
+        lots[label.lot_hash] = (lot, n + 1)
+    latest = runs[-1] if runs else None
     counts = store.counts()
-    title = f"pestle store report: {store.database}"
-    intro = ", ".join(f"{n} {k}" for k, n in counts.items())
-    if fmt == "md":
-        lines = [f"# {title}", "", intro, ""]
-        for heading, header, table, images in sections:
-            lines += [f"## {heading}", ""]
-            if table is not None and header:
-                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table]
-                lines.append("")
-            lines += [f"![{caption}]({name})\n" for caption, name in images]
-        path = out / "report.md"
-        path.write_text("\n".join(lines))
-        return path
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
-             "font-size:small}img{max-width:100%}</style>",
-             f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"]  # fmt: skip
-    for heading, header, table, images in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        if table is not None and header:
-            parts.append(
-                "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-            )
-            parts += [
-                "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
-                for row in table
-            ]
-            parts.append("</table>")
-        parts += [f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
-                  f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, name in images]  # fmt: skip
-    path = out / "report.html"
-    path.write_text("\n".join(parts))
-    return path
+    names = ", ".join(sorted(campaigns)) or "none yet"
+    plural = "campaigns" if len(campaigns) > 1 else "campaign"
+    first = S.utc(runs[0].started_at) if runs else None
+    doc = Document(
+        title=f"pestle store report — {plural} {names}",
+        subtitle="every campaign run, model version, label, job and decision of one store",
+        meta=[
+            ("campaigns", ", ".join(f"{c} ({n} runs)" for c, n in sorted(campaigns.items()))
+             or "none yet"),
+            ("date", f"report written {S.when(datetime.now(timezone.utc))}"
+                     + (f"; runs from {S.when(first)} to {S.when(S.utc(latest.started_at))}"
+                        if latest else "")),
+            ("store", f"{store.uri_masked} · database {store.database}"),
+            ("level of theory", "; ".join(f"{S.describe_level_of_theory(lot)} ({n} labels)"
+                                          for lot, n in lots.values()) or "no labels yet"),
+            ("contents", ", ".join(f"{n} {k}" for k, n in counts.items())),
+            ("code versions", S.describe_versions(latest.code_versions) + " (latest run)"
+             if latest else S.describe_versions(_own_versions())),
+        ],
+    )  # fmt: skip
+
+    # -- softening across model versions ------------------------------------------------------
+    rows = softening_history(store)
+    softening = Section("Softening per chemical system across model versions", anchor="softening")
+    softening.add(Text(
+        "Each model version's softening scale on its campaign's evaluation set (drawn at random "
+        "from every valid candidate, never trained on), with its 95% structure-level interval; "
+        "1 = no softening. A model measured more than once shows its latest measurement; "
+        "hollow points: too few structures for an interval."
+    ))  # fmt: skip
+    if rows:
+        path = F.versions_plot(_softening_points(rows), place.path("softening-by-model.png"),
+                               "softening scale per chemical system and model version")  # fmt: skip
+        softening.add(place.figure(path, "Softening scale on the evaluation set per chemical "
+                                   "system, one point per model version (up to "
+                                   f"{MAX_VERSIONS_PLOTTED}: pretrained, promoted and the "
+                                   "latest), 95% structure-level intervals.", wide=True))  # fmt: skip
+        latest_rows = {}
+        for row in rows:
+            latest_rows[(row["model"], row["system"])] = row
+        softening.add(Table(
+            ["system", "model", "measured", "run", "softening scale [95% CI]",
+             "force MAE eV/Å [95% CI]", "structures"],
+            [[r["system"], r["model"], S.when(r["at"]), r["run"], format_estimate(r["estimate"]),
+              format_estimate(r["force_mae"]) if r["force_mae"] else "–",
+              r["estimate"].n_structures]
+             for r in sorted(latest_rows.values(), key=lambda r: (r["system"], r["at"] or 0))],
+            caption="latest measurement of each model version per system"))  # fmt: skip
+    else:
+        softening.add(Text("No run has evaluated a model on an evaluation set yet.", "note"))
+    doc.sections.append(softening)
+
+    labels_section = Section("Softening against the number of labels", anchor="labels")
+    labels_section.add(*S.softening_vs_labels_blocks(S.softening_vs_labels(store), place,
+                                                     "softening-vs-labels"))  # fmt: skip
+    doc.sections.append(labels_section)
+
+    # -- the latest evaluation's plots ----------------------------------------------------------
+    accuracy = Section("Accuracy per chemical system: the latest evaluation", anchor="accuracy")
+    shown = _latest_plots(store, work_dir, place)
+    accuracy.add(*(shown or [Text("No run has written evaluation plots yet.", "note")]))
+    doc.sections.append(accuracy)
+
+    # -- fine-tuning -------------------------------------------------------------------------------
+    models = sorted(
+        store.models.all(),
+        key=lambda m: S.utc(m.created_at) or datetime.min.replace(tzinfo=timezone.utc),
+    )
+    tuning = Section("Fine-tuning: learning curves", anchor="finetune")
+    if models:
+        recent = models[-MAX_LEARNING_CURVES:]
+        if len(models) > len(recent):
+            tuning.add(Text(f"The latest {len(recent)} of {len(models)} model versions."))
+        tuning.add(*S.learning_curves_blocks(recent, place, "learning-curves"))
+    else:
+        tuning.add(Text("No model version has been trained yet.", "note"))
+    doc.sections.append(tuning)
+
+    # -- dataset -------------------------------------------------------------------------------------
+    doc.sections.append(_dataset_section(store, runs, label_docs, place))
+    cost = Section("Reference-calculation cost per label", anchor="cost")
+    cost.add(*S.cost_blocks(label_docs, place, "cost-per-label"))
+    doc.sections.append(cost)
+    doc.sections.append(_jobs_section(store, place))
+    doc.sections.append(_decisions_section(store, place))
+    doc.sections.append(_promoted_section(store, rows))
+
+    checks = _checks(runs, place)
+    if checks:
+        doc.sections += checks
+
+    appendix = Section("Levels of theory and code versions", anchor="appendix")
+    for lot_hash, (lot, n) in lots.items():
+        appendix.add(Text(f"Level of theory {lot_hash} ({n} labels):"),
+                     Code(json.dumps(lot, indent=2, default=str)))  # fmt: skip
+    versions = latest.code_versions if latest else {}
+    appendix.add(Table(["package", "latest run", "this report"],
+                       [[k, versions.get(k, ""), v] for k, v in _own_versions().items()]))  # fmt: skip
+    doc.sections.append(appendix)
+    return doc
 
 
-def _num(value: Any) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _own_versions() -> dict[str, str]:
+    from pestle.provenance import code_versions
+
+    return code_versions()
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, datetime):
-        return f"{_utc(value):%Y-%m-%d %H:%M:%S}"
-    return "" if value is None else str(value)
+def _latest_plots(store: Store, work_dir: Path, place: S.Place) -> list[Any]:
+    """The evaluate stage's plots of the latest run per campaign whose files are still in
+    ``work_dir`` (copied beside the report)."""
+    blocks: list[Any] = []
+    seen: set[str] = set()
+    for run in reversed(store.runs.with_stage("evaluate")):
+        if run.campaign in seen:
+            continue
+        entry = run.stages["evaluate"].get("evaluation_set") or {}
+        plots = entry.get("plots") or {}
+        run_dir = Path(work_dir) / "runs" / run.id
+        if not plots or not run_dir.is_dir():
+            continue
+        seen.add(run.campaign)
+        labels = run.stages["evaluate"].get("labels") or {}
+        names = {name: S.short_model(str(label)) for name, label in labels.items()}
+        prefix = f"{S.slug(run.id)}-"
+        blocks.append(Section(f"Campaign {run.campaign}", level=3).add(
+            Text(f"Run {run.id} ({S.when(S.utc(run.started_at))}) on its evaluation set: "
+                 + ", ".join(f"{name} = {label}" for name, label in labels.items()) + "."),
+            *S.evaluation_summary("evaluation_set", entry, names, place, primary=True,
+                                  prefix=prefix),
+            *S.per_system_plots("evaluation_set", entry, place, run_dir, prefix=prefix, level=4),
+        ))  # fmt: skip
+    return blocks
+
+
+def _dataset_section(
+    store: Store, runs: list[Any], label_docs: list[Any], place: S.Place
+) -> Section:
+    section = Section("Dataset", anchor="dataset")
+    times: dict[str, list[datetime]] = defaultdict(list)
+    per_sampler: dict[str, Counter] = defaultdict(Counter)
+    roles: dict[str, Counter] = defaultdict(Counter)
+    for label in label_docs:
+        if label.created_at is not None:
+            times[label.chemical_system].append(label.created_at)
+        per_sampler[label.chemical_system][label.sampler or "seed"] += 1
+        roles[label.chemical_system][label.role or "none yet"] += 1
+    if not label_docs:
+        return section.add(Text("No labels yet.", "note"))
+    path = F.growth_plot(times, per_sampler, place.path("dataset-growth.png"))
+    section.add(place.figure(path, "Labels stored over time per chemical system (left) and per "
+                             "system and sampler (right).", wide=True))  # fmt: skip
+    role_names = ["train", "validation", "holdout", "evaluation", "none yet"]
+    section.add(Table(["system", *role_names, "total"],
+                      [[s, *[roles[s].get(r, 0) for r in role_names], sum(roles[s].values())]
+                       for s in sorted(roles)],
+                      caption="labels per role (holdout: held-out picks; evaluation: the random "
+                              "evaluation set)"))  # fmt: skip
+
+    # Distributions: the scoring model that scored most candidates; picks = labels trained on
+    # or held out (score-selected), evaluation = the random evaluation set.
+    key_counts: Counter = Counter()
+    describe: dict[str, str] = {}
+    for run in runs:
+        score = run.stages.get("score") or {}
+        if score.get("model_key"):
+            key_counts[score["model_key"]] += int(score.get("scored") or 0) or 1
+            describe[score["model_key"]] = S.describe_model(score.get("model") or {})
+    predicted: dict[str, dict[str, S.Predicted]] = defaultdict(dict)
+    by_structure = {label.structure_id: label for label in label_docs}
+    if key_counts:
+        key = key_counts.most_common(1)[0][0]
+        for doc in store.structures.find({"kind": "candidate"},
+                                         ["chemical_system", f"scores.{key}"]):  # fmt: skip
+            scores = doc.scores.get(key)
+            if not scores:
+                continue
+            predicted[doc.chemical_system].setdefault("candidates", S.Predicted()).add(scores)
+            label = by_structure.get(doc.id)
+            if label is not None and label.role:
+                which = "evaluation set" if label.role == "evaluation" else "picks"
+                predicted[doc.chemical_system].setdefault(which, S.Predicted()).add(scores)
+        scorer = describe.get(key, "the scoring model")
+    else:
+        scorer = "the scoring model"
+    labelled: dict[str, dict[str, S.LabelValues]] = defaultdict(dict)
+    codes = set()
+    for label in label_docs:
+        if label.role:
+            which = "evaluation set" if label.role == "evaluation" else "picks"
+            labelled[label.chemical_system].setdefault(which, S.LabelValues()).add(label)
+            codes.add(str(label.level_of_theory.get("code", label.labeller)))
+    reference = "reference " + ("/".join(sorted(codes)) or "labels")
+    section.add(Section("Distributions: candidates, picks and the evaluation set", level=3).add(
+        Text("Picks: labels selected by score (trained on, validation or held out); evaluation "
+             "set: labels of the random draw. Labels without a role yet are left out."),
+        *S.distribution_blocks(predicted, labelled, scorer, reference, place, "distribution")))  # fmt: skip
+    return section
+
+
+def _jobs_section(store: Store, place: S.Place) -> Section:
+    section = Section("Jobs: throughput and failures", anchor="jobs")
+    jobs = [job for job in store.jobs.finished() if job.finished_at is not None]
+    states = store.jobs.counts()
+    section.add(Table(["state", "jobs"], [[k, v] for k, v in sorted(states.items())]))
+    if not jobs:
+        return section.add(Text("No job has finished yet.", "note"))
+    failures = Counter((job.error or "unknown").splitlines()[0][:120]
+                       for job in jobs if job.state == "failed")  # fmt: skip
+    path = F.jobs_plot([(job.finished_at, job.state) for job in jobs], dict(failures),
+                       place.path("jobs.png"))  # fmt: skip
+    caption = "Jobs finished per time bin, by final state"
+    caption += "; right: failed jobs per error." if len(failures) >= 2 else "."
+    section.add(place.figure(path, caption, wide=True))
+    if failures:
+        section.add(Table(["error (first line)", "failed jobs"], failures.most_common(20)))
+    else:
+        section.add(Text(f"No job failed ({len(jobs)} finished)."))
+    return section
+
+
+def _decision_figures(d: dict[str, Any]) -> str:
+    """The figures a decision rests on, with their intervals."""
+    parts = []
+    if isinstance(d.get("difference"), dict):
+        diff = Difference.from_dict(d["difference"])
+        parts.append(f"{d.get('metric', diff.metric)} candidate − incumbent "
+                     f"{format_difference(diff, digits=4)}")  # fmt: skip
+    for system, value in (d.get("regressions") or {}).items():
+        parts.append(f"{system} worse: {format_difference(Difference.from_dict(value), digits=4)}")
+    # The per-system non-regression check: each system's paired force MAE change.
+    per_system = ((d.get("evaluation") or {}).get("levels") or {}).get("chemical_system") or {}
+    checks = []
+    for system, group in per_system.items():
+        paired = (group.get("paired") or {}).get("candidate", {}).get("force_mae")
+        if isinstance(paired, dict):
+            checks.append(f"{system} {format_difference(Difference.from_dict(paired), digits=4)}")
+    if checks:
+        parts.append("force MAE per system: " + ", ".join(checks))
+    if isinstance(d.get("softening"), dict):
+        parts.append(f"softening {format_estimate(Estimate.from_dict(d['softening']))}")
+    if d.get("committee_force") is not None:
+        parts.append(f"committee spread {d['committee_force']:.3f} eV/Å")
+    for key in ("queued", "withdrawn", "n_labels"):
+        if d.get(key) is not None:
+            parts.append(f"{key.replace('_', ' ')} {d[key]}")
+    return "; ".join(parts)
+
+
+def _decisions_section(store: Store, place: S.Place) -> Section:
+    section = Section("Daemon decisions", anchor="decisions")
+    decisions = [d.model_dump() for d in store.decisions.find()]
+    if not decisions:
+        return section.add(Text("No daemon decisions: this store has seen only campaign runs."))
+    retrains = [
+        d for d in decisions if d["kind"] == "retrain" and isinstance(d.get("difference"), dict)
+    ]
+    by_metric: dict[str, list[F.DecisionPoint]] = defaultdict(list)
+    for d in retrains:
+        diff = Difference.from_dict(d["difference"])
+        label = (
+            f"{d['at']:%m-%d %H:%M}\n{S.short_model(d.get('model_id'))}"
+            if d.get("at")
+            else S.short_model(d.get("model_id"))
+        )
+        by_metric[d.get("metric") or diff.metric].append(F.DecisionPoint(
+            label, diff.value, diff.low, diff.high, d.get("outcome", "?"), diff.enough,
+            diff.n_structures))  # fmt: skip
+    for metric, points in by_metric.items():
+        unit = " (eV/Å)" if metric == "force_mae" else ""
+        path = F.decisions_plot(points, place.path(f"decisions-{S.slug(metric)}.png"),
+                                f"{metric}{unit}")  # fmt: skip
+        section.add(place.figure(path, f"Each retraining's paired change of {metric} (candidate − "
+                                 "the model it would replace, on the same evaluation-set "
+                                 "structures) with its 95% structure-level interval; below 0 the "
+                                 "candidate is better; colour: the outcome.", wide=True))  # fmt: skip
+    finished = [d for d in decisions if d["kind"] == "finished"]
+    if finished:
+        section.add(Table(["at", "campaign", "system", "model", "softening [95% CI]", "reason"],
+                          [[S.when(d.get("at")), d.get("campaign"), d.get("chemical_system"),
+                            S.short_model(d.get("model_id")) or "pretrained",
+                            format_estimate(Estimate.from_dict(d["softening"]))
+                            if isinstance(d.get("softening"), dict) else "", d.get("reason")]
+                           for d in finished], caption="systems finished"))  # fmt: skip
+    listed = decisions[::-1][:MAX_DECISIONS_LISTED]
+    section.add(Table(
+        ["at", "campaign", "kind", "outcome", "model", "figures [95% CI]", "reason"],
+        [[S.when(d.get("at")), d.get("campaign"), d["kind"], d.get("outcome", ""),
+          S.short_model(d.get("model_id")), _decision_figures(d), d.get("reason", "")]
+         for d in listed],
+        caption=f"every decision, newest first (the latest {len(listed)} of {len(decisions)})"))  # fmt: skip
+    return section
+
+
+def _promoted_section(store: Store, rows: list[dict[str, Any]]) -> Section:
+    section = Section("Promoted models", anchor="promoted")
+    promoted = store.models.promoted_all()
+    if not promoted:
+        return section.add(Text("No model has been promoted: the pretrained model is current."))
+    table = []
+    for p in promoted:
+        softening = "; ".join(
+            f"{r['system']} {format_estimate(r['estimate'])}"
+            for r in {r["system"]: r for r in rows if r["model_id"] == p["model_id"]}.values()
+        )  # fmt: skip
+        table.append([p.get("family"), p.get("model_id"), S.when(p.get("at")),
+                      S.short_model(p.get("previous")) or "pretrained", p.get("reason", ""),
+                      softening or "not measured"])  # fmt: skip
+    return section.add(Table(["family", "model", "since", "replaced", "why",
+                              "softening on the evaluation set [95% CI]"], table))  # fmt: skip
+
+
+def _checks(runs: list[Any], place: S.Place) -> list[Section]:
+    """The latest convergence and equation-of-state records per campaign (when recorded)."""
+    out = []
+    latest: dict[tuple[str, str], Any] = {}
+    for run in runs:
+        for stage in ("convergence", "eos"):
+            if run.stages.get(stage):
+                latest[(stage, run.campaign or "?")] = run
+    for stage, title in (("convergence", "Label convergence"), ("eos", "Equation of state")):
+        blocks: list[Any] = []
+        for (kind, campaign), run in sorted(latest.items()):
+            if kind != stage:
+                continue
+            blocks.append(Text(f"Campaign {campaign}, run {run.id}:"))
+            if stage == "convergence":
+                blocks += S.convergence_blocks(run.stages[stage])
+            else:
+                blocks += S.eos_blocks(run.stages[stage], place, f"eos-{S.slug(campaign)}")
+        if blocks:
+            out.append(Section(title, anchor=stage).add(*blocks))
+    return out
+
+
+__all__ = ["build_store_report", "softening_history", "write_store_report"]

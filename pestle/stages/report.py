@@ -19,7 +19,7 @@ class ReportStage:
         run = ctx.store.runs.require(ctx.run_id)
         path = write_report(
             run.model_dump(by_alias=True), run.stages.get("evaluate", {}),
-            ctx.outputs["model_id"], ctx.run_dir,
+            ctx.outputs["model_id"], ctx.run_dir, store=ctx.store,
         )  # fmt: skip
         ctx.record("report", {"path": str(path)})
         return {"report": path}

@@ -11,7 +11,6 @@ from pymongo.collection import Collection
 
 from pestle.store.documents import DecisionDoc, RunDoc
 from pestle.store.errors import utcnow
-from pestle.store.jobs import runs_of_campaign
 
 
 class RunRepository:
@@ -64,7 +63,7 @@ class RunRepository:
         """Runs that recorded ``stage``, oldest first."""
         query: dict[str, Any] = {f"stages.{stage}": {"$exists": True}}
         if campaign is not None:
-            query.update(runs_of_campaign(campaign))
+            query["campaign"] = campaign
         return [RunDoc.model_validate(d) for d in self._c.find(query).sort("started_at", 1)]
 
     def count(self) -> int:
