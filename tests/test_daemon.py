@@ -261,7 +261,7 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
             "jobs.png",
             "learning-curves.png",
             "softening-vs-labels.png",
-            "decisions-force_mae.png",
+            "decisions-force_mae_ratio.png",
         ):
             assert (report / "figures" / png).stat().st_size > 10_000
         assert list(report.glob("figures/*parity-forces-F-Li.png"))
@@ -269,7 +269,7 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         assert promoted[0]["model_id"] in page and "F-Li" in page
         # Titled by the campaign; the retraining decisions are shown with their intervals.
         assert "<title>pestle store report — campaign tiny</title>" in page
-        assert "force_mae candidate − incumbent" in page
+        assert "force_mae_ratio candidate − incumbent" in page
     finally:
         subprocess.run(["pkill", "-9", "-f", str(config)], check=False)
         store.drop()
