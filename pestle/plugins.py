@@ -43,8 +43,10 @@ class PluginSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a registered implementation (pestle plugins lists them)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="its params, checked against its own Params model"
+    )
 
 
 def default_name(name: str) -> BeforeValidator:
@@ -249,7 +251,8 @@ def _summary(cls: type) -> str:
     import sys
 
     text = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
-    return text.splitlines()[0] if text else ""
+    paragraph = text.split("\n\n")[0]  # the first paragraph, whole, not its first line
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def _type_name(annotation: Any) -> str:
