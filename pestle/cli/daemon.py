@@ -10,11 +10,13 @@ import typer
 from rich.table import Table
 
 from pestle.cli.common import (
-    ConfigOption,
+    ExitCode,
+    JsonOption,
     WorkDirOption,
     console,
     fail,
     open_store,
+    print_json,
     quiet_dask,
     workspace,
 )
@@ -25,10 +27,19 @@ daemon_app = typer.Typer(
     no_args_is_help=True,
 )
 
+ConfigsOption = Annotated[
+    list[Path] | None,
+    typer.Option("--config", "-c", help="Campaign YAML (repeat for several; one store)."),
+]
+
 
 @daemon_app.command("start")
 def daemon_start(
-    configs: Annotated[list[Path], typer.Argument(help="Campaign YAML files (one store).")],
+    configs: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="CONFIG", help="Campaign YAML files (one store), or -c."),
+    ] = None,
+    config: ConfigsOption = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this process instead of detaching.")
     ] = False,
@@ -38,13 +49,23 @@ def daemon_start(
     ] = False,
     idle_poll: Annotated[float, typer.Option(help="Seconds between checks when idle.")] = 30.0,
 ) -> None:
-    """Start the daemon: detaches with a PID file and a log file in <work_dir>/daemon/."""
+    """Start the daemon: detaches with a PID file and a log file in work_dir/daemon/. One
+    daemon per store: while another pestle daemon holds the store's lease, this one exits
+    with code 5."""
     from pestle.engine.daemon import Daemon
-    from pestle.engine.service import ServiceError, run_in_foreground, start_detached
+    from pestle.engine.service import (
+        DaemonBusy,
+        ServiceError,
+        run_in_foreground,
+        start_detached,
+    )
     from pestle.store import StoreError
 
+    paths = [*(configs or []), *(config or [])]
+    if not paths:
+        raise typer.BadParameter("give at least one campaign config: CONFIG... or -c CONFIG")
     try:
-        daemon = Daemon(configs, exit_when_idle=exit_when_idle, idle_poll_seconds=idle_poll)
+        daemon = Daemon(paths, exit_when_idle=exit_when_idle, idle_poll_seconds=idle_poll)
     except ConfigError as exc:
         fail(str(exc))
     first = daemon.configs[daemon.paths[0]]
@@ -53,30 +74,51 @@ def daemon_start(
         quiet_dask(verbose=True)
         try:
             run_in_foreground(daemon)
+        except DaemonBusy as exc:
+            fail(str(exc), ExitCode.STORE_BUSY)
         except StoreError as exc:
-            fail(str(exc), code=3)
+            fail(str(exc), ExitCode.FAILED)
         return
     try:
         started = start_detached(
-            configs, first.work_dir, exit_when_idle=exit_when_idle, idle_poll_seconds=idle_poll
+            paths, first.work_dir, exit_when_idle=exit_when_idle, idle_poll_seconds=idle_poll
         )
     except ServiceError as exc:
-        fail(str(exc))
-    console.print(f"daemon started: pid {started.pid}, log {started.log_file}")
+        passed_on = (ExitCode.BAD_INPUT, ExitCode.STORE_BUSY)
+        fail(str(exc), exc.returncode if exc.returncode in passed_on else ExitCode.FAILED)
+    console.print(f"daemon started: pid {started.pid}, log {started.log_file}", highlight=False)
 
 
 @daemon_app.command("status")
-def daemon_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+def daemon_status(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Campaign YAML: its work_dir and store settings."),
+    ] = None,
+    work_dir: WorkDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Whether the daemon runs, its lease, and each campaign's round, systems and models."""
     from pestle.engine.service import daemon_pid_file, running_daemon
 
     root = workspace(config, work_dir).work_dir
     pid = running_daemon(root)
-    console.print(
-        f"daemon: {'running, pid ' + str(pid) if pid else 'not running'} ({daemon_pid_file(root)})"
-    )
     store = open_store(config, work_dir)
     lease = store.meta.daemon_lease()
+    states = store.meta.campaign_states()
+    promoted = store.models.promoted_all()
+    jobs = dict(sorted(store.jobs.counts().items()))
+    decisions = store.decisions.find(newest_first=True, limit=5)
+    if as_json:
+        print_json(
+            {"pid": pid, "pid_file": daemon_pid_file(root), "lease": lease,
+             "campaigns": states, "promoted": promoted, "jobs": jobs, "decisions": decisions}
+        )  # fmt: skip
+        return
+    console.print(
+        f"daemon: {'running, pid ' + str(pid) if pid else 'not running'} ({daemon_pid_file(root)})",
+        highlight=False,
+    )
     if lease:
         console.print(
             f"store lease: pid {lease.get('pid')} on {lease.get('host')}, "
@@ -85,8 +127,8 @@ def daemon_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -
     table = Table(title="campaigns")
     for column in ("campaign", "next round", "systems", "finished", "last retraining", "promoted"):
         table.add_column(column)
-    promoted = ", ".join(f"{d['family']}: {d['model_id']}" for d in store.models.promoted_all())
-    for name, state in store.meta.campaign_states().items():
+    current = ", ".join(f"{d['family']}: {d['model_id']}" for d in promoted)
+    for name, state in states.items():
         retrain = state.retrain
         table.add_row(
             name,
@@ -94,24 +136,26 @@ def daemon_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -
             ", ".join(state.systems),
             ", ".join(state.finished),
             f"{retrain.get('outcome', '')} {retrain.get('model_id', '')}".strip(),
-            promoted,
+            current,
         )
     console.print(table)
-    console.print(
-        "jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(store.jobs.counts().items())) or "none")
-    )
-    for decision in store.decisions.find(newest_first=True, limit=5):
+    console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in jobs.items()) or "none"))
+    for decision in decisions:
         console.print(f"{decision.at:%Y-%m-%d %H:%M} {decision.kind}: {decision.reason}")
 
 
 @daemon_app.command("stop")
 def daemon_stop(
-    config: ConfigOption = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Campaign YAML: its work_dir and store settings."),
+    ] = None,
     work_dir: WorkDirOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the current step.")] = 600,
     kill: Annotated[bool, typer.Option(help="SIGKILL after the timeout.")] = False,
 ) -> None:
-    """SIGTERM: the daemon finishes its current step and exits."""
+    """SIGTERM: the daemon finishes its current step and exits. Exit code 4 if it still runs
+    after --timeout (without --kill)."""
     from pestle.engine.service import ServiceError, daemon_pid_file, stop_daemon
 
     root = workspace(config, work_dir).work_dir
@@ -125,9 +169,9 @@ def daemon_stop(
             ),
         )
     except ServiceError as exc:
-        fail(str(exc), code=1)
+        fail(str(exc), ExitCode.FAILED)
     if outcome.pid is None:
-        console.print(f"no daemon is running ({daemon_pid_file(root)})")
+        console.print(f"no daemon is running ({daemon_pid_file(root)})", highlight=False)
     elif outcome.killed:
         console.print(f"killed daemon {outcome.pid}; a restart resumes where it stopped")
     else:

@@ -7,13 +7,23 @@ from typing import Annotated
 
 import typer
 
-from pestle.cli.common import ConfigOption, WorkDirOption, console, fail, jsonable, open_store
+from pestle.cli.common import (
+    ConfigOption,
+    JsonOption,
+    WorkDirOption,
+    console,
+    fail,
+    jsonable,
+    open_store,
+    print_json,
+)
 
 
 def explain(
     structure_id: Annotated[str, typer.Argument(help="A structure id (or a unique prefix).")],
     config: ConfigOption = None,
     work_dir: WorkDirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Why a candidate was, or was not, picked for labelling in each run it took part in."""
     from pestle.engine.explain import explain_structure
@@ -24,6 +34,9 @@ def explain(
         found = explain_structure(store, structure_id)
     except StoreError as exc:
         fail(str(exc))
+    if as_json:
+        print_json({"structure": found.structure, "runs": found.runs, "label": found.label})
+        return
     doc, prov = found.structure, found.structure.provenance
     console.print(
         f"[bold]{doc.id}[/] {doc.formula} ({doc.chemical_system}, {doc.natoms} atoms), "

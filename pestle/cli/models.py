@@ -9,19 +9,38 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pestle.cli.common import ConfigOption, WorkDirOption, console, fail, open_store, workspace
+from pestle.cli.common import (
+    ConfigOption,
+    JsonOption,
+    WorkDirOption,
+    console,
+    fail,
+    open_store,
+    print_json,
+    workspace,
+)
 
 models_app = typer.Typer(help="Model versions in the store.", invoke_without_command=True)
 
 
 @models_app.callback()
-def models(ctx: typer.Context, config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
+def models(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """List model versions: family, parent, training data, held-out softening, promotion."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = {"config": config, "work_dir": work_dir}
         return
     from pestle.engine.status import model_versions
 
     store = open_store(config, work_dir)
+    if as_json:
+        for version in model_versions(store):
+            print_json(version)
+        return
     table = Table(title="models")
     for column in ("id", "family", "parent", "train labels", "held-out softening", "current"):
         table.add_column(column, overflow="fold")
@@ -39,6 +58,7 @@ def models(ctx: typer.Context, config: ConfigOption = None, work_dir: WorkDirOpt
 
 @models_app.command("promote")
 def models_promote(
+    ctx: typer.Context,
     model_id: Annotated[str, typer.Argument(help="The model version to make current.")],
     reason: Annotated[str, typer.Option(help="Why (kept in the store).")] = "promoted by hand",
     config: ConfigOption = None,
@@ -47,7 +67,8 @@ def models_promote(
     """Make a model version the current one of its family."""
     from pestle.store import StoreError
 
-    store = open_store(config, work_dir)
+    parent = ctx.obj or {}
+    store = open_store(config or parent.get("config"), work_dir or parent.get("work_dir"))
     try:
         outcome = store.models.promote(model_id, reason)
     except StoreError as exc:
@@ -76,12 +97,17 @@ def evaluate(
         str | None,
         typer.Option(help="Compare against this model (default: a stored model's parent)."),
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Directory (default <work_dir>/evaluations/<model>)."),
+    ] = None,
     config: ConfigOption = None,
     work_dir: WorkDirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Energy/force/stress errors and the softening scale per chemical system and sampler,
-    parity plots, and a comparison against the parent model."""
+    parity plots, and a comparison against the parent model (a stored model's evaluation is
+    recorded with it)."""
     from pestle.cli.store import parse_or_fail
     from pestle.engine.evaluate import evaluate_model, needs_store
     from pestle.store import StoreError
@@ -95,5 +121,8 @@ def evaluate(
         result = evaluate_model(store, model, out, data=source, parent=parent)
     except (StoreError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+    if as_json:
+        print_json(result)
+        return
     sys.stdout.write(result["table"] + "\n")  # unwrapped: a markdown table to paste
     console.print(f"{result['n_structures']} labelled structures; plots and tables in {out}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from rich.markup import escape
 from rich.table import Table
 
-from pestle.cli.common import console
+from pestle.cli.common import JsonOption, console, print_json
 
 
 def plugin_rows(registry) -> list[tuple[str, str, str, str, str, str]]:
@@ -34,7 +36,13 @@ def plugin_rows(registry) -> list[tuple[str, str, str, str, str, str]]:
     return rows
 
 
-def list_plugins(kind: str, registry) -> None:
+def list_plugins(kind: str, registry, as_json: bool = False) -> None:
+    if as_json:
+        from pestle.plugins import describe_plugins
+
+        for info in describe_plugins(registry):
+            print_json({"kind": kind, **dataclasses.asdict(info)})
+        return
     table = Table(title=f"{kind} (name: params in the config)", show_lines=True)
     for column in ("name", "from", "parameter", "type", "default", "description"):
         table.add_column(column, overflow="fold")
@@ -43,14 +51,14 @@ def list_plugins(kind: str, registry) -> None:
     console.print(table)
 
 
-def samplers() -> None:
+def samplers(as_json: JsonOption = False) -> None:
     """List the samplers (built-in and from installed packages) with their parameters."""
     from pestle.samplers import SAMPLERS
 
-    list_plugins("samplers", SAMPLERS)
+    list_plugins("samplers", SAMPLERS, as_json)
 
 
-def plugins() -> None:
+def plugins(as_json: JsonOption = False) -> None:
     """List every sampler, potential, selector, labeller and trainer, built-in or from an
     installed package's entry points."""
     from pestle.labellers import LABELLERS
@@ -66,4 +74,4 @@ def plugins() -> None:
         ("labellers", LABELLERS),
         ("trainers", TRAINERS),
     ):
-        list_plugins(kind, registry)
+        list_plugins(kind, registry, as_json)

@@ -5,25 +5,32 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pestle.cli.common import (
     ConfigOption,
+    JsonOption,
     WorkDirOption,
     cell,
     console,
+    err_console,
     fail,
     get,
     jsonable,
     open_store,
+    print_json,
+    warn,
     workspace,
 )
+from pestle.store import COLLECTIONS
 from pestle.store.queries import parse_query
 
-COLLECTIONS = ("structures", "labels", "jobs", "models", "runs", "decisions")
+Collection = Literal[COLLECTIONS]  # every collection a store has
+ExportFormat = Literal["extxyz", "ase-db", "chgnet", "mace"]
 
 DEFAULT_COLUMNS = {
     "structures": [
@@ -39,6 +46,7 @@ DEFAULT_COLUMNS = {
     "jobs": ["_id", "kind", "state", "attempts", "worker", "error"],
     "models": ["_id", "family", "potential", "run_id", "created_at"],
     "runs": ["_id", "campaign", "state", "started_at", "report"],
+    "decisions": ["_id", "at", "kind", "campaign", "reason"],
 }
 
 ElementsOption = Annotated[
@@ -81,18 +89,38 @@ def filter_or_fail(
         fail(str(exc))
 
 
-def status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
-    """Counts of stored documents, job states and recent runs."""
-    from pestle.engine.status import store_status
+def status(
+    config: ConfigOption = None, work_dir: WorkDirOption = None, as_json: JsonOption = False
+) -> None:
+    """Counts of stored documents, job states and recent runs, then the next useful
+    command."""
+    from pestle.engine.status import next_steps, store_status
 
     place = workspace(config, work_dir)
-    if place.embedded:
-        state = place.server.state()
-        console.print(
-            f"embedded server: {'running on ' + state.uri if state else 'stopped'} "
-            f"({place.server.root})"
+    store = open_store(config, work_dir)
+    found = store_status(store)
+    where = f"-c {config}" if config is not None else (f"-w {work_dir}" if work_dir else "")
+    steps = next_steps(store, found, str(config) if config is not None else None, where)
+    server = place.server.state() if place.embedded else None
+    if as_json:
+        print_json(
+            {
+                "server": None
+                if server is None
+                else {"uri": server.uri, "pid": server.pid, "data_dir": server.data_dir},
+                "store": {"uri": found.uri, "database": found.database},
+                "counts": found.counts,
+                "jobs": found.jobs,
+                "runs": [
+                    {"id": r.id, "state": r.state, "report": r.report, "started_at": r.started_at}
+                    for r in found.runs
+                ],
+                "next": [vars(step) for step in steps],
+            }
         )
-    found = store_status(open_store(config, work_dir))
+        return
+    if server is not None:
+        console.print(f"embedded server: running on {server.uri} ({place.server.root})")
     table = Table(title=f"store {found.uri} / {found.database}")
     table.add_column("collection")
     table.add_column("documents", justify="right")
@@ -102,6 +130,10 @@ def status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> None:
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in found.jobs.items()) or "none"))
     for run_doc in found.runs:
         console.print(f"run {run_doc.id}: {run_doc.state} {run_doc.report or ''}")
+    console.print("next:")
+    width = max(len(step.command) for step in steps)
+    for step in steps:
+        console.print(f"  {escape(step.command):<{width}}  # {escape(step.why)}", highlight=False)
 
 
 def query(
@@ -110,10 +142,16 @@ def query(
         typer.Argument(help='JSON filter, e.g. \'{"natoms": {"$gt": 8}}\', or key=value terms.'),
     ] = None,
     collection: Annotated[
-        str, typer.Option("--collection", "-C", help="structures, labels, jobs, models or runs.")
+        Collection, typer.Option("--collection", help="The collection to query.")
     ] = "structures",
+    old_collection: Annotated[
+        Collection | None,
+        typer.Option("-C", hidden=True, help="Deprecated spelling of --collection."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many documents (0: all).")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines for machines.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON lines (one document each) for scripts.")
+    ] = False,
     elements: ElementsOption = None,
     system: SystemOption = None,
     formula: FormulaOption = None,
@@ -127,9 +165,10 @@ def query(
     work_dir: WorkDirOption = None,
 ) -> None:
     """Query the store: a MongoDB filter and/or the named filters (elements, system, formula,
-    sampler, label status, energy and force ranges)."""
-    if collection not in COLLECTIONS:
-        fail(f"--collection must be one of {', '.join(COLLECTIONS)}")
+    sampler, label status, energy and force ranges). Says when --limit cut the list short."""
+    if old_collection is not None:
+        warn("-C is deprecated (it is too close to -c, --config): use --collection")
+        collection = old_collection
     store = open_store(config, work_dir)
     named = dict(elements=elements, system=system, formula=formula, sampler=sampler,
                  labelled=labelled, energy_min=energy_min, energy_max=energy_max,
@@ -140,13 +179,18 @@ def query(
     fields = None if as_json else DEFAULT_COLUMNS[collection]
     try:
         docs = list(store.query(collection, mongo_filter, fields, limit=max(limit, 0)))
+        total = store.count(collection, mongo_filter) if limit > 0 else len(docs)
     except StoreError as exc:
         fail(str(exc))
+    shown = f"{len(docs)} of {total}"
+    more = " (--limit 0 shows all)" if len(docs) < total else ""
     if as_json:
         for doc in docs:
             sys.stdout.write(json.dumps(jsonable(doc)) + "\n")
+        if more:
+            err_console.print(f"{collection}: {shown} documents{more}", highlight=False)
         return
-    table = Table(title=f"{collection}: {len(docs)} shown")
+    table = Table(title=f"{collection}: {shown} shown{more}")
     for column in DEFAULT_COLUMNS[collection]:
         table.add_column(column)
     for doc in docs:
@@ -160,7 +204,8 @@ def export(
         list[str] | None, typer.Argument(help="Filter on labels (JSON or key=value).")
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="extxyz, ase-db, chgnet (JSON) or mace (extxyz)")
+        ExportFormat,
+        typer.Option("--format", "-f", help="extxyz, ase-db, chgnet (JSON) or mace (extxyz)"),
     ] = "extxyz",
     elements: ElementsOption = None,
     system: SystemOption = None,
@@ -178,14 +223,18 @@ def export(
     REF_ keys)."""
     from pestle.export import EXPORTERS
 
-    if fmt not in EXPORTERS:
-        fail(f"--format {fmt!r} is not supported (supported: {', '.join(EXPORTERS)})")
+    folder = output.expanduser().absolute().parent
+    if not folder.is_dir():
+        fail(f"--output: the folder {folder} does not exist (create it first)")
     store = open_store(config, work_dir)
     named = dict(elements=elements, system=system, formula=formula, sampler=sampler,
                  energy_min=energy_min, energy_max=energy_max, force_min=force_min,
                  force_max=force_max)  # fmt: skip
     label_filter = filter_or_fail(store, "labels", terms, named)
-    n = EXPORTERS[fmt](store, output, label_filter)
+    try:
+        n = EXPORTERS[fmt](store, output, label_filter)
+    except OSError as exc:  # not writable, a folder in the way, a full disk
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     console.print(f"wrote {n} labelled structures to {output} ({fmt})")
 
 
@@ -193,7 +242,9 @@ def report(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Directory (default <work_dir>/report).")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="html or md")] = "html",
+    fmt: Annotated[
+        Literal["html", "md"], typer.Option("--format", "-f", help="html or md")
+    ] = "html",
     config: ConfigOption = None,
     work_dir: WorkDirOption = None,
 ) -> None:
@@ -201,8 +252,6 @@ def report(
     plots, job throughput and failures (PNG figures beside an HTML or markdown page)."""
     from pestle.reports.store_report import write_store_report
 
-    if fmt not in ("html", "md"):
-        fail(f"--format must be html or md, not {fmt!r}")
     root = workspace(config, work_dir).work_dir
     store = open_store(config, work_dir)
     path = write_store_report(store, Path(root), output or Path(root) / "report", fmt)

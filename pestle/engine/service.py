@@ -99,12 +99,38 @@ def start_detached(
     )
 
 
+class DaemonBusy(ServiceError):
+    """Another daemon holds the store's lease: one daemon per store."""
+
+
 def run_in_foreground(daemon) -> None:
     """Run a ``pestle.engine.daemon.Daemon`` in this process until it stops: SIGTERM and
-    SIGINT ask it to finish its current step first."""
-    signal.signal(signal.SIGTERM, daemon.request_stop)
-    signal.signal(signal.SIGINT, daemon.request_stop)
-    daemon.run()
+    SIGINT ask it to finish its current step first. Raises DaemonBusy when another daemon
+    holds the store's lease (StoreError for any other failure of the store)."""
+    from pestle.store import StoreError
+
+    previous = {
+        sig: signal.signal(sig, daemon.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        daemon.run()
+    except StoreError as exc:
+        holder = _lease_holder(daemon)
+        if holder is not None and holder != daemon.owner:
+            raise DaemonBusy(str(exc)) from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _lease_holder(daemon) -> str | None:
+    """The owner of the store's daemon lease, read after a failure (None if unknown)."""
+    try:
+        lease = daemon.store.meta.daemon_lease() if daemon.store is not None else None
+    except Exception:  # the store may be what failed
+        return None
+    return None if lease is None else lease.get("owner")
 
 
 @dataclass
