@@ -346,6 +346,7 @@ def test_jobs_show_and_retry(config: Path, store: Store) -> None:
     for text in ("failed", "node7:4242", "attempts 1/1", "KohnShamConvergenceError",
                  "Traceback (most recent call last)", "label-abc123-lot"):  # fmt: skip
         assert text in shown.output, text
+    assert cli("jobs", "-c", config, "show", job_id).exit_code == 0  # -c before the subcommand
     assert cli("jobs", "show", "label-", "-c", config).exit_code == 3  # ambiguous prefix
     assert cli("jobs", "show", "nope", "-c", config).exit_code == 3
 
