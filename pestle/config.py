@@ -3,14 +3,19 @@
 Every section forbids unknown keys. Plug-in sections (samplers, selector, labeller,
 potential, trainer) name a registered implementation and give its params, validated against
 that implementation's own ``Params`` model. Any error names the file, the field and the reason
-before anything runs.
+before anything runs. Relative paths (``work_dir``, seed files, ``store.uri_file``, the TLS
+files, and path-valued plugin params) are relative to the config file.
+
+``config_schema()`` is the JSON Schema of a campaign file (``pestle config schema``);
+``docs/config.md`` is generated from it (``pestle config docs``).
 """
 
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import GenerateJsonSchema
 
 from pestle.plugins import PluginSpec, Registry, RegistryError, format_validation_error
 
@@ -38,15 +44,26 @@ class SeedSpec(_Strict):
     """A seed: a structure file, a bulk crystal built with ``ase.build.bulk``, or a
     Materials Project query (material id ``mp-149``, chemical system ``Li-F`` or formula)."""
 
-    name: str | None = None
-    file: Path | None = None
-    mp: str | None = None
+    name: str | None = Field(
+        default=None, description="label in reports (default: file stem, element, MP formula)"
+    )
+    file: Path | None = Field(
+        default=None, description="structure file (CIF, POSCAR, extxyz...), relative to the config"
+    )
+    mp: str | None = Field(
+        default=None,
+        description="Materials Project query: mp-149, a chemical system Li-F, a formula",
+    )
     mp_limit: int = Field(default=1, ge=1, description="most stable structures to take")
-    bulk: str | None = None  # e.g. "Si"
-    crystalstructure: str | None = None  # e.g. "diamond", "rocksalt"
-    a: float | None = Field(default=None, gt=0)
-    cubic: bool = True
-    supercell: tuple[int, int, int] = (1, 1, 1)
+    bulk: str | None = Field(default=None, description='ase.build.bulk name, e.g. "Si"')
+    crystalstructure: str | None = Field(
+        default=None, description='for bulk: e.g. "diamond", "rocksalt", "fcc"'
+    )
+    a: float | None = Field(default=None, gt=0, description="for bulk: lattice constant (Å)")
+    cubic: bool = Field(default=True, description="for bulk: the conventional cubic cell")
+    supercell: tuple[int, int, int] = Field(
+        default=(1, 1, 1), description="repetitions of the seed along its cell vectors"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> SeedSpec:
@@ -57,9 +74,14 @@ class SeedSpec(_Strict):
 
 
 class StoreSpec(_Strict):
-    uri: str | None = None  # mongodb://... ; None = embedded local server
-    uri_file: Path | None = None  # a file holding the URI (keeps passwords out of configs)
-    database: str = "pestle"
+    """Where the store lives: a MongoDB, or (neither uri nor uri_file, nor PESTLE_MONGODB_URI
+    set) pestle's embedded server with its data in work_dir/db."""
+
+    uri: str | None = Field(default=None, description="mongodb://... (password masked in output)")
+    uri_file: Path | None = Field(
+        default=None, description="a file holding the URI, to keep passwords out of configs"
+    )
+    database: str = Field(default="pestle", description="database name in that MongoDB")
 
 
 class JobqueueSpec(_Strict):
@@ -68,19 +90,21 @@ class JobqueueSpec(_Strict):
     system: Literal["slurm", "pbs"]
     cores: int = Field(ge=1, description="cores per batch job")
     memory: str = Field(description='memory per batch job, e.g. "16GB"')
-    walltime: str = "01:00:00"
-    queue: str | None = None
-    account: str | None = None
+    walltime: str = Field(default="01:00:00", description="per batch job, HH:MM:SS")
+    queue: str | None = Field(default=None, description="partition / queue")
+    account: str | None = Field(default=None, description="project to charge")
     processes: int = Field(default=1, ge=1, description="worker processes per batch job")
     jobs: int = Field(default=1, ge=1, description="batch jobs to start")
     gpus_per_job: int = Field(
         default=0, ge=0, description="advertised to Dask as GPU resources (fine-tuning)"
     )
-    job_extra_directives: list[str] = Field(default_factory=list)
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description="extra #SBATCH / #PBS lines"
+    )
     job_script_prologue: list[str] = Field(
         default_factory=list, description="shell lines before the worker starts (module load...)"
     )
-    local_directory: str | None = None
+    local_directory: str | None = Field(default=None, description="workers' scratch folder")
 
     @model_validator(mode="after")
     def _gpus_not_shared(self) -> JobqueueSpec:
@@ -92,18 +116,23 @@ class JobqueueSpec(_Strict):
 
 
 class DaskSpec(_Strict):
-    scheduler_address: str | None = None
-    n_workers: int = Field(default=2, ge=1)
-    threads_per_worker: int = Field(default=1, ge=1)
-    memory_limit: str = "auto"
+    """Where labelling and fine-tuning run: a LocalCluster on this machine (default), an
+    existing scheduler, or a batch system through dask-jobqueue."""
+
+    scheduler_address: str | None = Field(
+        default=None, description="an existing scheduler, tcp:// or tls://"
+    )
+    n_workers: int = Field(default=2, ge=1, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads each")
+    memory_limit: str = Field(default="auto", description="LocalCluster memory per worker")
     job_timeout_seconds: float | None = Field(
         default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
     )
     # TLS for a tls:// scheduler: CA, client certificate and key (PEM files).
-    tls_ca_file: Path | None = None
-    tls_client_cert: Path | None = None
-    tls_client_key: Path | None = None
-    jobqueue: JobqueueSpec | None = None
+    tls_ca_file: Path | None = Field(default=None, description="CA certificate (PEM)")
+    tls_client_cert: Path | None = Field(default=None, description="client certificate (PEM)")
+    tls_client_key: Path | None = Field(default=None, description="client key (PEM)")
+    jobqueue: JobqueueSpec | None = Field(default=None, description="a Slurm or PBS cluster")
 
     @model_validator(mode="after")
     def _one_cluster(self) -> DaskSpec:
@@ -118,7 +147,12 @@ class DaskSpec(_Strict):
 
 
 class SelectionSpec(_Strict):
-    selector: PluginSpec = Field(default_factory=lambda: PluginSpec(name="topk"))
+    """Which candidates get a reference label: the selector picks per chemical system."""
+
+    selector: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(name="topk"),
+        description="topk, fps, direct or a plugin's (pestle plugins)",
+    )
     per_system: int = Field(default=6, ge=1, description="labels to request per chemical system")
 
 
@@ -143,8 +177,15 @@ class ScoringSpec(_Strict):
     embeddings: bool = Field(
         default=False, description="store the main potential's descriptors (fps, direct)"
     )
-    softening_prior: float = Field(default=0.85, gt=0, le=2)
-    softening_min_components: int = Field(default=30, ge=1)
+    softening_prior: float = Field(
+        default=0.85,
+        gt=0,
+        le=2,
+        description="softening scale assumed until a system/sampler has labels to fit its own",
+    )
+    softening_min_components: int = Field(
+        default=30, ge=1, description="force components needed to fit a softening scale"
+    )
     weights: dict[str, float] = Field(
         default_factory=lambda: {"max_force": 1.0},
         description="rank-normalised weighted sum, stored as the score 'combined'",
@@ -163,8 +204,13 @@ class ScoringSpec(_Strict):
 
 
 class FinetuneSpec(_Strict):
-    enabled: bool = True
-    trainer: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
+    """Fine-tuning the potential on the campaign's training labels (a Dask task)."""
+
+    enabled: bool = Field(default=True, description="fine-tune at the end of a run")
+    trainer: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(name="chgnet"),
+        description="chgnet, mace, matgl or a plugin's (pestle plugins)",
+    )
     validation_fraction: float = Field(
         default=0.2,
         ge=0,
@@ -191,13 +237,17 @@ class EvaluationSetSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
+    """Which labels are held out of training, and the evaluation set models are judged on."""
+
     holdout_fraction: float = Field(
         default=0.34,
         gt=0,
         lt=1,
         description="share of each system's selected labels held out from training",
     )
-    evaluation_set: EvaluationSetSpec = Field(default_factory=EvaluationSetSpec)
+    evaluation_set: EvaluationSetSpec = Field(
+        default_factory=EvaluationSetSpec, description="the random evaluation set per system"
+    )
 
 
 class RetrainSpec(_Strict):
@@ -261,12 +311,12 @@ class DaemonSpec(_Strict):
     """How ``pestle daemon`` runs this campaign: rounds, budgets, retraining, stopping."""
 
     per_round: int = Field(default=2, ge=1, description="labels per chemical system per round")
-    max_rounds: int | None = Field(default=None, ge=1)
+    max_rounds: int | None = Field(default=None, ge=1, description="stop after this many rounds")
     round_interval_seconds: float = Field(
         default=0.0, ge=0, description="least time between the end of a round and the next"
     )
-    retrain: RetrainSpec = Field(default_factory=RetrainSpec)
-    stop: StopSpec = Field(default_factory=StopSpec)
+    retrain: RetrainSpec = Field(default_factory=RetrainSpec, description="when to retrain")
+    stop: StopSpec = Field(default_factory=StopSpec, description="when a system is finished")
     withdraw_below: float | None = Field(
         default=None,
         gt=0,
@@ -282,20 +332,38 @@ class DaemonSpec(_Strict):
 
 
 class CampaignConfig(_Strict):
-    name: str
-    seed: int = 0
-    work_dir: Path = Path("pestle-work")
-    seeds: list[SeedSpec] = Field(min_length=1)
-    samplers: list[PluginSpec] = Field(min_length=1)
-    potential: PluginSpec = Field(default_factory=lambda: PluginSpec(name="chgnet"))
-    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
-    selection: SelectionSpec = Field(default_factory=SelectionSpec)
-    labeller: PluginSpec = Field(default_factory=lambda: PluginSpec(name="gpaw"))
-    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    store: StoreSpec = Field(default_factory=StoreSpec)
-    dask: DaskSpec = Field(default_factory=DaskSpec)
-    daemon: DaemonSpec = Field(default_factory=DaemonSpec)
+    """A campaign: seeds, samplers, the potential that scores, selection, the labeller,
+    fine-tuning, evaluation, and where the store and the workers are."""
+
+    name: str = Field(description="campaign name, part of every run id (no spaces or slashes)")
+    seed: int = Field(default=0, description="random seed of every sampler stream")
+    work_dir: Path = Field(
+        default=Path("pestle-work"),
+        description="run folders, reports, the embedded store; relative to the config file",
+    )
+    seeds: list[SeedSpec] = Field(min_length=1, description="starting structures")
+    samplers: list[PluginSpec] = Field(
+        min_length=1, description="candidate generators, each run on every seed (pestle samplers)"
+    )
+    potential: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(name="chgnet"),
+        description="the model that scores candidates and is fine-tuned",
+    )
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="candidate scores")
+    selection: SelectionSpec = Field(
+        default_factory=SelectionSpec, description="which candidates are labelled"
+    )
+    labeller: PluginSpec = Field(
+        default_factory=lambda: PluginSpec(name="gpaw"),
+        description="reference calculations: gpaw, vasp, potential, emt or a plugin's",
+    )
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="held-out labels"
+    )
+    store: StoreSpec = Field(default_factory=StoreSpec, description="the MongoDB store")
+    dask: DaskSpec = Field(default_factory=DaskSpec, description="the Dask cluster")
+    daemon: DaemonSpec = Field(default_factory=DaemonSpec, description="pestle daemon settings")
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("name")
@@ -334,6 +402,73 @@ def validate_plugins(config: CampaignConfig) -> list[str]:
     return errors
 
 
+def _is_path_field(annotation: Any) -> bool:
+    return annotation is Path or any(_is_path_field(a) for a in typing.get_args(annotation))
+
+
+def _resolve_plugin_paths(registry: Registry, spec: PluginSpec, base: Path) -> None:
+    """Path-valued params of a plugin (a checkpoint, a model file) given relative in the
+    config are relative to the config file; they are stored as absolute strings."""
+    fields = registry.get(spec.name).Params.model_fields
+    for key, value in list(spec.params.items()):
+        info = fields.get(key)
+        if info is None or not isinstance(value, str) or not _is_path_field(info.annotation):
+            continue
+        if value and not Path(value).expanduser().is_absolute():
+            spec.params[key] = str((base / value).resolve())
+
+
+def _resolve_paths(config: CampaignConfig, base: Path) -> None:
+    from pestle.labellers import LABELLERS
+    from pestle.potentials import POTENTIALS
+    from pestle.samplers import SAMPLERS
+    from pestle.selectors import SELECTORS
+    from pestle.trainers import TRAINERS
+
+    def resolve(value: Path) -> Path:
+        value = value.expanduser()
+        return value if value.is_absolute() else (base / value).resolve()
+
+    config.work_dir = resolve(config.work_dir)
+    if config.store.uri_file is not None:
+        config.store.uri_file = resolve(config.store.uri_file)
+    for seed in config.seeds:
+        if seed.file is not None:
+            seed.file = resolve(seed.file)
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        value = getattr(config.dask, field)
+        if value is not None:
+            setattr(config.dask, field, resolve(value))
+    for registry, spec in (
+        *((SAMPLERS, s) for s in config.samplers),
+        (POTENTIALS, config.potential),
+        *((POTENTIALS, s) for s in config.scoring.committee),
+        (SELECTORS, config.selection.selector),
+        (LABELLERS, config.labeller),
+        (TRAINERS, config.finetune.trainer),
+    ):
+        _resolve_plugin_paths(registry, spec, base)
+
+
+class _WithFactoryDefaults(GenerateJsonSchema):
+    """JSON Schema that shows the defaults made by default factories too."""
+
+    def get_default_value(self, schema: Any) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            return factory()
+        return super().get_default_value(schema)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of a campaign file (plugin ``params`` are objects here; each plugin's
+    own params are listed by ``pestle plugins``)."""
+    schema = CampaignConfig.model_json_schema(schema_generator=_WithFactoryDefaults)
+    schema["properties"].pop("source", None)
+    schema["title"] = "pestle campaign"
+    return schema
+
+
 def load_config(path: str | os.PathLike) -> CampaignConfig:
     """Read and validate a campaign YAML file; raises ConfigError naming file and field."""
     path = Path(path)
@@ -353,17 +488,14 @@ def load_config(path: str | os.PathLike) -> CampaignConfig:
     if errors:
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(errors))
     config.source = path.resolve()
-    # Seed files are relative to the config file, so a campaign folder can move as a whole.
-    for seed in config.seeds:
-        if seed.file is not None and not seed.file.is_absolute():
-            seed.file = (path.parent / seed.file).resolve()
+    # Relative paths are relative to the config file, so a campaign folder can move as a
+    # whole and every command finds the same work directory from anywhere.
+    _resolve_paths(config, config.source.parent)
+    for index, seed in enumerate(config.seeds):
         if seed.file is not None and not seed.file.is_file():
-            raise ConfigError(f"{path}: seeds: file {seed.file} does not exist")
+            raise ConfigError(f"{path}: seeds.{index}.file: {seed.file} does not exist")
     for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
         value = getattr(config.dask, field)
-        if value is not None:
-            value = value if value.is_absolute() else (path.parent / value).resolve()
-            if not value.is_file():
-                raise ConfigError(f"{path}: dask.{field}: file {value} does not exist")
-            setattr(config.dask, field, value)
+        if value is not None and not value.is_file():
+            raise ConfigError(f"{path}: dask.{field}: file {value} does not exist")
     return config

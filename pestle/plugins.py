@@ -43,8 +43,10 @@ class PluginSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a registered implementation (pestle plugins lists them)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="its params, checked against its own Params model"
+    )
 
 
 def default_name(name: str) -> BeforeValidator:
@@ -222,3 +224,70 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         field_path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         lines.append(f"{field_path}: {err['msg']}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    type: str
+    default: str  # repr of the default, or "(required)"
+    description: str
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One implementation as ``pestle plugins`` shows it: name, where it comes from (``pestle``
+    or a distribution), the first paragraph of its docstring, its params; or why it cannot be
+    loaded (``error``)."""
+
+    name: str
+    origin: str
+    summary: str = ""
+    params: tuple[ParamInfo, ...] = ()
+    error: str | None = None
+
+
+def _summary(cls: type) -> str:
+    import sys
+
+    text = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+    paragraph = text.split("\n\n")[0]  # the first paragraph, whole, not its first line
+    return " ".join(line.strip() for line in paragraph.splitlines())
+
+
+def _type_name(annotation: Any) -> str:
+    import re
+    import typing
+
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    text = re.sub(r"Annotated\[([\w.]+), [^\]]*\]", r"\1", str(annotation))
+    return text.replace("typing.", "")
+
+
+def describe_plugins(registry: Registry) -> list[PluginInfo]:
+    """Every implementation of a registry, built-ins and entry points, with its params. An
+    entry point that cannot be loaded is described by its error; the rest are still listed."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name in registry.names():
+        origin = registry.origin(name)
+        try:
+            cls = registry.get(name)
+        except RegistryError as exc:
+            out.append(PluginInfo(name, origin, error=f"cannot be used: {exc}"))
+            continue
+        params = []
+        for field_name, info in cls.Params.model_fields.items():
+            if info.default is not PydanticUndefined:
+                default = repr(info.default)
+            elif info.default_factory is not None:
+                default = repr(info.default_factory())
+            else:
+                default = "(required)"
+            params.append(
+                ParamInfo(field_name, _type_name(info.annotation), default, info.description or "")
+            )
+        out.append(PluginInfo(name, origin, _summary(cls), tuple(params)))
+    return out

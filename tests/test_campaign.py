@@ -175,7 +175,7 @@ def test_query_and_export(campaign) -> None:
     ).stdout
     docs = [json.loads(line) for line in out.splitlines()]
     assert len(docs) == 2 and all(d["provenance"]["sampler"] == "strain" for d in docs)
-    table = pestle("query", "-c", config, "-C", "labels", env=env).stdout
+    table = pestle("query", "-c", config, "--collection", "labels", env=env).stdout
     assert "gpaw" in table
     target = campaign["tmp"] / "labels.extxyz"
     pestle("export", "-c", config, "--format", "extxyz", "--output", str(target), env=env)
@@ -189,7 +189,7 @@ def test_query_and_export(campaign) -> None:
         assert atoms.info["sampler"] in {"rattle", "strain"}
         assert json.loads(atoms.info["level_of_theory"])["code"] == "gpaw"
     bad = pestle("query", "-c", config, "{nope", env=env, check=False)
-    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+    assert bad.returncode == 3 and "not valid JSON" in bad.stderr
 
 
 def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -> None:
@@ -239,4 +239,4 @@ def test_models_listed_and_promoted(campaign) -> None:
     assert store.models.promoted("chgnet") == model["_id"]
     assert db["models"].find_one({"_id": model["_id"]})["promotions"][-1]["reason"] == "test"
     bad = pestle("models", "promote", "model-nope", "-c", config, env=env, check=False)
-    assert bad.returncode == 2 and "no model model-nope" in bad.stderr
+    assert bad.returncode == 3 and "no model model-nope" in bad.stderr

@@ -40,7 +40,7 @@ def test_bad_config_exits_with_clear_message(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("name: x\nseeds: []\nsamplers: []\n")
     result = CliRunner().invoke(app, ["run", str(path)])
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # bad input, not a usage error
     assert str(path) in result.output and "seeds" in result.output
 
 

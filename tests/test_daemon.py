@@ -178,7 +178,7 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
 
         # A second daemon on the same store is refused while the first holds the lease.
         second = pestle("daemon", "start", "--foreground", str(config), check=False)
-        assert second.returncode == 3
+        assert second.returncode == 5  # ExitCode.STORE_BUSY
         assert "another pestle daemon holds this store" in second.stderr
 
         # A round and a retraining, then SIGKILL while a later round's GPAW label runs.

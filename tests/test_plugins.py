@@ -333,7 +333,7 @@ def test_a_config_naming_the_package_sampler_validates(
     bad = campaign_config(tmp_path / "bad.yaml", {"name": "my-sampler", "params": {"count": 0}},
                           "mongodb://unused", "unused")  # fmt: skip
     refused = pestle("run", str(bad), env=readme_plugin)
-    assert refused.returncode == 2
+    assert refused.returncode == 3
     assert "samplers.0.params.count: Input should be greater than or equal to 1" in refused.stderr
 
 
@@ -367,7 +367,7 @@ def test_a_broken_entry_point_is_named_without_a_traceback(tmp_path: Path) -> No
     env = with_path(pip_install(source, tmp_path / "target"))
     config = campaign_config(tmp_path / "broken.yaml", {"name": "broken"}, "mongodb://unused", "x")
     refused = pestle("run", str(config), env=env)
-    assert refused.returncode == 2
+    assert refused.returncode == 3
     output = refused.stdout + refused.stderr
     assert "Traceback" not in output
     assert "samplers.0.name: sampler 'broken': entry point 'broken = broken_pkg.missing:Nope'" in (

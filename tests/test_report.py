@@ -188,7 +188,7 @@ def test_pestle_report_writes_a_run_report_again(campaign, tmp_path) -> None:
     assert f"run {run_id}" in page and "evaluation_set/" not in page  # plots copied beside it
     assert all((out / src).is_file() for src in re.findall(r"<img src='([^']+)'", page))
     missing = CliRunner().invoke(app, ["report", "--run", "nope", "-c", str(config)])
-    assert missing.exit_code == 2 and "no run nope" in missing.output
+    assert missing.exit_code == 3 and "no run nope" in missing.output  # bad input
 
 
 def test_convergence_and_equation_of_state_are_shown_when_recorded(tmp_path) -> None:

@@ -89,4 +89,4 @@ def test_committee_descriptors_and_fps_selection(
     )
     assert "not selected" in unpicked.output and "fps" in unpicked.output
     missing = runner.invoke(app, ["explain", "zzzz", "-c", str(config_file)])
-    assert missing.exit_code == 2 and "no structures match" in missing.output
+    assert missing.exit_code == 3 and "no structures match" in missing.output

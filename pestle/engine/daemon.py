@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from pestle.config import CampaignConfig, ConfigError, load_config
+from pestle.engine import service
 from pestle.engine.run import run_passes
 from pestle.plugins import PluginSpec
 from pestle.stages import (
@@ -65,15 +66,15 @@ LEASE_SECONDS = 60.0
 
 
 def daemon_dir(config: CampaignConfig) -> Path:
-    return Path(config.work_dir).resolve() / "daemon"
+    return service.daemon_dir(config.work_dir)
 
 
 def pid_file(config: CampaignConfig) -> Path:
-    return daemon_dir(config) / "daemon.pid"
+    return service.daemon_pid_file(config.work_dir)
 
 
 def log_file(config: CampaignConfig) -> Path:
-    return daemon_dir(config) / "daemon.log"
+    return service.daemon_log_file(config.work_dir)
 
 
 class Daemon:

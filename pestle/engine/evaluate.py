@@ -13,6 +13,14 @@ from pestle.store import Store, StoreError
 from pestle.structures import LabelledStructure
 
 
+def needs_store(model: str, data: str | None, parent: str | None = None) -> bool:
+    """Whether evaluating ``model`` (against ``parent``) on ``data`` reads the store: a stored
+    model on either side, or labels from the store (a query, or the held-out labels) rather
+    than an extxyz file."""
+    data_is_file = data is not None and Path(data).is_file()
+    return model.startswith("model-") or (parent or "").startswith("model-") or not data_is_file
+
+
 def labelled_data(
     store: Store | None, data: str | dict[str, Any] | None, model_id: str | None
 ) -> tuple[list[LabelledStructure], dict[str, str]]:

@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from pestle.stages.context import RunContext
 
 
+def sampler_stream(
+    campaign_seed: int, round_index: int | None, index: int, sampler: str, seed_id: str
+) -> int:
+    """The random stream of sampler ``index`` on one seed: each daemon round samples
+    afresh; a one-shot run's streams are those of its config (``pestle run --dry-run``
+    draws the same ones)."""
+    parts = () if round_index is None else (round_index,)
+    return stable_seed(campaign_seed, *parts, index, sampler, seed_id)
+
+
 class SampleStage:
     name = "sample"
     requires = ("seeds",)
@@ -34,9 +44,8 @@ class SampleStage:
         for index, spec in enumerate(specs):
             sampler = SAMPLERS.build(spec.name, spec.params)
             for seed in seeds:
-                # Each round samples afresh; a one-shot run's streams are those of its config.
-                parts = () if ctx.round is None else (ctx.round.index,)
-                rng_seed = stable_seed(ctx.config.seed, *parts, index, spec.name, seed.id)
+                round_index = None if ctx.round is None else ctx.round.index
+                rng_seed = sampler_stream(ctx.config.seed, round_index, index, spec.name, seed.id)
                 batch = []
                 for candidate in sampler.sample(seed, rng_seed):
                     reason = check_structure(candidate.atoms)

@@ -25,7 +25,7 @@ from pestle.store.arrays import ArrayCodec
 from pestle.store.errors import StoreError
 from pestle.store.jobs import JobRepository
 from pestle.store.labels import LabelRepository
-from pestle.store.meta import MetaRepository
+from pestle.store.meta import SCHEMA, MetaRepository
 from pestle.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from pestle.store.models import ModelRepository
 from pestle.store.runs import DecisionRepository, RunRepository
@@ -56,6 +56,20 @@ class Store:
         self.decisions = DecisionRepository(self._db["decisions"])
         self.meta = MetaRepository(self._db["meta"])
         self._migrate()
+
+    @staticmethod
+    def exists(uri: str, database: str = "pestle", timeout_ms: int = 10_000) -> bool:
+        """Whether ``database`` at ``uri`` holds a pestle store (a schema version in ``meta``),
+        without creating or migrating anything: read-only commands ask this first."""
+        client: pymongo.MongoClient = pymongo.MongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms
+        )
+        try:
+            return client[database]["meta"].find_one({"_id": SCHEMA}, {"_id": 1}) is not None
+        except pymongo.errors.PyMongoError as exc:
+            raise StoreError(f"cannot reach MongoDB at {mask_uri(uri)}: {exc}") from None
+        finally:
+            client.close()
 
     @property
     def database(self) -> str:

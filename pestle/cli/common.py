@@ -1,0 +1,153 @@
+"""What every command shares: the consoles, the common options, exit codes and error exits,
+finding the store, and the small helpers that print documents and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from pestle.config import CampaignConfig, ConfigError, load_config
+
+# Messages and paths are never hard-wrapped: they stay whole for copying and for grep.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    NO = 1  # a check answered no (`pestle db status`: not running); also an unexpected error
+    USAGE = 2  # click/typer: unknown command or option, a bad option value, a missing argument
+    BAD_INPUT = 3  # pestle refused the input: nothing was done
+    FAILED = 4  # the input was fine, the work failed
+    STORE_BUSY = 5  # another pestle daemon holds the store's lease
+
+
+EXIT_CODES_HELP = """**Exit codes**
+
+* 0 done
+* 1 `pestle db status`: the server is not running; or an unexpected error (a traceback: please report it)
+* 2 usage error: unknown command or option, a bad option value, a missing argument
+* 3 bad input, nothing was done: an invalid config, a missing file or folder, an unknown id, no store where one was looked for, a bad query
+* 4 the work failed: the store or server unreachable, a run stopped on an error, the daemon did not start or stop
+* 5 another pestle daemon holds the store (`pestle daemon start`)
+"""
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Campaign YAML: its work_dir and store settings."),
+]
+WorkDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--work-dir", "-w", help="Work directory (default: $PESTLE_WORK_DIR or ./pestle-work)."
+    ),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print JSON for scripts instead of tables (lists: one object per line)."
+    ),
+]
+
+
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(int(code))
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def load(config: Path) -> CampaignConfig:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def workspace(config: Path | None, work_dir: Path | None):
+    """The work directory and store settings from --config / --work-dir / the environment."""
+    from pestle.engine.workspace import Workspace
+
+    return Workspace.of(load(config)) if config is not None else Workspace.at(work_dir)
+
+
+def open_store(config: Path | None, work_dir: Path | None, *, create: bool = False):
+    """The store of --config / --work-dir. Only commands that write a campaign (``run``)
+    ``create`` one; every other command fails with a message when there is none."""
+    from pestle.engine.workspace import NoStoreError
+    from pestle.store import StoreError
+    from pestle.store.server import ServerError
+
+    try:
+        return workspace(config, work_dir).open_store(create=create)
+    except (NoStoreError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc), ExitCode.BAD_INPUT)
+    except (StoreError, ServerError) as exc:
+        fail(str(exc), ExitCode.FAILED)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types from documents (datetimes, ObjectIds as MongoDB extended JSON),
+    pydantic models, dataclasses, paths and numpy values."""
+    from bson import json_util
+
+    return json.loads(json_util.dumps(_plain(value)))
+
+
+def _plain(value: Any) -> Any:
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        return _plain(value.model_dump(by_alias=True))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy
+        return value.tolist()
+    return value
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(jsonable(value)) + "\n")
+
+
+def get(doc: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(part)
+    return doc
+
+
+def cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = "" if value is None else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def quiet_dask(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        # Dask logs every worker start and stop at INFO; read at import by the scheduler
+        # and inherited by the worker processes.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
