@@ -3,8 +3,8 @@ job states, recent runs; model versions with their latest held-out softening sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, field
+from dataclasses import dataclass, field
+from typing import Any
 
 from pestle.evaluation.evaluate import stored_softening
 from pestle.store import Store
