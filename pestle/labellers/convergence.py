@@ -156,7 +156,8 @@ class Calculation:
     stress_gpa: list[float] | None  # Voigt, GPa, ASE sign (positive = tensile)
     seconds: float  # wall time of the structure's label
     reference_seconds: float | None  # wall time of the reference's label (None: cached/none)
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. k-point mesh, SCF iterations
+    extra: dict[str, Any] = field(default_factory=dict)  # k-point mesh, SCF iterations, CPU s
+    reference_extra: dict[str, Any] = field(default_factory=dict)  # the same of the reference
 
 
 @dataclass
@@ -370,7 +371,11 @@ class _Runner:
         n = len(atoms)
         forces = np.asarray(result.forces, dtype=float)
         stress = _stress_gpa(result)
-        extra = {k: v for k, v in result.extra.items() if k in ("kpts", "scf_iterations")}
+        kept = ("kpts", "scf_iterations", "cpu_seconds")
+        extra = {k: v for k, v in result.extra.items() if k in kept}
+        reference_extra = (
+            {} if reference is None else {k: v for k, v in reference.extra.items() if k in kept}
+        )
         return Calculation(
             setting=setting,
             value=value,
@@ -385,6 +390,7 @@ class _Runner:
             seconds=round(seconds, 2),
             reference_seconds=None if ref_seconds is None else round(ref_seconds, 2),
             extra=extra,
+            reference_extra=reference_extra,
         )
 
     def results(self, labeller: Labeller) -> tuple[LabelResult, LabelResult | None]:
