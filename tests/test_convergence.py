@@ -242,3 +242,21 @@ def test_gpaw_gate_passes_silicon(tmp_path) -> None:
     assert report.converged_quantities == ["energy", "forces", "stress"]
     assert report.recommended == {"ecut": 400.0} and report.culprit is None
     assert "converged at labeller.params.ecut = 400 eV (vs 520 eV)" in report.message
+
+
+def test_a_failed_calculation_names_the_rung(cu) -> None:
+    from pestle.labellers import LabelError
+
+    def failing_above_350(labeller, atoms):
+        if labeller.ecut > 350:
+            raise LabelError("SCF did not converge")
+        return labeller.label(atoms, None)
+
+    with pytest.raises(LabelError, match=r"convergence check of Cu, structure at ecut = 390"):
+        check_convergence(CutoffErrorEMT(300.0), cu.structure, label_fn=failing_above_350)
+
+
+def test_a_setting_at_the_top_of_its_ladder_is_taken_as_converged(cu) -> None:
+    report = check_convergence(CutoffErrorEMT(1990.0), cu.structure)
+    assert report.status == "converged" and report.recommended == {"ecut": 1990.0}
+    assert report.settings[0].comparisons == [] and "ladder ends" in report.settings[0].ceiling

@@ -35,7 +35,13 @@ import numpy as np
 from ase import Atoms, units
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import ConvergenceSetting, Labeller, LabelResult, level_of_theory_hash
+from pestle.labellers import (
+    ConvergenceSetting,
+    LabelError,
+    Labeller,
+    LabelResult,
+    level_of_theory_hash,
+)
 from pestle.structures import chemical_system
 
 # label_fn(labeller, atoms) -> LabelResult. One that serves an earlier label (a store) may
@@ -350,7 +356,14 @@ class _Runner:
         if key in self.cache:
             return self.cache[key][0], None
         started = time.perf_counter()
-        result = self.label_fn(labeller, self.structures[role])
+        atoms = self.structures[role]
+        try:
+            result = self.label_fn(labeller, atoms)
+        except LabelError as exc:
+            settings = ", ".join(f"{s.name} = {s.value:g}" for s in labeller.convergence_settings())
+            raise LabelError(
+                f"convergence check of {chemical_system(atoms)}, {role} at {settings}: {exc}"
+            ) from exc
         seconds = time.perf_counter() - started
         # A label_fn serving a stored label may report what computing it cost.
         seconds = float(result.extra.get("label_seconds", seconds))
@@ -484,6 +497,8 @@ def check_convergence(
             higher_value = setting.next_value(value)
             if higher_value is None:
                 ceiling = f"the ladder ends at {setting.limit:g} {setting.unit}"
+                # Configured at the ladder's top already: nothing higher to compare with.
+                converged = not comparisons
                 break
             higher = current.with_setting(setting.name, higher_value)
             calculations.append(runner.calculation(higher, setting.name, higher_value))
@@ -505,10 +520,12 @@ def check_convergence(
                 ceiling = f"auto-raise stopped after {max_raises} comparisons (max_raises)"
                 break
             value, rung = higher_value, higher
-        recommended = value if converged else comparisons[-1].against if comparisons else value
-        if converged or (auto_raise and comparisons):
-            current = current.with_setting(setting.name, recommended) if (
-                recommended != _configured(current, setting.name)) else current  # fmt: skip
+        # Converged: the lower rung of the passing pair. Not: the highest rung tested, a
+        # floor to raise to (not vouched for).
+        recommended = value if converged else comparisons[-1].against
+        # Later settings are checked at what this one recommends when pestle may raise it.
+        if auto_raise and recommended != _configured(current, setting.name):
+            current = current.with_setting(setting.name, recommended)
         reports.append(SettingReport(setting, calculations, comparisons, converged, recommended,
                                      ceiling))  # fmt: skip
 
@@ -635,6 +652,12 @@ def _message(report: ConvergenceReport, auto_raise: bool) -> str:
     if report.status == "converged":
         pieces = []
         for r in report.settings:
+            if not r.comparisons:
+                pieces.append(
+                    f"{r.setting.field} = {_value(r.setting.value, r.setting.unit)} "
+                    f"(not compared: {r.ceiling})"
+                )
+                continue
             c = r.comparisons[0]
             pieces.append(
                 f"{r.setting.field} = {_value(c.value, r.setting.unit)} "
@@ -643,6 +666,7 @@ def _message(report: ConvergenceReport, auto_raise: bool) -> str:
         quantities = ", ".join(report.converged_quantities) or "nothing"
         return f"{head}: converged at {' and '.join(pieces)}: {quantities} within tolerance."
     if report.status == "raised":
+        blame = f" (most likely at fault: {report.culprit})" if report.culprit else ""
         changes = ", ".join(
             f"{r.setting.field} {_value(r.setting.value, r.setting.unit)} → "
             f"{_value(r.recommended, r.setting.unit)} (agrees with "
@@ -650,7 +674,7 @@ def _message(report: ConvergenceReport, auto_raise: bool) -> str:
             for r in report.settings
             if r.recommended != r.setting.value
         )
-        return f"{head}: not converged at the configured settings; raised {changes}."
+        return f"{head}: not converged at the configured settings{blame}; raised {changes}."
     # not converged: one message naming what failed, who is to blame and what to raise
     failing = [r for r in report.settings if r.comparisons and not r.converged]
     lines = []
