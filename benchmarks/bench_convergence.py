@@ -123,6 +123,7 @@ def table(data: dict) -> str:
         "| wall s (structure + reference) | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    shown: dict[str, str] = {}  # level-of-theory hash -> the row that computed it
     for setting in data["settings"]:
         name = setting["setting"]["name"]
         comparisons = {c["value"]: c for c in setting["comparisons"]}
@@ -132,7 +133,11 @@ def table(data: dict) -> str:
             cpu = calc["extra"].get("cpu_seconds", 0) + calc["reference_extra"].get(
                 "cpu_seconds", 0
             )
-            cached = " (reference cached)" if calc["reference_seconds"] is None else ""
+            cached = ""
+            lot = calc["level_of_theory_hash"]
+            if lot in shown:
+                cached = f" (= {shown[lot]} row, not recomputed)"
+            shown.setdefault(lot, f"{name} {calc['value']:g}")
             rel = calc["relative_energy_per_atom"]
             if c is None:
                 tail = "| — | | | | | | | "

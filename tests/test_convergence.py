@@ -171,6 +171,8 @@ def test_gate_fails_names_the_field_and_climbs_with_auto_raise(cu) -> None:
     assert climbed.recommended_labeller(CutoffErrorEMT(300.0)).ecut == 510.0
     assert "300 eV → 510 eV" in climbed.message
     assert len(labels) == 8  # each rung once per structure, none twice
+    stored = json.loads(json.dumps(climbed.as_dict()))  # storable as it is
+    assert stored["passed"] and stored["settings"][0]["setting"]["field"] == "labeller.params.ecut"
 
     capped = check_convergence(
         CutoffErrorEMT(300.0), cu.structure, reference=cu.reference, auto_raise=True,
