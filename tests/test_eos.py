@@ -4,6 +4,8 @@ the bulk moduli ASE's own fit gives."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ase import units
@@ -113,6 +115,7 @@ def test_emt_scan_gives_ase_bulk_modulus(symbol, a, low, high) -> None:
     assert same.ok and same.b0_ratio == pytest.approx(1.0, abs=1e-9)
     assert same.b0_ratio_interval[0] <= 1.0 <= same.b0_ratio_interval[1]
     assert abs(same.v0_difference_percent) < 1e-6
+    assert json.loads(json.dumps(same.as_dict()))["model"]["status"] == "ok"  # storable
 
 
 @pytest.mark.slow

@@ -272,11 +272,10 @@ def compare_labels(
     n = len(atoms)
     checks: dict[str, QuantityCheck] = {}
 
-    def add(name: str, difference: float, tolerance: float | None, gated: bool = True) -> None:
-        available = math.isfinite(difference)
-        passed = (
-            (difference <= tolerance) if (gated and tolerance is not None and available) else None
-        )
+    def add(name: str, difference: float, tolerance: float | None) -> None:
+        difference = float(difference)  # plain floats and bools: the report goes to JSON
+        gated = tolerance is not None and math.isfinite(difference)
+        passed = bool(difference <= tolerance) if gated else None
         checks[name] = QuantityCheck(name, UNITS[name], difference, tolerance, passed)
 
     absolute = abs(lower.energy - higher.energy) / n
