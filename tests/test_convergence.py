@@ -14,8 +14,10 @@ from ase.build import bulk
 
 from pestle.labellers import LABELLERS, ConvergenceSetting, LabelResult
 from pestle.labellers.convergence import (
+    ConvergenceOptions,
     ConvergenceTolerances,
     check_convergence,
+    check_seed,
     representative,
 )
 
@@ -262,3 +264,15 @@ def test_a_setting_at_the_top_of_its_ladder_is_taken_as_converged(cu) -> None:
     report = check_convergence(CutoffErrorEMT(1990.0), cu.structure)
     assert report.status == "converged" and report.recommended == {"ecut": 1990.0}
     assert report.settings[0].comparisons == [] and "ladder ends" in report.settings[0].ceiling
+
+
+def test_check_seed_takes_the_campaign_options() -> None:
+    seed = bulk("Cu", "fcc", a=3.61, cubic=True)
+    options = {"auto_raise": True, "max_raises": 5, "tolerances": {"stress_max": 0.5}}
+    report = check_seed(CutoffErrorEMT(300.0), seed, options)
+    assert report.status == "raised" and report.energy_measure == "relative"
+    assert report.tolerances["stress_max"] == 0.5
+    # error(v) - error(1.3 v) below 0.5 GPa (3.1e-3 eV/Å^3) first at 670 vs 880 eV
+    assert report.recommended == {"ecut": 670.0}
+    with pytest.raises(ValueError):
+        ConvergenceOptions(max_raises=0)

@@ -90,6 +90,23 @@ class ConvergenceTolerances(BaseModel):
     stress_max: float = Field(default=1.0, gt=0, description="GPa, largest Voigt component")
 
 
+class ConvergenceOptions(BaseModel):
+    """Everything a campaign configures about the gate (for a ``convergence:`` config
+    section; ``check_seed`` takes it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    tolerances: ConvergenceTolerances = Field(default_factory=ConvergenceTolerances)
+    auto_raise: bool = Field(
+        default=False, description="climb a failing setting's ladder instead of stopping"
+    )
+    max_raises: int = Field(default=3, ge=1, le=10, description="comparisons per setting")
+    rattle: float = Field(default=0.05, gt=0, le=0.3, description="Å, representative structure")
+    max_strain: float = Field(default=0.02, gt=0, le=0.1, description="representative structure")
+    rng_seed: int = 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The representative structure
 
@@ -739,3 +756,31 @@ def _message(report: ConvergenceReport, auto_raise: bool) -> str:
         else ""
     )
     return f"{head}: {'; '.join(lines)}.{culprit} {advice}.{keep}"
+
+
+def check_seed(
+    labeller: Labeller,
+    seed: Atoms,
+    options: ConvergenceOptions | dict[str, Any] | None = None,
+    workdir: str | Path | None = None,
+    label_fn: LabelFn | None = None,
+) -> ConvergenceReport:
+    """The gate for one chemical system: its seed's representative structure (and the
+    undistorted cell as the energy reference) checked with the configured options."""
+    if options is None:
+        options = ConvergenceOptions()
+    elif not isinstance(options, ConvergenceOptions):
+        options = ConvergenceOptions.model_validate(options)
+    rep = representative(
+        seed, rattle=options.rattle, max_strain=options.max_strain, rng_seed=options.rng_seed
+    )
+    return check_convergence(
+        labeller,
+        rep.structure,
+        options.tolerances,
+        workdir,
+        label_fn,
+        reference=rep.reference,
+        auto_raise=options.auto_raise,
+        max_raises=options.max_raises,
+    )
