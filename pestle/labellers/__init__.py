@@ -54,7 +54,7 @@ class ConvergenceSetting:
     name: str  # parameter name, as with_setting takes it: "ecut"
     field: str  # the config field a user edits: "labeller.params.ecut"
     value: float  # the configured value
-    unit: str  # "eV", "1/Å"
+    unit: str  # "eV", "per Å⁻¹" (k-points per reciprocal length), "1/Å" (a k-spacing)
     kind: Literal["basis", "sampling"]  # basis: an element can be at fault; sampling: the BZ
     factor: float  # one rung up multiplies the value by this
     quantum: float  # rungs are multiples of this

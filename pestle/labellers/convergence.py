@@ -682,15 +682,23 @@ def _message(report: ConvergenceReport, auto_raise: bool) -> str:
         quantities = ", ".join(report.converged_quantities) or "nothing"
         return f"{head}: converged at {' and '.join(pieces)}: {quantities} within tolerance."
     if report.status == "raised":
-        blame = f" (most likely at fault: {report.culprit})" if report.culprit else ""
+        blame = f"; most likely at fault: {report.culprit}" if report.culprit else ""
+        raised = [r for r in report.settings if r.recommended != r.setting.value]
+        found = "; ".join(
+            f"at {r.setting.field} = {_value(r.comparisons[0].value, r.setting.unit)} vs "
+            f"{_value(r.comparisons[0].against, r.setting.unit)}: "
+            f"{_describe(r.comparisons[0], report.energy_measure)}"
+            for r in raised
+        )
         changes = ", ".join(
             f"{r.setting.field} {_value(r.setting.value, r.setting.unit)} → "
             f"{_value(r.recommended, r.setting.unit)} (agrees with "
             f"{_value(r.comparisons[-1].against, r.setting.unit)})"
-            for r in report.settings
-            if r.recommended != r.setting.value
+            for r in raised
         )
-        return f"{head}: not converged at the configured settings{blame}; raised {changes}."
+        return (
+            f"{head}: not converged at the configured settings ({found}{blame}); raised {changes}."
+        )
     # not converged: one message naming what failed, who is to blame and what to raise
     failing = [r for r in report.settings if r.comparisons and not r.converged]
     lines = []

@@ -282,7 +282,7 @@ class GPAWLabeller:
                                factor=1.3, quantum=10.0, limit=2000.0,
                                description="plane-wave cutoff"),
             ConvergenceSetting("kpoint_density", "labeller.params.kpoint_density",
-                               p.kpoint_density, "1/Å", "sampling", factor=1.5, quantum=0.5,
+                               p.kpoint_density, "per Å⁻¹", "sampling", factor=1.5, quantum=0.5,
                                limit=15.0, description="k-point density"),
         )  # fmt: skip
 
