@@ -8,13 +8,21 @@ to Dask workers), with
 - ``label(atoms, workdir) -> LabelResult``: raises ``LabelError`` for a calculation that
   ran but must not become a label (SCF not converged, unparsable output).
 - ``resources() -> Resources``: what one calculation occupies on a Dask worker (cores).
+- ``convergence_settings() -> tuple[ConvergenceSetting, ...]``: the numerical settings whose
+  convergence the labels depend on (a plane-wave cutoff, a k-point density), each with its
+  configured value and how to raise it; ``()`` when there is nothing to converge (EMT, a
+  potential). ``with_setting(name, value) -> Labeller``: a copy with one of them changed.
+  Optionally ``basis_error(symbols, value) -> {element: eV per atom}``: an estimate, from the
+  element's pseudopotential, of the energy missing at cutoff ``value`` (names the element a
+  failed cutoff check blames). pestle/labellers/convergence.py uses them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 from ase import Atoms
@@ -36,6 +44,36 @@ class LabelResult:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. scf iterations, magmoms
 
 
+@dataclass(frozen=True)
+class ConvergenceSetting:
+    """One numerical setting a labeller's numbers converge in, and its ladder of raised values.
+
+    Each rung is the previous value times ``factor`` (below 1 for a spacing, which is raised
+    by making it smaller), rounded away from the previous value to a multiple of ``quantum``;
+    the ladder ends at ``limit``."""
+
+    name: str  # parameter name, as with_setting takes it: "ecut"
+    field: str  # the config field a user edits: "labeller.params.ecut"
+    value: float  # the configured value
+    unit: str  # "eV", "per Å⁻¹" (k-points per reciprocal length), "1/Å" (a k-spacing)
+    kind: Literal["basis", "sampling"]  # basis: an element can be at fault; sampling: the BZ
+    factor: float  # one rung up multiplies the value by this
+    quantum: float  # rungs are multiples of this
+    limit: float  # no rung beyond this
+    description: str = ""  # "plane-wave cutoff"
+
+    def next_value(self, value: float) -> float | None:
+        """The rung above ``value``, or None past the limit."""
+        target = value * self.factor
+        steps = target / self.quantum
+        rounded = math.ceil(steps - 1e-9) if self.factor > 1 else math.floor(steps + 1e-9)
+        out = float(round(rounded * self.quantum, 10))
+        if out == value:  # rounding must never stand still
+            out = float(round(value + math.copysign(self.quantum, self.factor - 1), 10))
+        beyond = out > self.limit if self.factor > 1 else out < self.limit
+        return None if beyond else out
+
+
 class Labeller(Protocol):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
@@ -46,13 +84,31 @@ class Labeller(Protocol):
 
     def resources(self) -> Resources: ...
 
+    def convergence_settings(self) -> tuple[ConvergenceSetting, ...]: ...
+
+    def with_setting(self, name: str, value: float) -> Labeller: ...
+
 
 def level_of_theory_hash(labeller: Labeller) -> str:
     return settings_hash(labeller.level_of_theory())
 
 
+def _nothing_to_converge(self: Any) -> tuple[ConvergenceSetting, ...]:
+    """The default for a labeller that declares no numerical settings (the gate passes)."""
+    return ()
+
+
+def _no_settings(self: Any, name: str, value: float) -> Labeller:
+    raise ValueError(f"labeller {self.name!r} has no setting {name!r} to change")
+
+
 LABELLERS: Registry[Labeller] = Registry(
-    "labeller", "pestle.labellers", Contract(methods=("level_of_theory", "label", "resources"))
+    "labeller",
+    "pestle.labellers",
+    Contract(
+        methods=("level_of_theory", "label", "resources", "convergence_settings", "with_setting"),
+        defaults={"convergence_settings": _nothing_to_converge, "with_setting": _no_settings},
+    ),
 )
 
 import_submodules(__name__, __path__)  # registration

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.emt import EMT, parameters
 from pydantic import BaseModel, ConfigDict
 
-from pestle.labellers import LABELLERS, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
@@ -44,3 +44,10 @@ class EMTLabeller:
         stress = atoms.get_stress(voigt=True) if atoms.pbc.all() else None
         check_result(energy, forces, stress)
         return LabelResult(energy=float(energy), forces=forces, stress=stress)
+
+    def convergence_settings(self) -> tuple[ConvergenceSetting, ...]:
+        """Nothing to converge: EMT is analytic, with no basis or k-point grid."""
+        return ()
+
+    def with_setting(self, name: str, value: float) -> EMTLabeller:
+        raise ValueError(f"emt labels have no convergence setting {name!r}")

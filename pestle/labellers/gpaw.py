@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.calculators.calculator import kptdensity2monkhorstpack
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
 from pestle.plugins import Resources
 
 # Elements whose compounds are routinely magnetic: spin polarisation is switched on for them
@@ -277,6 +277,56 @@ class GPAWLabeller:
         if spinpol:
             extra["magmom"] = float(calc.get_magnetic_moment())
         return LabelResult(energy=float(energy), forces=forces, stress=stress, extra=extra)
+
+    def convergence_settings(self) -> tuple[ConvergenceSetting, ...]:
+        """Cutoff first (+30 % a rung, in 10 eV steps), then k-point density (x1.5 a rung, so
+        every axis of the mesh grows by about half, in steps of 0.5/Å)."""
+        p = self.params
+        return (
+            ConvergenceSetting("ecut", "labeller.params.ecut", p.ecut, "eV", "basis",
+                               factor=1.3, quantum=10.0, limit=2000.0,
+                               description="plane-wave cutoff"),
+            ConvergenceSetting("kpoint_density", "labeller.params.kpoint_density",
+                               p.kpoint_density, "per Å⁻¹", "sampling", factor=1.5, quantum=0.5,
+                               limit=15.0, description="k-point density"),
+        )  # fmt: skip
+
+    def with_setting(self, name: str, value: float) -> GPAWLabeller:
+        if name not in ("ecut", "kpoint_density"):
+            raise ValueError(f"gpaw has no convergence setting {name!r}")
+        return GPAWLabeller(self.Params.model_validate({**self.params.model_dump(), name: value}))
+
+    def basis_error(self, symbols: Any, ecut: float) -> dict[str, float]:
+        """Per element, the kinetic energy (eV per atom) its occupied pseudo partial waves
+        carry in plane waves beyond ``ecut``: what a cutoff cannot represent, from the PAW
+        setup alone (GPAW's dataset generator prints the same quantity). An estimate of which
+        element a cutoff starves, not of the error in the solid."""
+        setup_search_paths()
+        name = self._setup_name()
+        return {symbol: kinetic_energy_beyond(symbol, name, float(ecut))
+                for symbol in sorted(set(symbols))}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def kinetic_energy_beyond(symbol: str, setup_name: str, ecut: float) -> float:
+    """Kinetic energy (eV per atom) of the occupied, bound pseudo partial waves of an
+    element's PAW setup in plane waves above ``ecut`` (eV): sum over states of occupation
+    times the integral of G^2/2 |phi(G)|^2 beyond the cutoff sphere."""
+    from ase.units import Ha
+    from gpaw.setup_data import SetupData
+
+    data = SetupData(symbol, setup_name)
+    rgd = data.rgd
+    g_cut = math.sqrt(2 * ecut / Ha)
+    total = 0.0
+    for n, ell, f, phit in zip(data.n_j, data.l_j, data.f_j, data.phit_jg, strict=True):
+        if n <= 0 or f <= 0:  # unbound projector functions carry no electrons
+            continue
+        g, phi_g = rgd.fft(phit * rgd.r_g, ell)
+        density = 0.5 * phi_g**2 * g**4 / (2 * math.pi) ** 3
+        beyond = g > g_cut
+        total += f * float(np.trapezoid(density[beyond], g[beyond]))
+    return total * Ha
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelResult
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import PluginSpec, Resources, default_name
 
@@ -54,3 +54,10 @@ class PotentialLabeller:
         return LabelResult(
             energy=float(prediction.energy), forces=prediction.forces, stress=prediction.stress
         )
+
+    def convergence_settings(self) -> tuple[ConvergenceSetting, ...]:
+        """Nothing to converge: a potential's prediction is exact arithmetic, with no basis or k-point grid."""
+        return ()
+
+    def with_setting(self, name: str, value: float) -> PotentialLabeller:
+        raise ValueError(f"potential labels have no convergence setting {name!r}")

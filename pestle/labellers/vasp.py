@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms, units
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
@@ -169,3 +169,55 @@ class VASPLabeller:
             ).run()
         except Exception as exc:
             raise LabelError(f"VASP under custodian failed: {type(exc).__name__}: {exc}") from None
+
+    def _incar(self) -> dict[str, Any]:
+        return {**input_set_class(self.params.input_set).CONFIG["INCAR"],
+                **self.params.user_incar_settings}  # fmt: skip
+
+    def _reciprocal_density(self) -> float:
+        """k-points per reciprocal-space volume (1/Å^3) the input set writes: the user's, else
+        the input set's own default (MPStaticSet: 100; MPRelaxSet: its CONFIG, 64)."""
+        user = self.params.user_kpoints_settings.get("reciprocal_density")
+        if user is not None:
+            return float(user)
+        cls = input_set_class(self.params.input_set)
+        default = getattr(cls, "reciprocal_density", None)
+        if isinstance(default, (int, float)):
+            return float(default)
+        return float(cls.CONFIG.get("KPOINTS", {}).get("reciprocal_density", 64))
+
+    def convergence_settings(self) -> tuple[ConvergenceSetting, ...]:
+        """ENCUT (+30 % a rung, 10 eV steps), then the k-point sampling: KSPACING when the
+        INCAR sets it (divided by 1.5 a rung), else pymatgen's reciprocal_density (x3.375 a
+        rung, i.e. x1.5 along each axis). Other KPOINTS schemes are not laddered."""
+        incar = self._incar()
+        settings = [
+            ConvergenceSetting("ENCUT", "labeller.params.user_incar_settings.ENCUT",
+                               float(incar.get("ENCUT", 520)), "eV", "basis", factor=1.3,
+                               quantum=10.0, limit=2000.0, description="plane-wave cutoff"),
+        ]  # fmt: skip
+        if incar.get("KSPACING") is not None:
+            settings.append(
+                ConvergenceSetting("KSPACING", "labeller.params.user_incar_settings.KSPACING",
+                                   float(incar["KSPACING"]), "1/Å", "sampling", factor=1 / 1.5,
+                                   quantum=0.01, limit=0.05, description="k-point spacing")
+            )  # fmt: skip
+        elif set(self.params.user_kpoints_settings) <= {"reciprocal_density"}:
+            settings.append(
+                ConvergenceSetting("reciprocal_density",
+                                   "labeller.params.user_kpoints_settings.reciprocal_density",
+                                   self._reciprocal_density(), "1/Å³", "sampling",
+                                   factor=1.5**3, quantum=10.0, limit=20000.0,
+                                   description="k-point density")
+            )  # fmt: skip
+        return tuple(settings)
+
+    def with_setting(self, name: str, value: float) -> VASPLabeller:
+        p = self.params.model_dump()
+        if name in ("ENCUT", "KSPACING"):
+            p["user_incar_settings"] = {**p["user_incar_settings"], name: value}
+        elif name == "reciprocal_density":
+            p["user_kpoints_settings"] = {**p["user_kpoints_settings"], name: int(round(value))}
+        else:
+            raise ValueError(f"vasp has no convergence setting {name!r}")
+        return VASPLabeller(self.Params.model_validate(p))
