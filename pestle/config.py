@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
+from pestle.labellers.convergence import ConvergenceOptions
 from pestle.plugins import PluginSpec, Registry, RegistryError, format_validation_error
 
 
@@ -331,6 +332,26 @@ class DaemonSpec(_Strict):
     )
 
 
+class EOSSpec(_Strict):
+    """The equation-of-state check of every model pestle evaluates: an E-V scan of each seed
+    (isotropic scaling) computed once by the labeller and stored, against the same scan by
+    the model; bulk modulus and equilibrium volume with their intervals."""
+
+    enabled: bool = Field(default=True, description="run the check after fine-tuning")
+    volume_range: float = Field(
+        default=0.08, gt=0, lt=0.5, description="volumes from (1 - r) V to (1 + r) V of the seed"
+    )
+    points: int = Field(default=7, ge=5, le=21, description="volumes in the scan")
+    bulk_modulus_tolerance: float = Field(
+        default=0.10,
+        gt=0,
+        lt=1,
+        description="a model whose bulk-modulus ratio to the reference lies, with its whole "
+        "interval, further than this from 1 fails the check (the daemon does not promote "
+        "it when the model it would replace passed)",
+    )
+
+
 class CampaignConfig(_Strict):
     """A campaign: seeds, samplers, the potential that scores, selection, the labeller,
     fine-tuning, evaluation, and where the store and the workers are."""
@@ -358,6 +379,12 @@ class CampaignConfig(_Strict):
         description="reference calculations: gpaw, vasp, potential, emt or a plugin's",
     )
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec, description="fine-tuning")
+    convergence: ConvergenceOptions = Field(
+        default_factory=ConvergenceOptions,
+        description="the gate that checks the labeller's settings are converged for each "
+        "chemical system before its first labels",
+    )
+    eos: EOSSpec = Field(default_factory=EOSSpec, description="equation-of-state check")
     evaluation: EvaluationSpec = Field(
         default_factory=EvaluationSpec, description="held-out labels"
     )

@@ -390,10 +390,15 @@ def test_dry_run_estimates_and_writes_nothing(
     path = write_config(tmp_path / "c.yaml", database_name)
     result = cli("run", "--dry-run", "-c", path)
     assert result.exit_code == 0, result.output
-    assert "12 candidates" in result.output and "4 DFT calculations" in result.output
+    # Per system: 2 picks, 4 evaluation-set structures (the other candidates: 6 - 2, below
+    # the default 8), 7 equation-of-state volumes; EMT has no settings to converge.
+    assert "12 candidates" in result.output and "26 DFT calculations" in result.output
     assert "nothing was written" in result.output
     plan = json.loads(cli("run", "--dry-run", "-c", path, "--json").stdout)
-    assert plan["candidates"] == 12 and plan["dft_calculations"] == {"min": 4, "max": 4}
+    assert plan["candidates"] == 12 and plan["dft_calculations"] == {"min": 26, "max": 26}
+    for system in ("Cu", "Al"):
+        figures = plan["systems"][system]
+        assert (figures["picks"], figures["evaluation"], figures["checks_min"]) == (2, 4, 7)
     assert set(plan["systems"]) == {"Cu", "Al"} and plan["store"]["exists"] is False
     client = pymongo.MongoClient(uri_env)
     try:
@@ -417,7 +422,7 @@ def test_dry_run_estimates_and_writes_nothing(
         runs_before = store.runs.count()
         again = json.loads(cli("run", "--dry-run", "-c", path, "--json").stdout)
         assert again["systems"]["Cu"]["already_labelled"] == len(cu)
-        assert again["dft_calculations"] == {"min": 2, "max": 2}  # Al only
+        assert again["dft_calculations"] == {"min": 20, "max": 20}  # Cu: its EOS scan only
         assert store.runs.count() == runs_before == 0
         assert store.structures.count() == len(cu)
     finally:

@@ -45,7 +45,7 @@ def test_softening_fit_recovers_a_known_slope() -> None:
     )
     model = SofteningModel.fit(emt, labelled, prior=0.9, min_components=30)
     rattle = model.estimate("Cu", "rattle")
-    assert rattle.source == "system+sampler" and rattle.slope == pytest.approx(0.8, abs=0.02)
+    assert rattle.source == "system+rattle" and rattle.slope == pytest.approx(0.8, abs=0.02)
     assert rattle.ci_low < 0.8 < rattle.ci_high and rattle.n_components == 48
     assert 0.005 < rattle.ci_high - rattle.ci_low < 0.1
     assert model.estimate("Cu", "md").slope == pytest.approx(0.6)
@@ -56,6 +56,20 @@ def test_softening_fit_recovers_a_known_slope() -> None:
     assert model.estimate("Si", "rattle").slope == 0.9
     forces = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
     assert expected_softening_error(forces, 0.8) == pytest.approx(0.25 * 5.0)
+
+
+def test_softening_by_the_finest_group_with_data() -> None:
+    """A model soft at large rattles and stiff at small ones in the same system: each
+    amplitude gets its own scale; an amplitude without labels uses its sampler's."""
+    emt = POTENTIALS.build("emt")
+    large = [(a, s, ("rattle@0.2", "rattle")) for a, s, _ in synthetic_labels(0.7, 4, "rattle")]
+    small = [(a, s, ("rattle@0.05", "rattle"))
+             for a, s, _ in synthetic_labels(1.3, 4, "rattle", seed=5)]  # fmt: skip
+    model = SofteningModel.fit(emt, large + small, prior=0.9, min_components=30)
+    assert model.estimate("Cu", ("rattle@0.2", "rattle")).slope == pytest.approx(0.7)
+    assert model.estimate("Cu", ("rattle@0.05", "rattle")).slope == pytest.approx(1.3)
+    unseen = model.estimate("Cu", ("rattle@0.1", "rattle"))
+    assert unseen.source == "system+rattle" and 0.7 < unseen.slope < 1.3
 
 
 def test_committee_of_two_chgnet_versions_flags_disagreement() -> None:

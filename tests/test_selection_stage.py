@@ -62,7 +62,11 @@ def test_committee_descriptors_and_fps_selection(
     )
     assert first["provenance"]["params"]["amplitude"] == 0.3
     select = store.runs.require(campaign.run_id).stages["select"]
-    assert select["softening_estimates"]["Si/rattle"]["source"] == "prior"
+    # Per sampler and amplitude; nothing labelled yet, so the prior.
+    assert {k: v["source"] for k, v in select["softening_estimates"].items()} == {
+        "Si/rattle@0.02": "prior",
+        "Si/rattle@0.3": "prior",
+    }
     chosen = docs[picks[0]]["selection"][campaign.run_id]
     assert (
         chosen["scores"]["expected_softening_error"] > 0 and 0 <= chosen["scores"]["combined"] <= 1

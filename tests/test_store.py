@@ -66,6 +66,12 @@ def test_label_written_once(store: Store) -> None:
     np.testing.assert_allclose(stored.atoms.get_forces(), forces)
     assert stored.atoms.get_potential_energy() == -1.0
     assert stored.atoms.info["structure_id"] == sid == stored.structure_id
+    # A role decided before the label existed is written with it; an unknown one is refused.
+    other = store.structures.add(rattled_si(seed=5), kind="candidate", provenance={})[0]
+    assert store.labels.put(other, **{**kwargs, "role": "evaluation"})
+    assert store.labels.roles([f"{other}-abc"]) == {f"{other}-abc": "evaluation"}
+    with pytest.raises(ValueError, match="unknown label role"):
+        store.labels.put(other, **{**kwargs, "lot_hash": "x", "role": "bogus"})
     with pytest.raises(StoreError, match="forces have shape"):
         store.labels.put(sid, **{**kwargs, "lot_hash": "other", "forces": forces[:2]})
 

@@ -104,6 +104,8 @@ def run(
             f"{len(failed)} labelling jobs failed: `pestle jobs show {failed[0]}`, then "
             "`pestle jobs retry --failed` and run again"
         )
+    for system, message in ((result.stages.get("label") or {}).get("blocked") or {}).items():
+        warn(f"{system} was not labelled: {message}")
     console.print(f"report: {result.report}")
 
 
@@ -160,11 +162,16 @@ def dry(cfg, path: Path, as_json: bool) -> None:
     out(f"select: {plan.selector['name']} {json.dumps(params) if params else ''}".rstrip()
         + f", up to {plan.per_system} per chemical system")  # fmt: skip
     table = Table(title="label, per chemical system")
-    for column in ("system", "candidates", "already labelled", "picks", "DFT calculations"):
+    columns = ("system", "candidates", "already labelled", "picks", "evaluation set", "checks",
+               "DFT calculations")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "system" else "right")
     for system, p in plan.systems.items():
         estimate = str(p.dft_max) if p.dft_min == p.dft_max else f"{p.dft_min}-{p.dft_max}"
-        table.add_row(system, str(p.candidates), str(p.already_labelled), str(p.picks), estimate)
+        checks = (str(p.checks_max) if p.checks_min == p.checks_max
+                  else f"{p.checks_min}-{p.checks_max}")  # fmt: skip
+        table.add_row(system, str(p.candidates), str(p.already_labelled), str(p.picks),
+                      str(p.evaluation), checks, estimate)  # fmt: skip
     out(table)
     count = (
         str(plan.dft_max) if plan.dft_min == plan.dft_max else f"{plan.dft_min} to {plan.dft_max}"

@@ -30,7 +30,10 @@ def run_training_job(
     workdir: str,
     record: dict[str, Any],
     device_preference: str = "auto",
+    leave_out: list[str] | None = None,
 ) -> str:
+    """``leave_out``: reference quantities (``stress``) taken off every label before training
+    (not converged at the labels' settings)."""
     from pestle.devices import pick_device
     from pestle.store import Store
     from pestle.trainers import TRAINERS, LabelledStructure
@@ -40,7 +43,11 @@ def run_training_job(
             return model_id  # a duplicated task or a resumed run: the model already exists
 
         def labelled(ids: list[str]) -> list[LabelledStructure]:
-            return [s.labelled() for s in store.labels.labelled({"_id": {"$in": ids}})]
+            out = [s.labelled() for s in store.labels.labelled({"_id": {"$in": ids}})]
+            for ls in out:
+                for quantity in leave_out or ():
+                    ls.atoms.calc.results.pop(quantity, None)
+            return out
 
         device = pick_device(device_preference)
         implementation = TRAINERS.build(trainer["name"], trainer.get("params", {}))

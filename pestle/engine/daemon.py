@@ -40,6 +40,8 @@ from pestle.engine import service
 from pestle.engine.run import run_passes
 from pestle.plugins import PluginSpec
 from pestle.stages import (
+    ConvergenceStage,
+    EOSStage,
     EvaluateStage,
     EvaluationSetStage,
     FinetuneStage,
@@ -52,9 +54,10 @@ from pestle.stages import (
     SelectStage,
     SplitStage,
 )
+from pestle.stages.eos import eos_regressions
 from pestle.stages.label import drive_label_jobs
 from pestle.stages.score import force_scores
-from pestle.stages.select import softening_model
+from pestle.stages.select import groups_of, softening_model
 from pestle.stages.split import SplitPolicy, pooled, split_by_role
 from pestle.store import JOB_QUEUED, ROLE_HOLDOUT, ROLE_TRAIN, ROLE_VALIDATION, Store, resolve_uri
 from pestle.store.errors import as_utc
@@ -243,8 +246,10 @@ class Daemon:
             "%s: round %d (scoring with %s)", config.name, state.round, model_id or "pretrained"
         )
         started = time.monotonic()
-        stages = [SeedStage(), SampleStage(self.round_samplers(config, model_id)), ScoreStage(),
-                  EvaluationSetStage(), SelectStage(), LabelStage()]  # fmt: skip
+        stages = [SeedStage(), ConvergenceStage(),
+                  SampleStage(self.round_samplers(config, model_id)), ScoreStage(),
+                  EvaluationSetStage(), LabelStage("evaluation"), SelectStage(),
+                  LabelStage("picks")]  # fmt: skip
         run_passes(ctx, stages)
         recorded = self.store.runs.require(ctx.run_id).stages
         systems = sorted({s["chemical_system"] for s in recorded["seed"]["seeds"]})
@@ -368,9 +373,11 @@ class Daemon:
     ) -> tuple[dict[str, list[str]], dict[str, dict[str, list[str]]]]:
         """The campaign's labels per system at its level of theory, and the roles the split
         policy gives them (recorded only once training goes ahead)."""
-        by_system = self.store.labels.ids_by_system(
-            self.context(config).lot_hash, systems, trainable=True
-        )
+        ctx = self.context(config)
+        by_system: dict[str, list[str]] = {}
+        for system in systems:  # each system at its own level of theory
+            by_system.update(self.store.labels.ids_by_system(
+                ctx.labelling(system).lot_hash, [system], trainable=True))  # fmt: skip
         ids = [i for members in by_system.values() for i in members]
         roles = SplitPolicy.from_config(config).assign(by_system, self.store.labels.roles(ids))
         return by_system, split_by_role(by_system, roles)
@@ -417,7 +424,8 @@ class Daemon:
         ctx = self.context(config, client, suffix="t" + settings_hash({"labels": sorted(ids)})[:8])
         ctx.outputs["labels_by_system"] = by_system
         try:
-            outputs = run_passes(ctx, [SplitStage(), FinetuneStage(), EvaluateStage("promoted")])
+            outputs = run_passes(ctx, [SeedStage(), SplitStage(), FinetuneStage(),
+                                       EvaluateStage("promoted"), EOSStage("promoted")])  # fmt: skip
         except Exception as exc:  # a failed fine-tune must not kill the dataset growth
             log.exception("%s: retraining failed", config.name)
             self.store.decisions.record({**decision, "outcome": "failed", "reason": repr(exc)})
@@ -461,6 +469,7 @@ class Daemon:
                     "reason": "no evaluation-set labels to judge the candidate on"}  # fmt: skip
         difference = evaluation.paired("candidate", metric)
         regressions = evaluation.regressions("candidate", "force_mae_ratio", "chemical_system")
+        eos_broken = eos_regressions(outputs.get("eos") or {}, "candidate", "incumbent")
         improved = difference.improved(rule.min_improvement)
         relative = metric == "force_mae_ratio"
         shown = format_difference(difference, digits=4, relative=relative)
@@ -470,6 +479,11 @@ class Daemon:
             worse = ", ".join(f"{system} {format_difference(d, relative=True)}"
                               for system, d in sorted(regressions.items()))  # fmt: skip
             verdict = f"force MAE worse beyond its interval in {worse}"
+        elif eos_broken:
+            tolerance = ctx.config.eos.bulk_modulus_tolerance
+            verdict = (f"bulk modulus outside ±{tolerance:.0%} of the DFT scan (whole "
+                       f"interval) for {', '.join(eos_broken)}, where the model it would "
+                       "replace was not")  # fmt: skip
         elif improved:
             verdict = "better beyond its interval"
         else:
@@ -483,8 +497,9 @@ class Daemon:
             **decided,
             "difference": difference.as_dict(),
             "regressions": {system: d.as_dict() for system, d in regressions.items()},
+            "eos_regressions": eos_broken,
             "evaluation": evaluation.as_dict(),
-            "outcome": "promoted" if improved and not regressions else "kept",
+            "outcome": "promoted" if improved and not regressions and not eos_broken else "kept",
             "reason": reason,
         }
 
@@ -508,7 +523,7 @@ class Daemon:
         for job, sid, prediction in zip(queued, ids, predictions, strict=True):
             doc = docs[sid]
             max_force = force_scores(atoms[sid], prediction)["max_force"]
-            estimate = softening.estimate(doc.chemical_system, doc.provenance.sampler)
+            estimate = softening.estimate(doc.chemical_system, groups_of(doc))
             error = softening_error(max_force, estimate.slope)
             scores[sid] = {"max_force": max_force, "expected_softening_error": error}
             if threshold is not None and error < threshold:

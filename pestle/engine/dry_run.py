@@ -39,6 +39,9 @@ class SystemPlan:
     already_stored: int = 0
     already_labelled: int = 0
     picks: int = 0
+    evaluation: int = 0  # evaluation-set structures to label (drawn at random)
+    checks_min: int = 0  # convergence gate and equation of state
+    checks_max: int = 0
     dft_min: int = 0
     dft_max: int = 0
 
@@ -170,10 +173,19 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
         plan.already_stored += candidate.id in stored
         plan.already_labelled += candidate.id in labelled
     per_system = config.selection.per_system
-    for plan in systems.values():
+    gate = _gate_calculations(config, store, level_of_theory)
+    for system, plan in systems.items():
         plan.picks = min(per_system, plan.candidates)
-        plan.dft_max = min(plan.picks, plan.candidates - plan.already_labelled)
-        plan.dft_min = max(0, plan.picks - plan.already_labelled)
+        plan.evaluation = min(config.evaluation.evaluation_set.per_system,
+                              max(0, plan.candidates - plan.picks))  # fmt: skip
+        seeds_here = sum(chemical_system(s.atoms) == system for s in seeds)
+        eos = config.eos.points * seeds_here if config.eos.enabled else 0
+        low, high = gate.get(system, (0, 0))
+        plan.checks_min, plan.checks_max = low + eos, high + eos
+        # Picks and the evaluation set come from the same candidates, labelled or not.
+        wanted = plan.picks + plan.evaluation
+        plan.dft_max = min(wanted, plan.candidates - plan.already_labelled) + plan.checks_max
+        plan.dft_min = max(0, wanted - plan.already_labelled) + plan.checks_min
     run_id = run_id_for(config)
     recorded = store.runs.stage(run_id, "select") if store is not None else None
     resumed = bool(recorded and recorded.get("selected"))
@@ -189,6 +201,11 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
                 plan.dft_min += 1
                 plan.dft_max += 1
         notes[0] = f"run {run_id} already stored its selection: the count is exact"
+    notes.append(
+        "counted: the evaluation set (drawn at random, labelled first), the picks, the "
+        "convergence gate's calculations (a range: raising a setting costs more) and the "
+        "equation-of-state scans; already stored labels of the checks are not looked up"
+    )
     return CampaignPlan(
         run_id=run_id,
         campaign=config.name,
@@ -211,3 +228,38 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
         resumed_selection=resumed,
         notes=notes,
     )  # fmt: skip
+
+
+def _gate_calculations(
+    config: CampaignConfig, store: Store | None, level_of_theory: dict[str, Any] | None
+) -> dict[str, tuple[int, int]]:
+    """Per chemical system, the fewest and most calculations the convergence gate makes:
+    the representative structure and its undistorted cell at the configured settings and
+    at one raised rung of each setting, or up to ``max_raises`` rungs when raising; none
+    where a verdict is stored or the labeller declares nothing to converge."""
+    from pestle.labellers import LABELLERS
+    from pestle.store.checks import convergence_key
+
+    options = config.convergence
+    if not options.enabled:
+        return {}
+    try:
+        labeller = LABELLERS.build(config.labeller.name, config.labeller.params)
+        settings = labeller.convergence_settings()
+    except Exception:  # a labeller that needs its code installed to say
+        return {}
+    if not settings:
+        return {}
+    per_rung = 2  # the distorted structure and its undistorted cell
+    low = per_rung * (1 + len(settings))
+    high = per_rung * (1 + len(settings) * (options.max_raises if options.auto_raise else 1))
+    out = {}
+    for seed in plan_seeds(config, store):
+        system = chemical_system(seed.atoms)
+        stored = (
+            store is not None
+            and level_of_theory is not None
+            and store.checks.get(convergence_key(system, settings_hash(level_of_theory)))
+        )
+        out[system] = (0, 0) if stored else (low, high)
+    return out

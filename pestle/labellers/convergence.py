@@ -102,6 +102,11 @@ class ConvergenceOptions(BaseModel):
         default=False, description="climb a failing setting's ladder instead of stopping"
     )
     max_raises: int = Field(default=3, ge=1, le=10, description="comparisons per setting")
+    leave_out: list[Literal["stress"]] = Field(
+        default_factory=list,
+        description="quantities that may stay unconverged: the system is labelled anyway and "
+        "fine-tuning leaves them out (default: any unconverged quantity stops the system)",
+    )
     rattle: float = Field(default=0.05, gt=0, le=0.3, description="Å, representative structure")
     max_strain: float = Field(default=0.02, gt=0, le=0.1, description="representative structure")
     rng_seed: int = 0

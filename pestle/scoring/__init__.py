@@ -34,8 +34,10 @@ class SofteningEstimate:
 
 
 class SofteningModel:
-    """Softening scales per (chemical system, sampler), falling back to the system, then to
-    a prior, while a group has fewer than ``min_components`` labelled force components."""
+    """Softening scales per chemical system and group of structures, fitted on reference
+    labels. A structure belongs to groups from the finest to the coarsest (e.g. its
+    sampler and amplitude, then its sampler); a group with fewer than ``min_components``
+    labelled force components defers to the next, then to the system, then to a prior."""
 
     def __init__(
         self,
@@ -51,34 +53,42 @@ class SofteningModel:
     def fit(
         cls,
         potential: Potential,
-        labelled: Sequence[tuple[Atoms, str, str]],
+        labelled: Sequence[tuple[Atoms, str, str | Sequence[str] | None]],
         prior: float = 0.85,
         min_components: int = 30,
     ) -> SofteningModel:
         """``labelled``: (atoms with reference forces in ``atoms.calc``, chemical system,
-        sampler). The model's forces come from ``potential``."""
+        its group or groups, finest first). The model's forces come from ``potential``."""
         predicted = potential.predict([atoms for atoms, _, _ in labelled], stress=False)
         pairs: dict[tuple[str, str | None], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
-        for (atoms, system, sampler), prediction in zip(labelled, predicted, strict=True):
+        for (atoms, system, groups), prediction in zip(labelled, predicted, strict=True):
             reference = np.asarray(atoms.calc.results["forces"], dtype=float).ravel()
             model = np.asarray(prediction.forces, dtype=float).ravel()
-            pairs[(system, sampler)].append((model, reference))
-            pairs[(system, None)].append((model, reference))
+            for group in (*_groups(groups), None):
+                pairs[(system, group)].append((model, reference))
         fits = {}
-        for group, members in pairs.items():
+        for (system, group), members in pairs.items():
             fit = softening_scale(
                 np.concatenate([m for m, _ in members]), np.concatenate([r for _, r in members])
             )
-            source = "system" if group[1] is None else "system+sampler"
-            fits[group] = SofteningEstimate(fit.slope, fit.ci_low, fit.ci_high, fit.n, source)
+            source = "system" if group is None else f"system+{group}"
+            fits[(system, group)] = SofteningEstimate(
+                fit.slope, fit.ci_low, fit.ci_high, fit.n, source
+            )
         return cls(fits, prior, min_components)
 
-    def estimate(self, system: str, sampler: str | None) -> SofteningEstimate:
-        for group in ((system, sampler), (system, None)):
-            fit = self.fits.get(group)
+    def estimate(self, system: str, groups: str | Sequence[str] | None = None) -> SofteningEstimate:
+        for group in (*_groups(groups), None):
+            fit = self.fits.get((system, group))
             if fit is not None and fit.n_components >= self.min_components and fit.slope > 0:
                 return fit
         return SofteningEstimate(self.prior, self.prior, self.prior, 0, "prior")
+
+
+def _groups(groups: str | Sequence[str] | None) -> tuple[str, ...]:
+    if groups is None:
+        return ()
+    return (groups,) if isinstance(groups, str) else tuple(groups)
 
 
 def softening_error(force: float, slope: float) -> float:

@@ -10,9 +10,11 @@ units (``pestle.engine``), in the spirit of maggma's Builders and jobflow's Make
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from pestle.stages.context import Round, RunContext
+from pestle.stages.convergence import ConvergenceStage
+from pestle.stages.eos import EOSStage
 from pestle.stages.evaluate import EvaluateStage
 from pestle.stages.evaluation_set import EvaluationSetStage
 from pestle.stages.finetune import FinetuneStage
@@ -26,9 +28,9 @@ from pestle.stages.split import SplitStage
 
 
 class Stage(Protocol):
-    name: ClassVar[str]
-    requires: ClassVar[tuple[str, ...]]
-    provides: ClassVar[tuple[str, ...]]
+    name: str
+    requires: tuple[str, ...]
+    provides: tuple[str, ...]
 
     def run(self, ctx: RunContext) -> dict[str, Any]: ...
 
@@ -48,11 +50,19 @@ def run_stages(ctx: RunContext, stages: Sequence[Stage]) -> dict[str, Any]:
 
 
 def campaign_stages() -> list[Stage]:
-    return [SeedStage(), SampleStage(), ScoreStage(), EvaluationSetStage(), SelectStage(), LabelStage(),
-            SplitStage(), FinetuneStage(), EvaluateStage("pretrained"), ReportStage()]  # fmt: skip
+    """A campaign run: the labeller's settings checked per system, candidates sampled and
+    scored, the evaluation set drawn and labelled first (its labels measure the softening
+    that guides the picks), the picks selected and labelled, split, fine-tuned, judged on
+    the evaluation set and by the equation of state, reported."""
+    return [SeedStage(), ConvergenceStage(), SampleStage(), ScoreStage(), EvaluationSetStage(),
+            LabelStage("evaluation"), SelectStage(), LabelStage("picks"), SplitStage(),
+            FinetuneStage(), EvaluateStage("pretrained"), EOSStage("pretrained"),
+            ReportStage()]  # fmt: skip
 
 
 __all__ = [
+    "ConvergenceStage",
+    "EOSStage",
     "EvaluateStage",
     "EvaluationSetStage",
     "FinetuneStage",

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pestle.config import CampaignConfig
 from pestle.labellers import LABELLERS, Labeller
+from pestle.plugins import PluginSpec
 from pestle.potentials import POTENTIALS, Potential
 from pestle.provenance import code_versions
 from pestle.stages.seed import SeedStructure, seed_from_object
-from pestle.store import Store, mask_uri
+from pestle.store import Store, label_id, mask_uri
 from pestle.structures import fingerprint, settings_hash
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -41,6 +42,17 @@ def run_id_for(config: CampaignConfig, extra_seed_ids: list[str] | None = None) 
     if extra_seed_ids:  # seeds given as Python objects are part of the run's science too
         digest = settings_hash({"config": digest, "seeds": sorted(extra_seed_ids)})
     return f"{config.name}-{digest[:10]}"
+
+
+@dataclass
+class Labelling:
+    """The labeller of one chemical system, its spec (what a job carries to a worker), level
+    of theory and that level's hash (which keys its labels)."""
+
+    spec: PluginSpec
+    labeller: Labeller
+    level_of_theory: dict[str, Any]
+    lot_hash: str
 
 
 @dataclass
@@ -81,6 +93,7 @@ class RunContext:
         self.run_id = run_id
         self.run_dir = Path(self.config.work_dir).resolve() / "runs" / self.run_id
         self._stored: dict[str, Potential] = {}
+        self._labellings: dict[str, Labelling] = {}
 
     # -- the run document ---------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +154,7 @@ class RunContext:
 
     @functools.cached_property
     def labeller(self) -> Labeller:
+        """The configured labeller (each system labels with ``labelling(system)``)."""
         return LABELLERS.build(self.config.labeller.name, self.config.labeller.params)
 
     @functools.cached_property
@@ -149,7 +163,48 @@ class RunContext:
 
     @functools.cached_property
     def lot_hash(self) -> str:
+        """The configured labeller's level-of-theory hash (the key of its gate records)."""
         return settings_hash(self.level_of_theory)
+
+    def gate(self, system: str) -> dict[str, Any] | None:
+        """The convergence gate's stored record for a system at the configured settings."""
+        from pestle.store.checks import convergence_key
+
+        if not self.config.convergence.enabled:
+            return None
+        return self.store.checks.get(convergence_key(system, self.lot_hash))
+
+    def labelling(self, system: str) -> Labelling:
+        """How a chemical system is labelled: the configured labeller, or the settings the
+        convergence gate raised for it (``convergence.auto_raise``)."""
+        if system not in self._labellings:
+            spec, labeller = self.config.labeller, self.labeller
+            record = self.gate(system)
+            raised = {
+                name: value
+                for name, value in ((record or {}).get("recommended") or {}).items()
+                if (record or {}).get("passed")
+                and value
+                != next(s.value for s in labeller.convergence_settings() if s.name == name)
+            }
+            if raised:
+                for name, value in raised.items():
+                    labeller = labeller.with_setting(name, value)
+                spec = PluginSpec(name=spec.name, params=labeller.params.model_dump(mode="json"))
+            lot = labeller.level_of_theory()
+            self._labellings[system] = Labelling(spec, labeller, lot, settings_hash(lot))
+        return self._labellings[system]
+
+    def blocked(self, system: str) -> str | None:
+        """Why a system may not be labelled (its gate failed), or None."""
+        record = self.gate(system)
+        return None if record is None or record.get("passed", True) else record.get("message")
+
+    def labels_filter(self, systems: Iterable[str]) -> dict[str, Any]:
+        """A label filter: these systems, each at its own level of theory."""
+        pairs = [{"chemical_system": s, "lot_hash": self.labelling(s).lot_hash}
+                 for s in sorted(set(systems))]  # fmt: skip
+        return {"$or": pairs} if pairs else {"_id": {"$in": []}}
 
     @functools.cached_property
     def model_key(self) -> str:
@@ -166,5 +221,8 @@ class RunContext:
             }
         )
 
-    def label_job_id(self, structure_id: str) -> str:
-        return f"label-{structure_id}-{self.lot_hash}"
+    def label_job_id(self, structure_id: str, system: str) -> str:
+        return f"label-{structure_id}-{self.labelling(system).lot_hash}"
+
+    def label_id(self, structure_id: str, system: str) -> str:
+        return label_id(structure_id, self.labelling(system).lot_hash)

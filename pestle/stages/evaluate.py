@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 
 
 def evaluation_set_labels(ctx: RunContext, systems: list[str] | None = None) -> list[StoredLabel]:
-    """The stored labels of the campaign's evaluation set (at this level of theory)."""
+    """The stored labels of the campaign's evaluation set (each system at its level of
+    theory)."""
     members = ctx.store.structures.evaluation_set(ctx.config.name, systems)
     ids = [i for group in members.values() for i in group]
-    return list(ctx.store.labels.labelled({"structure_id": {"$in": ids}, "lot_hash": ctx.lot_hash}))
+    query = {"$and": [{"structure_id": {"$in": ids}}, ctx.labels_filter(members)]}
+    return list(ctx.store.labels.labelled(query))
 
 
 def evaluate_on(
@@ -45,6 +47,29 @@ def evaluate_on(
     )
 
 
+def compared_models(
+    ctx: RunContext, baseline: str, model_id: str | None
+) -> dict[str, tuple[str, Potential]]:
+    """{result name: (label for plots, potential)}, the baseline first. ``baseline``:
+    ``"pretrained"`` (pretrained / fine-tuned) or ``"promoted"`` (incumbent / candidate:
+    the promoted model, or the pretrained one before any promotion)."""
+    if baseline == "pretrained":
+        models = {"pretrained": ("pretrained", ctx.base_potential)}
+        if model_id is not None:
+            models["fine-tuned"] = ("fine-tuned", ctx.stored_potential(model_id))
+        return models
+    incumbent = ctx.store.models.promoted(ctx.config.finetune.trainer.name)
+    models = {
+        "incumbent": (
+            incumbent or "the pretrained model",
+            ctx.stored_potential(incumbent) if incumbent else ctx.base_potential,
+        )
+    }
+    if model_id is not None:
+        models["candidate"] = (model_id, ctx.stored_potential(model_id))
+    return models
+
+
 class EvaluateStage:
     """``baseline``: ``"pretrained"`` (a campaign run: the configured potential, results named
     pretrained / fine-tuned) or ``"promoted"`` (the daemon: the promoted model, or the
@@ -59,30 +84,12 @@ class EvaluateStage:
             raise ValueError(f"baseline must be pretrained or promoted, not {baseline!r}")
         self.baseline = baseline
 
-    def _models(self, ctx: RunContext, model_id: str | None) -> dict[str, tuple[str, Potential]]:
-        """{result name: (label for plots, potential)}: the baseline first."""
-        if self.baseline == "pretrained":
-            models = {"pretrained": ("pretrained", ctx.base_potential)}
-            if model_id is not None:
-                models["fine-tuned"] = ("fine-tuned", ctx.stored_potential(model_id))
-            return models
-        incumbent = ctx.store.models.promoted(ctx.config.finetune.trainer.name)
-        models = {
-            "incumbent": (
-                incumbent or "the pretrained model",
-                ctx.stored_potential(incumbent) if incumbent else ctx.base_potential,
-            )
-        }
-        if model_id is not None:
-            models["candidate"] = (model_id, ctx.stored_potential(model_id))
-        return models
-
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from pestle.evaluation.plots import evaluation_plots
 
         model_id = ctx.outputs["model_id"]
         split = ctx.outputs["split"]
-        models = self._models(ctx, model_id)
+        models = compared_models(ctx, self.baseline, model_id)
         potentials = {name: potential for name, (_, potential) in models.items()}
         labels = {name: label for name, (label, _) in models.items()}
         baseline = next(iter(models))

@@ -44,6 +44,14 @@ def amplitude(provenance_params: Mapping[str, Any]) -> float | None:
     return None
 
 
+def stratum_key(sampler: str | None, params: Mapping[str, Any]) -> str:
+    """A structure's group for softening estimates: its sampler and amplitude (two
+    significant digits), or its sampler alone when the sampler records no amplitude."""
+    value = amplitude(params)
+    name = sampler or "seed"
+    return name if value is None else f"{name}@{value:.2g}"
+
+
 def strata(docs: Sequence[StructureDoc]) -> dict[str, list[StructureDoc]]:
     """Candidates of one system grouped by sampler and amplitude."""
     by_sampler: dict[str, list[StructureDoc]] = defaultdict(list)

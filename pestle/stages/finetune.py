@@ -4,6 +4,7 @@ offers one. A model with the same trainer, labels and parent is never trained tw
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pestle.stages.split import pooled
@@ -22,9 +23,12 @@ def train_model(
 
     spec = ctx.config.finetune.trainer
     parent = ctx.base_potential.describe()
-    model_id = "model-" + settings_hash(
-        {"trainer": spec.model_dump(), "train": train_ids, "validation": val_ids, "parent": parent}
-    )
+    left_out = unconverged(ctx, ctx.store.labels.systems_of(train_ids + val_ids).values())
+    identity = {"trainer": spec.model_dump(), "train": train_ids, "validation": val_ids,
+                "parent": parent}  # fmt: skip
+    if left_out:  # the same labels without their stress train another model
+        identity["left_out"] = left_out
+    model_id = "model-" + settings_hash(identity)
     if not ctx.store.models.exists(model_id):
         record = {
             "family": spec.name,
@@ -38,9 +42,15 @@ def train_model(
             },
             "level_of_theory_hash": ctx.lot_hash,
             "level_of_theory": ctx.level_of_theory,
+            "levels_of_theory": {
+                system: {"hash": ctx.labelling(system).lot_hash,
+                         "theory": ctx.labelling(system).level_of_theory}
+                for system in sorted(set(ctx.store.labels.systems_of(train_ids).values()))
+            },
+            "left_out": left_out,
             "run_id": ctx.run_id,
             "campaign": ctx.config.name,
-        }
+        }  # fmt: skip
         dispatch(
             ctx.client,
             store_uri=ctx.store_uri,
@@ -51,8 +61,20 @@ def train_model(
             val_label_ids=val_ids,
             workdir=str(ctx.run_dir / "training" / model_id),
             record=record,
+            leave_out=sorted(left_out),
         )
     return model_id
+
+
+def unconverged(ctx: RunContext, systems: Iterable[str]) -> dict[str, list[str]]:
+    """Quantities the convergence gate found unconverged (and ``convergence.leave_out``
+    allowed), per quantity the systems: fine-tuning leaves them out of every label, since the
+    trainers take a quantity for all structures or none."""
+    out: dict[str, list[str]] = {}
+    for system in sorted(set(systems)):
+        for quantity in (ctx.gate(system) or {}).get("unconverged_quantities") or []:
+            out.setdefault(quantity, []).append(system)
+    return out
 
 
 class FinetuneStage:
@@ -75,6 +97,7 @@ class FinetuneStage:
         ctx.progress("finetune", 1, 1)
         ctx.record(
             "finetune",
-            {"model_id": model_id, "n_train": len(train_ids), "n_validation": len(val_ids)},
-        )
+            {"model_id": model_id, "n_train": len(train_ids), "n_validation": len(val_ids),
+             "left_out": ctx.store.models.require(model_id).model_dump().get("left_out") or {}},
+        )  # fmt: skip
         return {"model_id": model_id}

@@ -9,8 +9,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ase import Atoms
+
+from pestle.plugins import PluginSpec
 from pestle.samplers.validity import check_structure
-from pestle.store import JOB_DONE, JOB_WITHDRAWN, ROLE_EVALUATION, label_id
+from pestle.store import (
+    JOB_DONE,
+    JOB_WITHDRAWN,
+    ROLE_CHECK,
+    ROLE_EVALUATION,
+    NewStructure,
+    StoredLabel,
+    label_id,
+)
 
 if TYPE_CHECKING:
     from pestle.stages.context import RunContext
@@ -41,68 +52,134 @@ def drive_label_jobs(
 
 
 class LabelStage:
-    """Labels the picks and the evaluation set (whose labels carry the role ``evaluation``);
-    hands on the picks' labels per system."""
+    """Labels the picks and the evaluation set (whose labels carry the role ``evaluation``),
+    each chemical system at its own level of theory; a system whose convergence gate failed
+    is not labelled and the gate's message says why. Hands on the picks' labels per
+    system."""
 
-    name = "label"
-    requires = ("selected", "evaluation_set")
-    provides = ("labels_by_system",)
+    def __init__(self, part: str = "picks") -> None:
+        """``part``: ``"evaluation"`` labels the evaluation set (before selection, so its
+        labels measure the softening that guides the picks); ``"picks"`` labels the
+        selected structures, and the evaluation set too when it is not labelled yet."""
+        if part not in ("picks", "evaluation"):
+            raise ValueError(f"part must be picks or evaluation, not {part!r}")
+        self.part = part
+        self.name = "label" if part == "picks" else "label_evaluation_set"
+        self.requires = ("selected", "evaluation_set") if part == "picks" else ("evaluation_set",)
+        self.provides = ("labels_by_system",) if part == "picks" else ("evaluation_labels",)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        picks: list[str] = ctx.outputs["selected"]
+        picks: list[str] = ctx.outputs["selected"] if self.part == "picks" else []
         evaluation = sorted(i for ids in ctx.outputs["evaluation_set"].values() for i in ids)
+        systems = ctx.store.structures.chemical_systems(picks + evaluation)
         rejected: dict[str, str] = {}
+        blocked: dict[str, str] = {}
         to_queue: list[tuple[str, str | None]] = []
         already = 0
         for sid, role in [(s, None) for s in picks] + [(s, ROLE_EVALUATION) for s in evaluation]:
+            system = systems[sid]
+            why = ctx.blocked(system)
+            if why is not None:
+                blocked[system] = why
+                continue
             # Checked again before paying for DFT: structures may come from other runs,
             # imports or older, laxer versions of the checks.
             reason = check_structure(ctx.store.structures.atoms(sid))
             if reason is not None:
                 rejected[sid] = reason
                 continue
-            state = ctx.store.jobs.state(ctx.label_job_id(sid))
-            if ctx.store.labels.exists(label_id(sid, ctx.lot_hash)) and state in (None, JOB_DONE):
+            state = ctx.store.jobs.state(ctx.label_job_id(sid, system))
+            if ctx.store.labels.exists(ctx.label_id(sid, system)) and state in (None, JOB_DONE):
                 already += 1
                 continue
             to_queue.append((sid, role))
-        payload = {"labeller": ctx.config.labeller.model_dump(), "lot_hash": ctx.lot_hash}
-        job_ids = [ctx.label_job_id(sid) for sid, _ in to_queue]
-        ctx.store.jobs.enqueue_many(
-            [(ctx.label_job_id(sid), {**payload, "structure_id": sid, "role": role})
-             for sid, role in to_queue],
-            "label",
-            run_id=ctx.run_id,
-        )  # fmt: skip
-        states = drive_label_jobs(ctx, job_ids)
+        jobs = []
+        for sid, role in to_queue:
+            labelling = ctx.labelling(systems[sid])
+            payload = {"labeller": labelling.spec.model_dump(), "lot_hash": labelling.lot_hash,
+                       "structure_id": sid, "role": role}  # fmt: skip
+            jobs.append((ctx.label_job_id(sid, systems[sid]), payload))
+        ctx.store.jobs.enqueue_many(jobs, "label", run_id=ctx.run_id)
+        states = drive_label_jobs(ctx, [job_id for job_id, _ in jobs])
         # Labels that existed before the draw (another campaign's, say) join the set too.
         ctx.store.labels.set_roles(
-            dict.fromkeys((label_id(s, ctx.lot_hash) for s in evaluation), ROLE_EVALUATION),
+            dict.fromkeys((ctx.label_id(s, systems[s]) for s in evaluation
+                           if systems[s] not in blocked), ROLE_EVALUATION),
             {"evaluation_set": ctx.config.name},
-        )
+        )  # fmt: skip
         failed = {j: s for j, s in states.items() if s not in (JOB_DONE, JOB_WITHDRAWN)}
         ctx.record(
-            "label",
+            self.name,
             {
                 "labeller": ctx.labeller.name,
                 "lot_hash": ctx.lot_hash,
                 "level_of_theory": ctx.level_of_theory,
+                "by_system": {
+                    system: {
+                        "lot_hash": ctx.labelling(system).lot_hash,
+                        "level_of_theory": ctx.labelling(system).level_of_theory,
+                    }
+                    for system in sorted(set(systems.values()))
+                },  # fmt: skip
                 "requested": len(picks),
                 "evaluation_set": len(evaluation),
                 "already_labelled": already,
-                "dispatched": len(job_ids),
+                "dispatched": len(jobs),
                 "failed": sorted(failed),
                 "withdrawn": sorted(j for j, s in states.items() if s == JOB_WITHDRAWN),
                 "rejected_before_dispatch": rejected,
+                "blocked": blocked,
             },
         )
+        if self.part == "evaluation":
+            return {"evaluation_labels": len(evaluation) - len(failed)}
         return {"labels_by_system": labels_by_system(ctx, picks)}
 
 
 def labels_by_system(ctx: RunContext, structure_ids: Sequence[str]) -> dict[str, list[str]]:
-    """The stored labels of these structures at the context's level of theory, per system."""
-    wanted = [label_id(s, ctx.lot_hash) for s in structure_ids]
+    """The stored labels of these structures, each at its system's level of theory, per
+    system."""
+    systems = ctx.store.structures.chemical_systems(structure_ids)
+    wanted = [ctx.label_id(sid, system) for sid, system in systems.items()]
     out: dict[str, list[str]] = defaultdict(list)
     for lid, system in ctx.store.labels.systems_of(wanted).items():
         out[system].append(lid)
     return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def compute_labels(
+    ctx: RunContext,
+    structures: Sequence[Atoms],
+    spec: PluginSpec,
+    *,
+    kind: str,
+    provenance: dict[str, Any],
+) -> list[StoredLabel]:
+    """Reference labels of pestle's own checks (convergence gate, equations of state) at the
+    labeller ``spec``: stored as structures of ``kind`` with labels of role ``check`` (never
+    trained on, never an evaluation), computed once on the Dask workers, read back."""
+    from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
+
+    labeller = LABELLERS.build(spec.name, spec.params)
+    lot_hash = level_of_theory_hash(labeller)
+    stored = ctx.store.structures.add_many(
+        [NewStructure(atoms, kind, {**provenance, "campaign": ctx.config.name,
+                                    "run_id": ctx.run_id}) for atoms in structures],
+        run_id=ctx.run_id,
+    )  # fmt: skip
+    ids = [sid for sid, _ in stored]
+    missing = [sid for sid in ids if not ctx.store.labels.exists(label_id(sid, lot_hash))]
+    jobs = [(f"label-{sid}-{lot_hash}", {"labeller": spec.model_dump(), "lot_hash": lot_hash,
+                                        "structure_id": sid, "role": ROLE_CHECK})
+            for sid in dict.fromkeys(missing)]  # fmt: skip
+    ctx.store.jobs.enqueue_many(jobs, "label", run_id=ctx.run_id)
+    states = drive_label_jobs(ctx, [job_id for job_id, _ in jobs])
+    for job_id, state in states.items():
+        if state != JOB_DONE:
+            job = ctx.store.jobs.get(job_id)
+            raise LabelError(
+                f"{kind} calculation {job_id} ended {state}: {job.error if job else ''}"
+            )
+    found = {s.structure_id: s for s in ctx.store.labels.labelled(
+        {"_id": {"$in": [label_id(sid, lot_hash) for sid in ids]}})}  # fmt: skip
+    return [found[sid] for sid in ids]

@@ -5,11 +5,12 @@ reuses its selection instead of choosing a fresh batch beside it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pestle.selectors import SELECTORS, ScoredCandidate
-from pestle.store.documents import Selection
+from pestle.stages.evaluation_set import stratum_key
+from pestle.store.documents import Selection, StructureDoc
 
 if TYPE_CHECKING:
     from pestle.scoring import SofteningModel
@@ -23,10 +24,8 @@ def softening_model(ctx: RunContext, systems: Iterable[str]) -> SofteningModel:
 
     scoring = ctx.config.scoring
     labelled = [
-        (stored.atoms, stored.chemical_system, stored.label.sampler)
-        for stored in ctx.store.labels.labelled(
-            {"lot_hash": ctx.lot_hash, "chemical_system": {"$in": sorted(systems)}}
-        )
+        (stored.atoms, stored.chemical_system, groups_of(stored.structure))
+        for stored in ctx.store.labels.labelled(ctx.labels_filter(systems))
     ]
     if not labelled:
         return SofteningModel({}, scoring.softening_prior, scoring.softening_min_components)
@@ -35,17 +34,30 @@ def softening_model(ctx: RunContext, systems: Iterable[str]) -> SofteningModel:
     )
 
 
-def taken(ctx: RunContext, structure_ids: Iterable[str]) -> set[str]:
-    """Structures that already have a label, or a labelling job, at this level of theory."""
-    ids = list(structure_ids)
-    labelled = ctx.store.labels.labelled_structures(ids, ctx.lot_hash)
-    jobs = {ctx.label_job_id(sid): sid for sid in ids}
-    return labelled | {jobs[j] for j in ctx.store.jobs.existing(jobs)}
+def groups_of(doc: StructureDoc) -> tuple[str, str]:
+    """A structure's softening groups, finest first: sampler and amplitude, then sampler.
+    A model can be stiff at small displacements and soft at large ones in one system, so a
+    candidate's expected error uses the scale measured at its own amplitude when labels
+    there allow."""
+    sampler = doc.provenance.sampler or doc.kind
+    return stratum_key(sampler, doc.provenance.params), sampler
+
+
+def taken(ctx: RunContext, systems: Mapping[str, str]) -> set[str]:
+    """Structures (id -> chemical system) that already have a label, or a labelling job, at
+    their system's level of theory."""
+    labels = {ctx.label_id(sid, system): sid for sid, system in systems.items()}
+    jobs = {ctx.label_job_id(sid, system): sid for sid, system in systems.items()}
+    return {labels[i] for i in ctx.store.labels.existing(labels)} | {
+        jobs[j] for j in ctx.store.jobs.existing(jobs)
+    }
 
 
 class SelectStage:
     name = "select"
     requires = ("scored", "evaluation_set")
+    # When the evaluation set was labelled first (a campaign run), its labels are already
+    # in the softening fit below.
     provides = ("selected",)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -55,13 +67,13 @@ class SelectStage:
         if previous and previous.get("selected"):
             return {"selected": [s["id"] for s in previous["selected"]]}
         key = ctx.model_key
-        fields = ["chemical_system", "provenance.sampler", f"scores.{key}", f"embeddings.{key}",
-                  "evaluation_for"]  # fmt: skip
+        fields = ["chemical_system", "provenance.sampler", "provenance.params", f"scores.{key}",
+                  f"embeddings.{key}", "evaluation_for"]  # fmt: skip
         # An evaluation-set structure (of any campaign) is never picked for training.
         docs = [d for d in ctx.store.structures.run_candidates(ctx.run_id, fields)
                 if not d.evaluation_for]  # fmt: skip
         if ctx.round is not None:  # a round never re-picks what earlier rounds labelled
-            already = taken(ctx, [d.id for d in docs])
+            already = taken(ctx, {d.id: d.chemical_system for d in docs})
             docs = [d for d in docs if d.id not in already]
         scoring = ctx.config.scoring
         softening = None
@@ -73,12 +85,12 @@ class SelectStage:
             scores = dict(d.scores[key])
             sampler = d.provenance.sampler
             if softening is not None:
-                estimate = softening.estimate(d.chemical_system, sampler)
+                estimate = softening.estimate(d.chemical_system, groups_of(d))
                 # max_force is the largest per-atom force norm, so this is the largest error.
                 scores["expected_softening_error"] = softening_error(
                     scores["max_force"], estimate.slope
                 )
-                estimates[f"{d.chemical_system}/{sampler}"] = estimate.as_dict()
+                estimates[f"{d.chemical_system}/{groups_of(d)[0]}"] = estimate.as_dict()
             embedding = d.embeddings.get(key)
             scored.append(
                 ScoredCandidate(

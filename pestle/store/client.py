@@ -9,6 +9,7 @@ Collections
 - ``models``: model versions with checkpoint (GridFS), training data ids, evaluations.
 - ``runs``: one document per campaign run or daemon round, with what each stage did.
 - ``decisions``: the daemon's decisions and their reasons.
+- ``checks``: convergence gates of labellers per system, reference equations of state.
 - ``meta``: schema version, the daemon's lease and position, promoted models.
 Arrays above ``INLINE_ARRAY_LIMIT`` numbers go to GridFS, so no document nears 16 MB.
 """
@@ -22,6 +23,7 @@ import gridfs
 import pymongo
 
 from pestle.store.arrays import ArrayCodec
+from pestle.store.checks import CheckRepository
 from pestle.store.errors import StoreError
 from pestle.store.jobs import JobRepository
 from pestle.store.labels import LabelRepository
@@ -32,7 +34,7 @@ from pestle.store.runs import DecisionRepository, RunRepository
 from pestle.store.structures import StructureRepository
 from pestle.store.uri import mask_uri
 
-COLLECTIONS = ("structures", "labels", "jobs", "models", "runs", "decisions")
+COLLECTIONS = ("structures", "labels", "jobs", "models", "runs", "decisions", "checks")
 
 
 class Store:
@@ -55,6 +57,7 @@ class Store:
         self.runs = RunRepository(self._db["runs"])
         self.decisions = DecisionRepository(self._db["decisions"])
         self.meta = MetaRepository(self._db["meta"])
+        self.checks = CheckRepository(self._db["checks"])
         self._migrate()
 
     @staticmethod
@@ -97,7 +100,7 @@ class Store:
             )
         if found == SCHEMA_VERSION:
             return
-        for repository in (self.structures, self.labels, self.jobs, self.models):
+        for repository in (self.structures, self.labels, self.jobs, self.models, self.checks):
             repository.ensure_indexes()
         if found is not None:  # an older store: bring it up step by step
             for version in range(found, SCHEMA_VERSION):

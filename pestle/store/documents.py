@@ -23,7 +23,10 @@ JOB_STATES = (JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_WITHDRAWN)
 # selected structures, or ``evaluation`` for a campaign's random evaluation set.
 ROLE_TRAIN, ROLE_VALIDATION, ROLE_HOLDOUT = "train", "validation", "holdout"
 ROLE_EVALUATION = "evaluation"
-ROLES = (ROLE_TRAIN, ROLE_VALIDATION, ROLE_HOLDOUT, ROLE_EVALUATION)
+# The labels of pestle's own checks (convergence gate, equations of state): never trained on.
+ROLE_CHECK = "check"
+ROLES = (ROLE_TRAIN, ROLE_VALIDATION, ROLE_HOLDOUT, ROLE_EVALUATION, ROLE_CHECK)
+UNTRAINABLE = (ROLE_EVALUATION, ROLE_CHECK)
 
 
 class Document(BaseModel):
@@ -102,7 +105,7 @@ class LabelDoc(Document):
     extra: dict[str, Any] = Field(default_factory=dict)
     code_versions: dict[str, str] = Field(default_factory=dict)
     created_at: datetime | None = None
-    role: Literal["train", "validation", "holdout", "evaluation"] | None = None
+    role: Literal["train", "validation", "holdout", "evaluation", "check"] | None = None
     split: dict[str, Any] | None = None  # the policy that decided the role, and when
 
 

@@ -18,7 +18,7 @@ from pymongo.errors import DuplicateKeyError
 
 from pestle.provenance import code_versions
 from pestle.store.arrays import ArrayCodec
-from pestle.store.documents import ROLES, LabelDoc, StructureDoc
+from pestle.store.documents import ROLES, UNTRAINABLE, LabelDoc, StructureDoc
 from pestle.store.errors import StoreError, utcnow
 from pestle.store.structures import StructureRepository
 from pestle.structures import LabelledStructure
@@ -120,6 +120,7 @@ class LabelRepository:
             extra=dict(extra or {}),
             code_versions=code_versions(),
             created_at=utcnow(),
+            role=role,
         ).to_mongo()
         doc.pop("split")
         if role is None:  # the split policy decides it later; a missing field means undecided
@@ -171,10 +172,10 @@ class LabelRepository:
         self, lot_hash: str, systems: Iterable[str] | None = None, *, trainable: bool = False
     ) -> dict[str, list[str]]:
         """Label ids at one level of theory, per chemical system, sorted; ``trainable``
-        leaves out evaluation-set labels (never trained on)."""
+        leaves out evaluation-set and check labels (never trained on)."""
         query: dict[str, Any] = {"lot_hash": lot_hash}
         if trainable:
-            query["role"] = {"$ne": "evaluation"}
+            query["role"] = {"$nin": list(UNTRAINABLE)}
         if systems is not None:
             query["chemical_system"] = {"$in": list(systems)}
         out: dict[str, list[str]] = defaultdict(list)
