@@ -58,6 +58,9 @@ def mini_config(tmp_path: Path, database: str) -> Path:
         "evaluation": {"holdout_fraction": 0.34, "evaluation_set": {"per_system": 2}},
         "labeller": {"name": "gpaw", "params": {"ecut": 200, "kpoint_density": 1.0}},
         "finetune": {"trainer": {"name": "chgnet", "params": {"epochs": 1}}},
+        # DFT at deliberately low settings, for speed: the convergence gate would stop the
+        # system (tests/test_checks_stage.py shows it doing so).
+        "convergence": {"enabled": False},
         "store": {"database": database},
         "dask": {"n_workers": 2},
     }

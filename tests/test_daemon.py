@@ -55,6 +55,9 @@ def tiny_config(tmp_path: Path, database: str, **daemon: object) -> Path:
         # retraining after round 1: with fewer, no structure-level interval is narrow
         # enough to call an improvement.
         "evaluation": {"holdout_fraction": 0.34, "evaluation_set": {"per_system": 8}},
+        # DFT at deliberately low settings, for speed: the convergence gate would stop the
+        # system (tests/test_checks_stage.py shows it doing so).
+        "convergence": {"enabled": False},
         "store": {"database": database},
         "dask": {"n_workers": 2},
         "daemon": {
