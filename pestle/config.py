@@ -242,9 +242,10 @@ class EvaluationSpec(_Strict):
 
     holdout_fraction: float = Field(
         default=0.34,
-        gt=0,
+        ge=0,
         lt=1,
-        description="share of each system's selected labels held out from training",
+        description="share of each system's selected labels held out from training (0: "
+        "none; the evaluation set judges the models)",
     )
     evaluation_set: EvaluationSetSpec = Field(
         default_factory=EvaluationSetSpec, description="the random evaluation set per system"

@@ -115,6 +115,7 @@ def test_roles_are_recorded_once_and_never_change(store: Store, tmp_path) -> Non
 
 def test_share_takes_at_least_one_and_never_all() -> None:
     assert [share(0.3, n) for n in (0, 1, 2, 3, 10)] == [0, 0, 1, 1, 3]
+    assert share(0.0, 10) == 0  # no held-out picks: the evaluation set judges
     assert share(0.99, 5) == 4
     policy = SplitPolicy(seed=1, holdout_fraction=0.5, validation_fraction=0.0)
     roles = policy.assign({"X": ["a", "b", "c", "d"]}, {})

@@ -179,8 +179,9 @@ def dry(cfg, path: Path, as_json: bool) -> None:
     out(f"estimate: {count} DFT calculations with {plan.labeller}", highlight=False)
     if plan.finetune:
         out(
-            f"then: fine-tune with {plan.finetune} on the training labels, evaluate on the "
-            f"held-out {plan.holdout_fraction:.0%} of each system's labels"
+            f"then: fine-tune with {plan.finetune} on the picks' training labels, judge it on "
+            "the evaluation set (and the held-out picks, if any) and by each seed's equation "
+            "of state"
         )
     for note in plan.notes:
         out(f"note: {note}", highlight=False)

@@ -408,14 +408,16 @@ class Daemon:
         }
         retrain_state = {"n_labels": n_labels, "at": datetime.now(timezone.utc)}
         min_train = config.daemon.retrain.min_train_labels
-        if counts[ROLE_TRAIN] < min_train or not counts[ROLE_HOLDOUT]:
+        # The evaluation set judges a candidate; without one, a held-out pick must.
+        judged = config.evaluation.evaluation_set.per_system > 0 or counts[ROLE_HOLDOUT]
+        if counts[ROLE_TRAIN] < min_train or not judged:
             if state.postponed_at_labels == n_labels:
                 return False  # decided already for exactly these labels
             self.store.meta.save_campaign_state(config.name, {"postponed_at_labels": n_labels})
             decision["outcome"] = "postponed"
             decision["reason"] = (
                 f"{counts[ROLE_TRAIN]} training and {counts[ROLE_HOLDOUT]} held-out labels: "
-                f"need {min_train} and 1"
+                f"need {min_train}, and a held-out one when there is no evaluation set"
             )
             self.store.decisions.record(decision)
             log.info("%s: retraining postponed: %s", config.name, decision["reason"])

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 
 def share(fraction: float, n: int) -> int:
-    """How many of ``n`` items a fraction takes: at least one, never all."""
-    return min(max(1, math.ceil(fraction * n)), n - 1) if n > 1 else 0
+    """How many of ``n`` items a fraction takes: at least one (unless the fraction is 0),
+    never all."""
+    if fraction <= 0 or n <= 1:
+        return 0
+    return min(max(1, math.ceil(fraction * n)), n - 1)
 
 
 @dataclass(frozen=True)
