@@ -126,15 +126,22 @@ def test_run_stores_everything_with_provenance(campaign) -> None:
         assert isinstance(prov["rng_seed"], int) and prov["params"]
         assert prov["code_versions"]["chgnet"] and prov["run_id"] == run["_id"]
 
-    labels = list(db["labels"].find())
+    everything = list(db["labels"].find())
+    # 7 equation-of-state volumes of the seed, labelled once, role "check" (never trained on)
+    checks = [label for label in everything if label.get("role") == "check"]
+    assert len(checks) == 7
+    assert {db["structures"].find_one({"_id": c["structure_id"]})["kind"] for c in checks} == {
+        "eos"
+    }
+    labels = [label for label in everything if label.get("role") != "check"]
     assert len(labels) == 5  # 3 selected, 2 drawn at random for the evaluation set
-    for label in labels:
+    for label in everything:
         lot = label["level_of_theory"]
         assert lot["code"] == "gpaw" and lot["xc"] == "PBE" and lot["ecut"] == 200
         assert lot["version"] and lot["setups"]
         assert np.isfinite(label["energy"]) and np.asarray(label["forces"]).shape == (2, 3)
         assert len(label["stress"]) == 6
-    assert store.jobs.counts() == {"done": 5}
+    assert store.jobs.counts() == {"done": 12}
 
     [model] = list(db["models"].find())
     holdout = set(model["training"]["holdout_label_ids"])
@@ -168,7 +175,7 @@ def test_second_run_adds_nothing(campaign) -> None:
     before = snapshot(db)
     pestle("run", str(campaign["config"]), env=campaign["env"])
     assert snapshot(db) == before
-    assert db["labels"].count_documents({}) == 5
+    assert db["labels"].count_documents({}) == 12
 
 
 def test_query_and_export(campaign) -> None:
@@ -183,13 +190,13 @@ def test_query_and_export(campaign) -> None:
     target = campaign["tmp"] / "labels.extxyz"
     pestle("export", "-c", config, "--format", "extxyz", "--output", str(target), env=env)
     images = read(target, index=":")
-    assert len(images) == 5
+    assert len(images) == 12  # every label, the equation-of-state scan's too
     stored = {d["_id"]: d for d in campaign["db"]["labels"].find()}
     for atoms in images:
         label = stored[atoms.info["label_id"]]
         assert atoms.get_potential_energy() == pytest.approx(label["energy"])
         np.testing.assert_allclose(atoms.get_forces(), label["forces"], atol=1e-6)
-        assert atoms.info["sampler"] in {"rattle", "strain"}
+        assert atoms.info["sampler"] in {"rattle", "strain", "eos"}
         assert json.loads(atoms.info["level_of_theory"])["code"] == "gpaw"
     bad = pestle("query", "-c", config, "{nope", env=env, check=False)
     assert bad.returncode == 3 and "not valid JSON" in bad.stderr
@@ -218,13 +225,13 @@ def test_killed_run_resumes_to_the_same_records(campaign, mongo_uri, tmp_path) -
         os.killpg(process.pid, signal.SIGKILL)  # the whole run: driver, scheduler, workers
         process.wait()
         assert db["runs"].find_one()["state"] == "running"
-        assert db["labels"].count_documents({}) < 5
+        assert db["labels"].count_documents({}) < 12
 
         pestle("run", str(config), env=env)
         assert db["runs"].find_one()["state"] == "finished"
         assert snapshot(db) == snapshot(campaign["db"])
-        assert store.jobs.counts() == {"done": 5}
-        assert db["labels"].count_documents({}) == 5
+        assert store.jobs.counts() == {"done": 12}
+        assert db["labels"].count_documents({}) == 12
     finally:
         store.drop()
         store.close()
