@@ -6,6 +6,7 @@ calculation at a time; every calculation's wall time is recorded.
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_convergence.py --out results/
         [--systems Si LiF MgO Al Cu LiF-350] [--ecut 600] [--kpoint-density 3]
     python benchmarks/bench_convergence.py --out results/ --table   # markdown from the JSON
+    python benchmarks/bench_convergence.py --out results/ --systems Cu --verify kpoint_density
 
 Writes ``<out>/<system>.json`` (the report's ``as_dict()``) as each system finishes and
 keeps every label in ``<out>/labels/``, so a long run can be resumed (finished systems are
@@ -116,11 +117,53 @@ def run(system: str, args: argparse.Namespace, out: Path) -> dict:
     return data
 
 
+def verify(system: str, setting_name: str, args: argparse.Namespace, out: Path) -> str:
+    """Was agreement with the next rung fortuitous? Label the representative one rung above
+    the highest tested for ``setting_name`` (at the other settings the gate recommended) and
+    compare every tested rung against it with the gate's own checks."""
+    from pestle.labellers.convergence import ConvergenceTolerances, compare_labels
+
+    data = json.loads((out / f"{system}.json").read_text())
+    rep = representative(SEEDS[system]())
+    params = {**data["params"], **data["recommended"]}
+    [entry] = [s for s in data["settings"] if s["setting"]["name"] == setting_name]
+    labeller = LABELLERS.build("gpaw", params)
+    [setting] = [s for s in labeller.convergence_settings() if s.name == setting_name]
+    tested = [c["value"] for c in entry["calculations"]]
+    top = setting.next_value(max(tested))
+    label = logged_label_fn(out / "calculations.log", out / "work" / system, out / "labels")
+    truth = labeller.with_setting(setting_name, top)
+    high, high_ref = label(truth, rep.structure), label(truth, rep.reference)
+    rows = [
+        f"{system}: every tested {setting_name} against {top:g} (other settings: "
+        f"{ {k: v for k, v in data['recommended'].items() if k != setting_name} })",
+        "",
+        "| value | vs | ΔE rel. (meV/atom) | max abs(ΔF) (eV/Å) | ΔF RMS / F RMS | force slope "
+        "| max abs(Δσ) (GPa) | pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for value in tested:
+        lower = labeller.with_setting(setting_name, value)
+        checks, _ = compare_labels(
+            rep.structure, label(lower, rep.structure), high, ConvergenceTolerances(),
+            lower_reference=label(lower, rep.reference), higher_reference=high_ref,
+        )  # fmt: skip
+        passed = all(c.passed is not False for c in checks.values())
+        rows.append(
+            f"| {value:g} | {top:g} | {1000 * checks['energy'].difference:.2f} | "
+            f"{checks['force_max'].difference:.3f} | "
+            f"{100 * checks['force_rms_ratio'].difference:.2f} % | "
+            f"{checks['force_slope'].difference:.4f} | {checks['stress_max'].difference:.2f} | "
+            f"{'yes' if passed else 'NO'} |"
+        )
+    return "\n".join(rows)
+
+
 def table(data: dict) -> str:
     rows = [
         "| setting | value | k-points | E/atom (eV) | E rel./atom (meV) | vs | ΔE rel. (meV/atom) "
         "| ΔE abs. (meV/atom) | max abs(ΔF) (eV/Å) | ΔF RMS / F RMS | max abs(Δσ) (GPa) | pass "
-        "| wall s (structure + reference) | CPU s |",
+        "| wall s (structure + reference) | CPU s (structure + reference) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shown: dict[str, str] = {}  # level-of-theory hash -> the row that computed it
@@ -129,14 +172,15 @@ def table(data: dict) -> str:
         comparisons = {c["value"]: c for c in setting["comparisons"]}
         for calc in setting["calculations"]:
             c = comparisons.get(calc["value"])
-            seconds = calc["seconds"] + (calc["reference_seconds"] or 0)
-            cpu = calc["extra"].get("cpu_seconds", 0) + calc["reference_extra"].get(
-                "cpu_seconds", 0
+            wall = f"{calc['seconds']:.0f} + {calc['reference_seconds'] or 0:.0f}"
+            cpu = (
+                f"{calc['extra'].get('cpu_seconds', 0):.0f} + "
+                f"{calc['reference_extra'].get('cpu_seconds', 0):.0f}"
             )
             cached = ""
             lot = calc["level_of_theory_hash"]
             if lot in shown:
-                cached = f" (= {shown[lot]} row, not recomputed)"
+                wall, cpu, cached = "—", "—", f" (= {shown[lot]} row, not recomputed)"
             shown.setdefault(lot, f"{name} {calc['value']:g}")
             rel = calc["relative_energy_per_atom"]
             if c is None:
@@ -153,7 +197,7 @@ def table(data: dict) -> str:
             rows.append(
                 f"| {name} | {calc['value']:g} | {calc['extra'].get('kpts')} | "
                 f"{calc['energy_per_atom']:.4f} | {1000 * rel:.2f} {tail}"
-                f"{seconds:.0f}{cached} | {cpu:.0f} |"
+                f"{wall}{cached} | {cpu} |"
             )
     return "\n".join(rows)
 
@@ -166,6 +210,12 @@ def main() -> None:
     parser.add_argument("--kpoint-density", type=float, default=3.0)
     parser.add_argument("--max-raises", type=int, default=3)
     parser.add_argument("--table", action="store_true", help="only print tables from the JSON")
+    parser.add_argument(
+        "--verify",
+        metavar="SETTING",
+        help="after the gate, compare every tested rung of SETTING (e.g. kpoint_density) "
+        "against one rung above the highest tested",
+    )
     parser.add_argument(
         "--again", action="store_true", help="redo finished systems (labels come from the cache)"
     )
@@ -188,6 +238,8 @@ def main() -> None:
         print(f"recommended: {data['recommended']}; converged: {data['converged_quantities']}; "
               f"total {data['seconds']:.0f} s of calculations\n")  # fmt: skip
         print(f"> {data['message']}\n", flush=True)
+        if args.verify:
+            print(verify(system, args.verify, args, args.out) + "\n", flush=True)
 
 
 if __name__ == "__main__":
