@@ -23,10 +23,10 @@ from pestle.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-RUN_SECTIONS = ["softening", "accuracy", "holdout", "finetune", "labels", "dataset", "cost",
-                "appendix"]  # fmt: skip
+RUN_SECTIONS = ["softening", "accuracy", "holdout", "convergence", "eos", "finetune", "labels",
+                "dataset", "cost", "appendix"]  # fmt: skip
 STORE_SECTIONS = ["softening", "labels", "accuracy", "finetune", "dataset", "cost", "jobs",
-                  "decisions", "promoted", "appendix"]  # fmt: skip
+                  "decisions", "promoted", "convergence", "eos", "appendix"]  # fmt: skip
 
 # Appended to a copy of the page: once everything has loaded, what each <img> did and which
 # sections exist, as JSON in a <pre> that --dump-dom prints.
@@ -193,23 +193,35 @@ def test_pestle_report_writes_a_run_report_again(campaign, tmp_path) -> None:
 
 def test_convergence_and_equation_of_state_are_shown_when_recorded(tmp_path) -> None:
     place = sections.Place(tmp_path, tmp_path / "figures")
-    convergence = {
-        "F-Li": {"passed": False, "message": "F: stress changes 125 GPa from 350 to 455 eV; "
-                 "raise ecut", "quantities": {"stress_gpa": {"difference": 125.0, "tolerance": 1.0}}},
-        "Si": {"passed": True, "message": "converged", "quantities": {}},
+    convergence = {  # as the convergence stage records it
+        "F-Li": {"passed": False, "status": "not_converged", "unconverged_quantities": ["stress"],
+                 "recommended_fields": {"labeller.params.ecut": 460.0},
+                 "message": "F-Li: largest stress component by 104.23 GPa; raise ecut"},
+        "Si": {"passed": True, "status": "converged", "message": "converged",
+               "recommended_fields": {}},
     }  # fmt: skip
     blocks = sections.convergence_blocks(convergence)
     assert isinstance(blocks[0], Text) and blocks[0].kind == "warning" and "F-Li" in blocks[0].text
-    estimate = {"value": 160.0, "low": 150.0, "high": 170.0, "n_structures": 9, "n_values": 9,
-                "min_structures": 1}  # fmt: skip
-    eos = {"Cu-fcc": {"reference": {"bulk_modulus_gpa": {**estimate, "value": 140.0}},
-                      "models": {"pretrained": {"bulk_modulus_gpa": estimate},
-                                 "fine-tuned": {"bulk_modulus_gpa": {**estimate, "value": 141.0,
-                                                                     "low": 131.0, "high": 151.0}}}}}  # fmt: skip
+    rows = blocks[1].rows
+    assert rows[0][:4] == ["F-Li", "FAILED (not_converged)", "ecut 460", "stress"]
+    assert rows[1][:3] == ["Si", "passed (converged)", "as configured"]
+    assert sections.convergence_blocks({"skipped": "off"})[0].text == "Gate skipped: off."
+    estimate = {"value": 160.0, "low": 150.0, "high": 170.0, "n_structures": 7, "n_values": 7,
+                "min_structures": 5}  # fmt: skip
+    eos = {"tolerance": 0.1, "seeds": {"Cu-fcc": {  # as the eos stage records it
+        "reference": {"status": "ok", "bulk_modulus_gpa": {**estimate, "value": 140.0}},
+        "models": {
+            "pretrained": {"status": "ok", "bulk_modulus_gpa": estimate,
+                           "b0_ratio": {**estimate, "value": 1.143, "low": 1.06, "high": 1.23},
+                           "v0_difference_percent": 1.5, "v0_difference_interval": [0.5, 2.5]},
+        },
+        "verdicts": {"pretrained": "outside"},
+    }}}  # fmt: skip
     blocks = sections.eos_blocks(eos, place, "eos")
     assert isinstance(blocks[0], Figure) and (tmp_path / blocks[0].src).is_file()
     rows = blocks[-1].rows
-    assert ["Cu-fcc", "models.pretrained.bulk_modulus_gpa", "160.000 [150.000, 170.000]"] in rows
+    assert ["Cu-fcc", "pretrained", "160.0 [150.0, 170.0]", "1.143 [1.060, 1.230]",
+            "+1.50 [+0.50, +2.50]", "outside"] in rows  # fmt: skip
     assert sections.eos_blocks({}, place, "none") == []
 
 

@@ -735,29 +735,27 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def convergence_blocks(stage: Mapping[str, Any]) -> list[Any]:
-    """The label convergence gate per chemical system: passed or not, the message, and the
-    quantities it measured."""
+    """The label convergence gate per chemical system: its verdict, the settings it labels
+    at, and its message (what failed, the element most likely at fault, what to raise)."""
     systems = {k: v for k, v in stage.items() if isinstance(v, Mapping)}
     if not systems:
-        return []
-    failed = [s for s, v in systems.items() if v.get("passed") is False]
+        return [Text(f"Gate skipped: {stage['skipped']}.")] if stage.get("skipped") else []
+    blocked = [s for s, v in systems.items() if v.get("passed") is False]
     blocks: list[Any] = []
-    if failed:
-        blocks.append(Text("Labels not converged in " + ", ".join(sorted(failed)) + ": see the "
-                           "messages below; their labels are not to be trusted at this level "
-                           "of theory.", "warning"))  # fmt: skip
-    rows = [[system, {True: "passed", False: "FAILED"}.get(entry.get("passed"), "?"),
-             entry.get("message", "")] for system, entry in sorted(systems.items())]  # fmt: skip
-    blocks.append(Table(["system", "convergence", "message"], rows))
-    details = []
+    if blocked:
+        blocks.append(Text("Not labelled, the labeller's settings are not converged for "
+                           + ", ".join(sorted(blocked)) + ": see the messages below.",
+                           "warning"))  # fmt: skip
+    rows = []
     for system, entry in sorted(systems.items()):
-        quantities = entry.get("quantities")
-        if quantities:
-            details += [[system, path, text] for path, text in _flatten(quantities)]
-    if details:
-        blocks.append(
-            Details("Measured quantities", [Table(["system", "quantity", "value"], details)])
-        )
+        verdict = {True: "passed", False: "FAILED"}.get(entry.get("passed"), "?")
+        status = entry.get("status") or ""
+        settings = ", ".join(f"{k.rpartition('.')[2]} {v:g}"
+                             for k, v in (entry.get("recommended_fields") or {}).items())  # fmt: skip
+        unconverged = ", ".join(entry.get("unconverged_quantities") or []) or ""
+        rows.append([system, f"{verdict} ({status})" if status else verdict,
+                     settings or "as configured", unconverged, entry.get("message", "")])  # fmt: skip
+    blocks.append(Table(["system", "gate", "raised settings", "not converged", "message"], rows))
     return blocks
 
 
@@ -774,33 +772,46 @@ def _find_estimate(entry: Any, word: str) -> Estimate | None:
 
 
 def eos_blocks(stage: Mapping[str, Any], place: Place, name: str) -> list[Any]:
-    """Equation-of-state checks per seed: bulk modulus and equilibrium volume of each model
-    against the reference scan, as a table (every recorded quantity) and, where a bulk
-    modulus of the models and the reference is recorded, their ratio as points with error
-    bars."""
-    seeds = {k: v for k, v in stage.items() if isinstance(v, Mapping)}
+    """Equation-of-state checks per seed (the eos stage's record): each model's bulk modulus
+    and equilibrium volume against the labeller's scan, with intervals, and the verdict
+    against the tolerance; the bulk-modulus ratios as points with error bars."""
+    seeds = stage.get("seeds", stage)
+    seeds = {k: v for k, v in seeds.items() if isinstance(v, Mapping)}
     if not seeds:
-        return []
-    rows = []
-    ratios: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for seed, entry in seeds.items():
-        rows += [[seed, path, text] for path, text in _flatten(entry)]
-        reference = _find_estimate(entry.get("reference") or entry.get("dft") or {}, "bulk")
-        models = entry.get("models") or {}
-        if reference is None or not math.isfinite(reference.value) or reference.value == 0:
+        return [Text(f"Equation of state skipped: {stage['skipped']}.")] if stage.get(
+            "skipped") else []  # fmt: skip
+    tolerance = stage.get("tolerance")
+    rows, ratios = [], {}
+    for seed, entry in sorted(seeds.items()):
+        if entry.get("skipped"):
+            rows.append([seed, "", "", "", "", f"skipped: {entry['skipped']}"])
             continue
-        for model, figures_of in models.items():
-            b = _find_estimate(figures_of, "bulk")
-            if b is None:
-                continue
-            r = reference.value
-            ratios.setdefault(seed, {})[model] = (b.value / r, b.low / r, b.high / r)
+        reference = entry.get("reference") or {}
+        rows.append([seed, "reference scan (labeller)",
+                     format_estimate(reference.get("bulk_modulus_gpa") or {}, 1), "1", "",
+                     reference.get("message") or reference.get("status", "")])  # fmt: skip
+        for model, figures_of in (entry.get("models") or {}).items():
+            ratio = figures_of.get("b0_ratio") or {}
+            low, high = figures_of.get("v0_difference_interval") or (None, None)
+            volume = (f"{figures_of['v0_difference_percent']:+.2f} [{low:+.2f}, {high:+.2f}]"
+                      if figures_of.get("status") == "ok" else "")  # fmt: skip
+            rows.append([seed, model, format_estimate(figures_of.get("bulk_modulus_gpa") or {}, 1),
+                         format_estimate(ratio, 3), volume,
+                         (entry.get("verdicts") or {}).get(model, figures_of.get("message", ""))])  # fmt: skip
+            if ratio.get("value") is not None:
+                ratios.setdefault(seed, {})[model] = (
+                    ratio["value"],
+                    ratio["low"] if ratio.get("low") is not None else math.nan,
+                    ratio["high"] if ratio.get("high") is not None else math.nan,
+                )
     blocks: list[Any] = []
     if ratios:
         path = figures.ratio_points_plot(ratios, place.path(f"{name}.png"),
                                          "bulk modulus: model / reference scan",
-                                         "B(model) / B(reference) (95% CI of the model)")  # fmt: skip
+                                         "B(model) / B(reference), 95% CI")  # fmt: skip
+        band = f" The check passes inside 1 ± {tolerance:g}." if tolerance else ""
         blocks.append(place.figure(path, "Bulk modulus of each model from its equation of state "
-                                   "over the reference's, per seed; 1 = the reference."))  # fmt: skip
-    blocks.append(Table(["seed", "quantity", "value"], rows))
-    return [b for b in blocks if b is not None]
+                                   "over the labeller's, per seed; 1 = the reference." + band))  # fmt: skip
+    blocks.append(Table(["seed", "model", "B0 (GPa) [95% CI]", "B / B(reference) [95% CI]",
+                         "V0 change (%) [95% CI]", "verdict"], rows))  # fmt: skip
+    return blocks
