@@ -221,6 +221,16 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         decisions = list(db["decisions"].find({"kind": "retrain"}))
         assert all(d.get("reason") for d in decisions)
         assert any(d["outcome"] == "promoted" for d in decisions)
+        # Every judged retraining rests on figures with structure-level intervals: the paired
+        # improvement, each system's own paired change (non-regression), the EOS check.
+        for d in (d for d in decisions if d["outcome"] in ("promoted", "kept")):
+            difference = d["difference"]
+            assert difference["n_structures"] == 8 and difference["metric"] == "force_mae_ratio"
+            assert difference["ratio_low"] <= difference["ratio"] <= difference["ratio_high"]
+            assert "regressions" in d and "eos_regressions" in d
+            per_system = d["evaluation"]["levels"]["chemical_system"]["F-Li"]["paired"]
+            assert {"low", "high"} <= set(per_system["candidate"]["force_mae_ratio"])
+            assert "interval" in d["reason"] or "%" in d["reason"]
         # Rounds after the promotion scored with the promoted model.
         rounds = {r["_id"]: r for r in db["runs"].find({"daemon_round": {"$exists": True}})}
         assert len(rounds) == 3
@@ -346,3 +356,50 @@ def test_rounds_wait_for_round_interval_seconds(store: Store, tmp_path) -> None:
     assert daemon.step(config, client=None) is False and rounds == []  # not due yet
     store.meta.save_campaign_state("tiny", {"last_round": {"ended_at": now - timedelta(hours=2)}})
     assert daemon.step(config, client=None) is True and rounds == [1]
+
+
+def test_a_system_finishes_on_its_interval_not_its_point_estimate(store: Store, tmp_path) -> None:
+    """The stop rule on evaluation-set labels: finished only when the softening scale's
+    structure-level interval lies inside the band, on enough structures."""
+    from ase.build import bulk
+
+    from pestle.labellers import LABELLERS, level_of_theory_hash
+    from pestle.stages import Round
+
+    path = tiny_config(tmp_path, store.database, stop={"softening_band": [0.9, 1.1],
+                                                      "min_structures": 5})  # fmt: skip
+    raw = yaml.safe_load(path.read_text())
+    raw.update(potential={"name": "emt"}, labeller={"name": "emt"},
+               seeds=[{"bulk": "Cu", "crystalstructure": "fcc", "a": 3.61}])  # fmt: skip
+    path.write_text(yaml.safe_dump(raw))
+    daemon = Daemon([path])
+    daemon.store, daemon.store_uri = store, "unused"
+    config = next(iter(daemon.configs.values()))
+    emt = LABELLERS.build("emt", {})
+    lot, lot_hash = emt.level_of_theory(), level_of_theory_hash(emt)
+
+    def evaluation_set(n: int, force_scale: float, offset: int) -> None:
+        ids = []
+        for i in range(n):
+            atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+            atoms.rattle(0.08, seed=offset + i)
+            result = emt.label(atoms, tmp_path)
+            sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "t"})
+            store.labels.put(sid, labeller="emt", level_of_theory=lot, lot_hash=lot_hash,
+                             energy=result.energy, forces=result.forces * force_scale,
+                             stress=result.stress, role="evaluation")  # fmt: skip
+            ids.append(sid)
+        store.structures.add_to_evaluation_set("tiny", ids)
+
+    context = daemon.context(config, round=Round(0, None))
+    evaluation_set(4, 1.0, 0)  # the model is exact, but 4 structures are too few
+    assert daemon.finished_systems(context, {}) == {}
+    evaluation_set(2, 1.0, 10)  # 6: the interval (of an exact model) lies in the band
+    (finished,) = daemon.finished_systems(context, {}).values()
+    assert finished["softening"]["n_structures"] == 6
+    assert 0.9 <= finished["softening"]["low"] <= finished["softening"]["high"] <= 1.1
+    assert "inside [0.9, 1.1] on 6 evaluation-set structures" in finished["reason"]
+    # Labels 1.3x stronger than the model: softening ~0.77, outside the band.
+    store.drop()
+    evaluation_set(6, 1.3, 20)
+    assert daemon.finished_systems(context, {}) == {}
