@@ -351,7 +351,10 @@ def test_a_campaign_runs_with_the_package_sampler(
         candidates = list(raw_db["structures"].find({"kind": "candidate"}))
         assert len(candidates) == 4
         assert {doc["provenance"]["sampler"] for doc in candidates} == {"my-sampler"}
-        assert raw_db["labels"].count_documents({}) == 4  # EMT labels, from the Dask workers
+        # EMT labels, from the Dask workers: one per candidate, and the equation-of-state
+        # scan's seven volumes (role "check", never trained on).
+        assert raw_db["labels"].count_documents({"role": {"$ne": "check"}}) == 4
+        assert raw_db["labels"].count_documents({"role": "check"}) == 7
     finally:
         store.drop()
         store.close()
