@@ -107,7 +107,7 @@ def status(
             {
                 "server": None
                 if server is None
-                else {"uri": server.uri, "pid": server.pid, "data_dir": server.data_dir},
+                else {"uri": server.uri_masked, "pid": server.pid, "data_dir": server.data_dir},
                 "store": {"uri": found.uri, "database": found.database},
                 "counts": found.counts,
                 "jobs": found.jobs,
@@ -120,7 +120,7 @@ def status(
         )
         return
     if server is not None:
-        console.print(f"embedded server: running on {server.uri} ({place.server.root})")
+        console.print(f"embedded server: running on {server.uri_masked} ({place.server.root})")
     table = Table(title=f"store {found.uri} / {found.database}")
     table.add_column("collection")
     table.add_column("documents", justify="right")
