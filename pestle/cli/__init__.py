@@ -4,7 +4,7 @@
 - ``run``: ``pestle run`` (and ``--dry-run``)
 - ``store``: ``status``, ``query``, ``export``, ``report``
 - ``jobs``: ``jobs`` (list), ``jobs show``, ``jobs retry``
-- ``models``: ``models`` (list), ``models promote``, ``evaluate``
+- ``models``: ``models`` (list), ``models promote``, ``models trust``, ``evaluate``
 - ``explain``: ``explain``
 - ``plugins``: ``plugins``, ``samplers``
 - ``config``: ``config schema|docs|validate``
