@@ -126,6 +126,11 @@ class DaskSpec(_Strict):
     n_workers: int = Field(default=2, ge=1, description="LocalCluster worker processes")
     threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads each")
     memory_limit: str = Field(default="auto", description="LocalCluster memory per worker")
+    host: str = Field(
+        default="127.0.0.1",
+        description="interface the LocalCluster's scheduler, workers and dashboard listen on "
+        "(127.0.0.1: reachable from this machine only)",
+    )
     job_timeout_seconds: float | None = Field(
         default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
     )

@@ -18,6 +18,7 @@ from pestle.potentials import POTENTIALS, Potential
 from pestle.provenance import code_versions
 from pestle.stages.seed import SeedStructure, seed_from_object
 from pestle.store import Store, label_id, mask_uri
+from pestle.store.uri import redact
 from pestle.structures import fingerprint, settings_hash
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -102,7 +103,8 @@ class RunContext:
             self.run_id,
             {
                 "campaign": self.config.name,
-                "config": self.config.model_dump(mode="json", exclude={"source"}),
+                # Credentials never go into the store (a URI's password, keys).
+                "config": redact(self.config.model_dump(mode="json", exclude={"source"})),
                 "config_file": str(self.config.source) if self.config.source else None,
                 "config_hash": config_fingerprint(self.config),
                 "store": mask_uri(self.store_uri),
