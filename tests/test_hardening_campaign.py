@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -69,10 +70,8 @@ class ListeningSockets(threading.Thread):
             except psutil.NoSuchProcess:
                 processes = []
             for pid in self.extra_pids():
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     processes.append(psutil.Process(pid))
-                except psutil.NoSuchProcess:
-                    pass
             for process in processes:
                 try:
                     for conn in process.net_connections(kind="inet"):

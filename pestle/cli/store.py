@@ -226,6 +226,8 @@ def export(
     folder = output.expanduser().absolute().parent
     if not folder.is_dir():
         fail(f"--output: the folder {folder} does not exist (create it first)")
+    if output.is_dir():
+        fail(f"--output: {output} is a folder; give a file name in it")
     store = open_store(config, work_dir)
     named = dict(elements=elements, system=system, formula=formula, sampler=sampler,
                  energy_min=energy_min, energy_max=energy_max, force_min=force_min,

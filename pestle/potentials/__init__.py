@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Contract, PluginSpec, Registry, import_submodules
+from pestle.plugins import Contract, PluginSpec, Registry, accepts_any_structures, import_submodules
 
 
 @dataclass
@@ -56,6 +56,11 @@ class Potential(Protocol):
         """Identity of the model for provenance: family, version/checkpoint, checksum."""
         ...
 
+    def check_structures(self, structures: Sequence[Atoms]) -> None:
+        """Raise ValueError when this potential cannot handle these structures (e.g. elements it
+        has no parameters for). Run on the seeds before a run starts; optional (the default
+        accepts any)."""
+
     def embed(self, structures: Sequence[Atoms]) -> list[np.ndarray]:
         """A descriptor per structure; only promised when ``supports_embeddings`` is True."""
         ...
@@ -69,8 +74,13 @@ class Potential(Protocol):
 
 POTENTIAL_CONTRACT = Contract(
     methods=("predict", "describe"),
-    defaults={"supports_embeddings": False, "checkpoint_params": None,
-              "checkpoint_unpickles": "always", "trust_params": ()},  # fmt: skip
+    defaults={
+        "supports_embeddings": False,
+        "checkpoint_params": None,
+        "checkpoint_unpickles": "always",
+        "trust_params": (),
+        "check_structures": accepts_any_structures,
+    },  # fmt: skip
     promises={"supports_embeddings": ("embed",), "checkpoint_params": ("checkpoint_digest",)},
 )
 

@@ -108,8 +108,8 @@ def check_model_classes(folder: str | Path) -> None:
     import importlib
     import json
 
-    import torch
     import matgl.utils.io  # noqa: F401 - registers the numpy types model.pt may hold
+    import torch
 
     folder = Path(folder)
     try:

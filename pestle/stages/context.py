@@ -33,7 +33,7 @@ def stable_seed(*parts: object) -> int:
 def config_fingerprint(config: CampaignConfig) -> str:
     """Hash of what determines the science of a run (not where it is stored or dispatched)."""
     content = config.model_dump(
-        mode="json", exclude={"store", "dask", "daemon", "work_dir", "source"}
+        mode="json", exclude={"store", "dask", "daemon", "work_dir", "source", "limits"}
     )
     return settings_hash(content)
 
@@ -95,6 +95,23 @@ class RunContext:
         self.run_dir = Path(self.config.work_dir).resolve() / "runs" / self.run_id
         self._stored: dict[str, Potential] = {}
         self._labellings: dict[str, Labelling] = {}
+
+    # -- before anything is written ------------------------------------------------------
+    @functools.cached_property
+    def seed_structures(self) -> list[SeedStructure]:
+        """The seeds of the config and those given as objects, built and checked once."""
+        from pestle.stages.seed import config_seeds
+
+        return config_seeds(self.config, self.store, self.extra_seeds)
+
+    def preflight(self) -> None:
+        """Check every input that can be checked before the run document is written: the
+        seeds (files, crystals, Materials Project queries, sizes, overlapping atoms) and the
+        plugins that can only be checked against them. A bad input is a ConfigError naming
+        the file or field, and the store is left as it was."""
+        from pestle.stages.seed import check_plugins_on
+
+        check_plugins_on(self.config, [s.atoms for s in self.seed_structures])
 
     # -- the run document ---------------------------------------------------------------
     def start(self) -> None:

@@ -10,8 +10,8 @@ import io
 import logging
 import os
 import re
-import socket
 import shutil
+import socket
 import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path

@@ -331,9 +331,18 @@ class EmbeddedServer:
         log_fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             return subprocess.Popen(
-                [executable, "--config", str(self.config_file), "--host", HOST,
-                 "--port", str(port), "--storage-path", str(self.data_dir),
-                 *(["--auth"] if auth else [])],  # fmt: skip
+                [
+                    executable,
+                    "--config",
+                    str(self.config_file),
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(port),
+                    "--storage-path",
+                    str(self.data_dir),
+                    *(["--auth"] if auth else []),
+                ],  # fmt: skip
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

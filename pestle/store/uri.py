@@ -55,6 +55,28 @@ def redact(value: Any) -> Any:
     return value
 
 
+def check_uri(uri: str, where: str = "") -> str:
+    """``uri`` if it is a MongoDB URI pymongo can use, else ValueError (its message masked).
+    A ``mongodb://`` URI is parsed here, without any network; ``mongodb+srv://`` needs a DNS
+    lookup, left to the connection."""
+    prefix = f"{where}: " if where else ""
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError(f"{prefix}{mask_uri(uri)!r} is not a mongodb:// or mongodb+srv:// URI")
+    if uri.startswith("mongodb://"):
+        import warnings
+
+        from pymongo import uri_parser
+        from pymongo.errors import PyMongoError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown options: the driver warns again
+                uri_parser.parse_uri(uri)
+        except (PyMongoError, ValueError, TypeError) as exc:
+            raise ValueError(f"{prefix}not a valid MongoDB URI: {mask_text(str(exc))}") from None
+    return uri
+
+
 def configured_uri(uri: str | None = None, uri_file: str | os.PathLike | None = None) -> str | None:
     """The URI the user asked for, in order: config ``store.uri``, ``store.uri_file``, the
     ``PESTLE_MONGODB_URI`` environment variable. ``None`` means: use the embedded server."""
@@ -64,8 +86,12 @@ def configured_uri(uri: str | None = None, uri_file: str | os.PathLike | None = 
         path = Path(uri_file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"store.uri_file: {path} does not exist")
-        text = path.read_text().strip()
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"store.uri_file: cannot read {path}: {exc}") from None
         if not text.startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError(f"store.uri_file: {path} does not hold a mongodb:// URI")
-        return text
-    return os.environ.get(ENV_URI) or None
+        return check_uri(text, f"store.uri_file {path}")
+    from_env = os.environ.get(ENV_URI)
+    return check_uri(from_env, ENV_URI) if from_env else None
