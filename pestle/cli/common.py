@@ -86,16 +86,15 @@ class GuardedGroup(TyperGroup):
 
 def describe_failure(exc: BaseException) -> tuple[int, str]:
     """(exit code, message) for an exception that reached the command line."""
-    import pymongo.errors
-
     from pestle.store import StoreError
+    from pestle.store.errors import is_store_failure
     from pestle.store.uri import mask_text
 
     text = mask_text(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, ConfigError) or (isinstance(exc, ValueError)
                                         and isinstance(exc, StoreError)):  # fmt: skip
         return ExitCode.BAD_INPUT, mask_text(str(exc))
-    if isinstance(exc, (StoreError, pymongo.errors.PyMongoError)):
+    if is_store_failure(exc):
         return ExitCode.FAILED, f"the store failed: {text}"
     if isinstance(exc, OSError):
         return ExitCode.FAILED, text
