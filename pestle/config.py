@@ -12,6 +12,7 @@ files, and path-valued plugin params) are relative to the config file.
 
 from __future__ import annotations
 
+import math
 import os
 import typing
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -62,7 +64,7 @@ class SeedSpec(_Strict):
     )
     a: float | None = Field(default=None, gt=0, description="for bulk: lattice constant (Å)")
     cubic: bool = Field(default=True, description="for bulk: the conventional cubic cell")
-    supercell: tuple[int, int, int] = Field(
+    supercell: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
         default=(1, 1, 1), description="repetitions of the seed along its cell vectors"
     )
 
@@ -83,6 +85,26 @@ class StoreSpec(_Strict):
         default=None, description="a file holding the URI, to keep passwords out of configs"
     )
     database: str = Field(default="pestle", description="database name in that MongoDB")
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            from pestle.store.uri import check_uri
+
+            check_uri(value)
+        return value
+
+    @field_validator("database")
+    @classmethod
+    def _valid_database(cls, value: str) -> str:
+        # MongoDB's rules for database names (on every platform it runs on).
+        bad = sorted(set(value) & set('/\\. "$*<>:|?\0'))
+        if not value or bad or len(value.encode()) > 63:
+            raise ValueError(
+                'a MongoDB database name: 1 to 63 bytes, none of / \\ . space " $ * < > : | ?'
+            )
+        return value
 
 
 class JobqueueSpec(_Strict):
@@ -126,6 +148,11 @@ class DaskSpec(_Strict):
     n_workers: int = Field(default=2, ge=1, description="LocalCluster worker processes")
     threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads each")
     memory_limit: str = Field(default="auto", description="LocalCluster memory per worker")
+    host: str = Field(
+        default="127.0.0.1",
+        description="interface the LocalCluster's scheduler, workers and dashboard listen on "
+        "(127.0.0.1: reachable from this machine only)",
+    )
     job_timeout_seconds: float | None = Field(
         default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
     )
@@ -353,6 +380,30 @@ class EOSSpec(_Strict):
     )
 
 
+class LimitsSpec(_Strict):
+    """Caps on what a campaign may ask for, checked before anything runs, so that a typo
+    (a 40x40x40 supercell, a 10^6 A cell, a billion candidates) is a message, not a week of
+    DFT. Raise them here when a campaign really needs more."""
+
+    max_atoms: int = Field(default=2000, ge=1, description="atoms in a seed (after its supercell)")
+    max_cell_length: float = Field(
+        default=200.0, gt=0, description="length of a seed's cell vectors (Å)"
+    )
+    min_distance_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="atoms of a seed closer than this fraction of the sum of their covalent "
+        "radii are a broken structure (overlapping atoms)",
+    )
+    max_count: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="any whole number in the config (counts, steps, repetitions) except "
+        "random seeds",
+    )
+
+
 class CampaignConfig(_Strict):
     """A campaign: seeds, samplers, the potential that scores, selection, the labeller,
     fine-tuning, evaluation, and where the store and the workers are."""
@@ -392,6 +443,9 @@ class CampaignConfig(_Strict):
     store: StoreSpec = Field(default_factory=StoreSpec, description="the MongoDB store")
     dask: DaskSpec = Field(default_factory=DaskSpec, description="the Dask cluster")
     daemon: DaemonSpec = Field(default_factory=DaemonSpec, description="pestle daemon settings")
+    limits: LimitsSpec = Field(
+        default_factory=LimitsSpec, description="caps on sizes, checked before a run starts"
+    )
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("name")
@@ -497,28 +551,109 @@ def config_schema() -> dict[str, Any]:
     return schema
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (the
+    plain loader keeps the last one silently: half of a config would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base loader says so
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _walk(value: Any, where: str = ""):
+    """(dotted field, value) of every leaf of parsed YAML."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk(item, f"{where}.{index}")
+    else:
+        yield where, value
+
+
+def check_numbers(raw: dict[str, Any], limits: LimitsSpec) -> list[str]:
+    """Numbers no field may hold: NaN and infinities (YAML's .nan, .inf), and whole numbers
+    above ``limits.max_count`` (random seeds excepted)."""
+    errors = []
+    for where, value in _walk(raw):
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{where}: {value} is not a finite number")
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and abs(value) > limits.max_count
+            and not where.rsplit(".", 1)[-1].endswith("seed")
+        ):
+            errors.append(
+                f"{where}: {value} is above limits.max_count ({limits.max_count}); raise the "
+                "limit if this is meant"
+            )
+    return errors
+
+
+def check_selector_score(config: CampaignConfig) -> list[str]:
+    """The selector ranks candidates by a stored score: one the scoring stage computes."""
+    score = config.selection.selector.params.get("score")
+    if score is None:
+        return []
+    known = (*SCORE_NAMES, "combined")
+    if score not in known:
+        return [f"selection.selector.params.score: unknown score {score!r} (known: "
+                f"{', '.join(known)})"]  # fmt: skip
+    if str(score).startswith("committee") and not config.scoring.committee:
+        return [f"selection.selector.params.score: {score} needs scoring.committee"]
+    return []
+
+
 def load_config(path: str | os.PathLike) -> CampaignConfig:
     """Read and validate a campaign YAML file; raises ConfigError naming file and field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     try:
+        limits = LimitsSpec.model_validate(raw.get("limits") or {})
+    except ValidationError:
+        limits = LimitsSpec()  # its own errors are reported with the rest just below
+    errors = check_numbers(raw, limits)
+    try:
         config = CampaignConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid config\n{format_validation_error(exc)}") from None
-    errors = validate_plugins(config)
+        errors.insert(0, format_validation_error(exc))
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(errors)) from None
+    errors += check_selector_score(config) + validate_plugins(config)
     if errors:
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(errors))
     config.source = path.resolve()
     # Relative paths are relative to the config file, so a campaign folder can move as a
     # whole and every command finds the same work directory from anywhere.
     _resolve_paths(config, config.source.parent)
+    if config.work_dir.exists() and not config.work_dir.is_dir():
+        raise ConfigError(f"{path}: work_dir: {config.work_dir} exists and is not a folder")
     for index, seed in enumerate(config.seeds):
         if seed.file is not None and not seed.file.is_file():
             raise ConfigError(f"{path}: seeds.{index}.file: {seed.file} does not exist")

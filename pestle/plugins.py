@@ -70,6 +70,11 @@ class Resources:
     gpus: int = 0
 
 
+def accepts_any_structures(self, structures) -> None:
+    """The default ``check_structures`` of a plugin: nothing to check against structures."""
+    return None
+
+
 @dataclass(frozen=True)
 class Contract:
     """What a registry demands of a class when it registers, so callers rely on declared

@@ -10,8 +10,23 @@ import uuid
 import pytest
 
 from pestle.store import EmbeddedServer, Store
+from pestle.store.signing import KEY_FILE_ENV
 
 TEST_URI_ENV = "PESTLE_TEST_MONGODB_URI"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_signing_key(tmp_path_factory: pytest.TempPathFactory):
+    """The tests' own model-signing key (never the user's ~/.config one); set in the
+    environment so that Dask workers and pestle subprocesses sign and verify with it."""
+    before = os.environ.get(KEY_FILE_ENV)
+    path = tmp_path_factory.mktemp("keys") / "model-signing.key"
+    os.environ[KEY_FILE_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(KEY_FILE_ENV, None)
+    else:
+        os.environ[KEY_FILE_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
 - ``run``: ``pestle run`` (and ``--dry-run``)
 - ``store``: ``status``, ``query``, ``export``, ``report``
 - ``jobs``: ``jobs`` (list), ``jobs show``, ``jobs retry``
-- ``models``: ``models`` (list), ``models promote``, ``evaluate``
+- ``models``: ``models`` (list), ``models promote``, ``models trust``, ``evaluate``
 - ``explain``: ``explain``
 - ``plugins``: ``plugins``, ``samplers``
 - ``config``: ``config schema|docs|validate``
@@ -22,7 +22,7 @@ from pestle.cli import models as _models
 from pestle.cli import plugins as _plugins
 from pestle.cli import run as _run
 from pestle.cli import store as _store
-from pestle.cli.common import EXIT_CODES_HELP, ExitCode
+from pestle.cli.common import EXIT_CODES_HELP, ExitCode, GuardedGroup
 from pestle.cli.config import config_app
 from pestle.cli.daemon import daemon_app
 from pestle.cli.db import db_app
@@ -38,6 +38,7 @@ app = typer.Typer(
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     rich_markup_mode=MARKUP,
+    cls=GuardedGroup,  # no traceback: every failure a message
 )
 for sub in (db_app, jobs_app, daemon_app, config_app, _models.models_app):
     sub.rich_markup_mode = MARKUP

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.exceptions
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from pestle.config import CampaignConfig, ConfigError, load_config
 
@@ -34,11 +37,12 @@ class ExitCode(IntEnum):
 EXIT_CODES_HELP = """**Exit codes**
 
 * 0 done
-* 1 `pestle db status`: the server is not running; or an unexpected error (a traceback: please report it)
+* 1 `pestle db status`: the server is not running; or an unexpected error (please report it; PESTLE_TRACEBACK=1 shows its traceback)
 * 2 usage error: unknown command or option, a bad option value, a missing argument
 * 3 bad input, nothing was done: an invalid config, a missing file or folder, an unknown id, no store where one was looked for, a bad query
 * 4 the work failed: the store or server unreachable, a run stopped on an error, the daemon did not start or stop
 * 5 another pestle daemon holds the store (`pestle daemon start`)
+* 143 `pestle run` stopped by SIGTERM: the run is recorded as interrupted; running it again resumes it
 """
 
 ConfigOption = Annotated[
@@ -59,13 +63,54 @@ JsonOption = Annotated[
 ]
 
 
+TRACEBACK_ENV = "PESTLE_TRACEBACK"
+
+
+class GuardedGroup(TyperGroup):
+    """The root command group: an exception no command turned into a message still ends
+    as one (with the exit code of its kind), never as a Python traceback. Set
+    ``PESTLE_TRACEBACK=1`` to see the traceback instead."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise  # exits and usage errors: typer prints and exits as it should
+        except Exception as exc:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            code, message = describe_failure(exc)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            raise typer.Exit(int(code)) from None
+
+
+def describe_failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, message) for an exception that reached the command line."""
+    from pestle.store import StoreError
+    from pestle.store.errors import is_store_failure
+    from pestle.store.uri import mask_text
+
+    text = mask_text(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, ConfigError) or (isinstance(exc, ValueError)
+                                        and isinstance(exc, StoreError)):  # fmt: skip
+        return ExitCode.BAD_INPUT, mask_text(str(exc))
+    if is_store_failure(exc):
+        return ExitCode.FAILED, f"the store failed: {text}"
+    if isinstance(exc, OSError):
+        return ExitCode.FAILED, text
+    return ExitCode.NO, (
+        f"unexpected error: {text} (a bug: please report it; {TRACEBACK_ENV}=1 shows the traceback)"
+    )
+
+
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Escaped: a message quoting a path or a list ("[/tmp/x]") is text, not markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(int(code))
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def load(config: Path) -> CampaignConfig:
@@ -79,7 +124,10 @@ def workspace(config: Path | None, work_dir: Path | None):
     """The work directory and store settings from --config / --work-dir / the environment."""
     from pestle.engine.workspace import Workspace
 
-    return Workspace.of(load(config)) if config is not None else Workspace.at(work_dir)
+    place = Workspace.of(load(config)) if config is not None else Workspace.at(work_dir)
+    if place.work_dir.exists() and not place.work_dir.is_dir():
+        fail(f"work directory {place.work_dir} is a file, not a folder")
+    return place
 
 
 def open_store(config: Path | None, work_dir: Path | None, *, create: bool = False):

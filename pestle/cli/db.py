@@ -18,7 +18,7 @@ def db_start(config: ConfigOption = None, work_dir: WorkDirOption = None) -> Non
         state = workspace(config, work_dir).server.ensure_running()
     except ServerError as exc:
         fail(str(exc), ExitCode.FAILED)
-    console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
+    console.print(f"running: {state.uri_masked} (pid {state.pid}, data {state.data_dir})")
 
 
 @db_app.command("stop")
@@ -39,4 +39,4 @@ def db_status(config: ConfigOption = None, work_dir: WorkDirOption = None) -> No
     if state is None:
         console.print(f"not running ({server.root})")
         raise typer.Exit(ExitCode.NO)
-    console.print(f"running: {state.uri} (pid {state.pid}, data {state.data_dir})")
+    console.print(f"running: {state.uri_masked} (pid {state.pid}, data {state.data_dir})")

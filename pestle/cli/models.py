@@ -1,4 +1,5 @@
-"""Model versions: ``pestle models`` (list), ``models promote`` and ``pestle evaluate``."""
+"""Model versions: ``pestle models`` (list), ``models promote``, ``models trust`` and
+``pestle evaluate``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pestle.cli.common import (
     fail,
     open_store,
     print_json,
+    warn,
     workspace,
 )
 
@@ -82,6 +84,43 @@ def models_promote(
     console.print(
         f"{outcome['family']}: {outcome['model_id']} is current"
         + (f" (was {outcome['previous']})" if outcome["previous"] else "")
+    )
+
+
+@models_app.command("trust")
+def models_trust(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="The model version to sign.")],
+    sha256: Annotated[
+        str | None,
+        typer.Option(help="Sign only if the checkpoint has this sha256 (from where it came)."),
+    ] = None,
+    note: Annotated[str, typer.Option(help="Why (kept in the store with the signature).")] = "",
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Sign a model version's checkpoint with this machine's key, so that it loads here even
+    if its family unpickles checkpoints (MACE): for a version trained before signatures, or
+    signed with another key. Recorded in the model document and logged."""
+    from pestle.store import StoreError
+
+    parent = ctx.obj or {}
+    store = open_store(config or parent.get("config"), work_dir or parent.get("work_dir"))
+    try:
+        doc = store.models.require(model_id)
+        actual = doc.checkpoint.sha256 if doc.checkpoint is not None else None
+        if sha256 is not None and (actual or "") != sha256.strip().lower():
+            fail(f"model {model_id}'s checkpoint has sha256 {actual}, not {sha256}: not signed")
+        problem = store.models.signature_problem(model_id)
+        if problem is None:
+            console.print(f"{model_id} is already signed with this machine's key")
+            return
+        record = store.models.trust(model_id, note=note)
+    except StoreError as exc:
+        fail(str(exc))
+    warn(
+        f"{model_id} (sha256 {record['sha256']}) is now trusted: it was refused because "
+        f"{problem}; signed by {record['by']} with key {record['key']}"
     )
 
 

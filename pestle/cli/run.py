@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +33,9 @@ def run(
         Path | None, typer.Argument(metavar="CONFIG", help="Campaign YAML file (or -c).")
     ] = None,
     config: ConfigOption = None,
-    workers: Annotated[int | None, typer.Option(help="Override dask.n_workers.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Override dask.n_workers (at least 1).")
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -63,17 +66,23 @@ def run(
         dry(cfg, path, as_json)
         return
     from pestle.dispatch.cluster import make_client
-    from pestle.engine.run import run_campaign
-    from pestle.stages.context import run_id_for
+    from pestle.engine.run import prepare_campaign, run_campaign
 
     store, uri = _open_for_run(cfg)
-    run_id = run_id_for(cfg)
+    try:  # every input checked before a cluster starts or anything is stored
+        context = prepare_campaign(cfg, store, uri)
+    except ConfigError as exc:
+        fail(str(exc))
+    run_id = context.run_id
     columns = (
         TextColumn("{task.description:<10}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    # SIGTERM unwinds the run like Ctrl-C: the run document says "interrupted", the Dask
+    # cluster is closed, and running the config again resumes it.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         with Progress(*columns, console=console, transient=False) as bars:
             tasks: dict[str, Any] = {}
@@ -85,9 +94,13 @@ def run(
 
             console.print(f"run [bold]{run_id}[/] (store {store.uri_masked})")
             with make_client(cfg.dask) as client:
-                result = run_campaign(cfg, store, uri, client, progress=progress)
-    except ConfigError as exc:  # found while running: a seed file, a Materials Project query
+                result = run_campaign(cfg, store, uri, client, progress=progress,
+                                      context=context)  # fmt: skip
+    except ConfigError as exc:  # found before the run began: a seed file, a plugin's fit
         fail(str(exc))
+    except Terminated:
+        fail(f"run {run_id} interrupted by SIGTERM; `pestle run {path}` again resumes it",
+             EXIT_TERMINATED)  # fmt: skip
     except Exception as exc:
         if verbose:
             err_console.print_exception()
@@ -97,6 +110,8 @@ def run(
             + ("" if verbose else "; `pestle run -v` shows the traceback"),
             ExitCode.FAILED,
         )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(result.stages)
     failed = (result.stages.get("label") or {}).get("failed") or []
     if failed:
@@ -107,6 +122,19 @@ def run(
     for system, message in ((result.stages.get("label") or {}).get("blocked") or {}).items():
         warn(f"{system} was not labelled: {message}")
     console.print(f"report: {result.report}")
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
+
+
+class Terminated(BaseException):
+    """SIGTERM reached ``pestle run`` (a BaseException, like KeyboardInterrupt: nothing
+    catches it on the way out but what records the run as interrupted)."""
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+    raise Terminated()
 
 
 def _open_for_run(cfg):

@@ -107,7 +107,7 @@ def status(
             {
                 "server": None
                 if server is None
-                else {"uri": server.uri, "pid": server.pid, "data_dir": server.data_dir},
+                else {"uri": server.uri_masked, "pid": server.pid, "data_dir": server.data_dir},
                 "store": {"uri": found.uri, "database": found.database},
                 "counts": found.counts,
                 "jobs": found.jobs,
@@ -120,7 +120,7 @@ def status(
         )
         return
     if server is not None:
-        console.print(f"embedded server: running on {server.uri} ({place.server.root})")
+        console.print(f"embedded server: running on {server.uri_masked} ({place.server.root})")
     table = Table(title=f"store {found.uri} / {found.database}")
     table.add_column("collection")
     table.add_column("documents", justify="right")
@@ -226,6 +226,8 @@ def export(
     folder = output.expanduser().absolute().parent
     if not folder.is_dir():
         fail(f"--output: the folder {folder} does not exist (create it first)")
+    if output.is_dir():
+        fail(f"--output: {output} is a folder; give a file name in it")
     store = open_store(config, work_dir)
     named = dict(elements=elements, system=system, formula=formula, sampler=sampler,
                  energy_min=energy_min, energy_max=energy_max, force_min=force_min,

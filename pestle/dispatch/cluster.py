@@ -94,8 +94,8 @@ def make_client(spec: DaskSpec) -> Iterator[object]:
             threads_per_worker=spec.threads_per_worker,
             memory_limit=spec.memory_limit,
             processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
+            host=spec.host,
+            dashboard_address=f"{spec.host}:0",  # ":0" would listen on every interface
             resources={"CPU": spec.threads_per_worker},
             env={k: v for k, v in worker_environment().items() if k not in os.environ},
         )

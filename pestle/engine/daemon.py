@@ -144,8 +144,7 @@ class Daemon:
         heartbeat = threading.Thread(target=self._heartbeat, name="daemon-lease", daemon=True)
         heartbeat.start()
         pid_path = pid_file(first)
-        pid_path.parent.mkdir(parents=True, exist_ok=True)
-        pid_path.write_text(f"{os.getpid()}\n")
+        service.write_pid_file(pid_path)
         log.info("daemon %s holds the store %s", self.owner, self.store.uri_masked)
         try:
             with make_client(first.dask) as client:
@@ -163,8 +162,7 @@ class Daemon:
         finally:
             self.stopping.set()
             self.store.meta.release_daemon_lease(self.owner)
-            if pid_path.is_file() and pid_path.read_text().strip() == str(os.getpid()):
-                pid_path.unlink()
+            service.remove_pid_file(pid_path)
             self.store.close()
             log.info("daemon stopped")
 

@@ -102,14 +102,15 @@ def plan_seeds(config: CampaignConfig, store: Store | None = None) -> list:
     """The config's seeds as the seed stage builds them (Materials Project ones from the
     store when it has them), each crystal once."""
     from pestle.samplers import Seed
-    from pestle.stages.seed import build_seeds
+    from pestle.stages.seed import check_plugins_on, config_seeds
 
     seeds: list[Seed] = []
-    for index, spec in enumerate(config.seeds):
-        for structure in build_seeds(spec, f"seeds.{index}", store):
-            sid = fingerprint(structure.atoms)
-            if all(s.id != sid for s in seeds):
-                seeds.append(Seed(structure.atoms, sid, structure.name, structure.source))
+    structures = config_seeds(config, store)
+    check_plugins_on(config, [s.atoms for s in structures])
+    for structure in structures:
+        sid = fingerprint(structure.atoms)
+        if all(s.id != sid for s in seeds):
+            seeds.append(Seed(structure.atoms, sid, structure.name, structure.source))
     return seeds
 
 

@@ -35,7 +35,11 @@ def labelled_data(
     label_filter = data
     if label_filter is None:
         doc = store.models.get(model_id) if model_id else None
-        if doc is None or not doc.training.holdout_label_ids:
+        if doc is None and model_id is None:
+            raise ValueError("--data is needed: an extxyz file or a label query")
+        if doc is None:
+            raise StoreError(f"no model {model_id} in the store (see `pestle models`)")
+        if not doc.training.holdout_label_ids:
             raise ValueError("--data is needed: an extxyz file or a label query")
         label_filter = {"_id": {"$in": doc.training.holdout_label_ids}}
     stored = list(store.labels.labelled(label_filter))
@@ -59,7 +63,7 @@ def evaluate_model(
     from pestle.evaluation.compare import compare_models
 
     doc = store.models.get(model) if store is not None and model.startswith("model-") else None
-    labelled, samplers = labelled_data(store, data, model if doc is not None else None)
+    labelled, samplers = labelled_data(store, data, model if model.startswith("model-") else None)
     if parent is None and doc is not None and doc.parent.get("model"):
         parent = f"{doc.parent['family']}:{doc.parent['model']}"
     models = {}

@@ -29,7 +29,9 @@ class RunResult:
 
 
 def run_passes(ctx: RunContext, stages: list) -> dict[str, Any]:
-    """Open the run document, run the stages, and close it as finished or interrupted."""
+    """Check the inputs, open the run document, run the stages, and close it as finished
+    or interrupted."""
+    ctx.preflight()  # a bad input stops here, before anything is stored
     ctx.start()
     try:
         outputs = run_stages(ctx, stages)
@@ -41,6 +43,16 @@ def run_passes(ctx: RunContext, stages: list) -> dict[str, Any]:
     return outputs
 
 
+def prepare_campaign(
+    config: CampaignConfig, store: Store, store_uri: str, *, seeds: list[Any] | None = None
+) -> RunContext:
+    """A run's context with its inputs checked (ConfigError otherwise), before any cluster
+    is started or anything stored; ``run_campaign(..., context=...)`` runs it."""
+    ctx = RunContext(config, store, store_uri, seeds=seeds or [])
+    ctx.preflight()
+    return ctx
+
+
 def run_campaign(
     config: CampaignConfig,
     store: Store,
@@ -49,10 +61,13 @@ def run_campaign(
     *,
     progress: Progress | None = None,
     seeds: list[Any] | None = None,
+    context: RunContext | None = None,
 ) -> RunResult:
     """Run a campaign once. ``seeds``: ASE ``Atoms`` or pymatgen ``Structure`` objects, used
-    beside the config's. ``client``: a ``distributed.Client`` (labelling and fine-tuning)."""
-    ctx = RunContext(config, store, store_uri, client=client, seeds=seeds or [])
+    beside the config's. ``client``: a ``distributed.Client`` (labelling and fine-tuning).
+    ``context``: one made by ``prepare_campaign`` (its checks already done)."""
+    ctx = context or RunContext(config, store, store_uri, seeds=seeds or [])
+    ctx.client = client
     if progress is not None:
         ctx.progress = progress
     outputs = run_passes(ctx, campaign_stages())

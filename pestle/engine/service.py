@@ -41,13 +41,37 @@ def daemon_log_file(work_dir: str | os.PathLike) -> Path:
 
 
 def running_daemon(work_dir: str | os.PathLike) -> int | None:
-    """The pid of the daemon of this work directory, if its PID file names a live process."""
+    """The pid of the daemon of this work directory, if its PID file names a live pestle
+    daemon (a pid recycled by some other program after a crash is not ours to signal)."""
     path = daemon_pid_file(work_dir)
     if not path.is_file():
         return None
     text = path.read_text().strip()
     pid = int(text) if text.isdigit() else 0
-    return pid if pid and pid_alive(pid) else None
+    return pid if pid and pid_alive(pid) and _is_pestle_daemon(pid) else None
+
+
+def _is_pestle_daemon(pid: int) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return True  # no /proc to ask: trust the file
+    return "daemon" in args and any("pestle" in arg for arg in args)
+
+
+def write_pid_file(path: Path) -> None:
+    """Written by the daemon once it holds the store's lease, and only then: atomically, so
+    a reader sees the old pid or the new one, never an empty file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pid_file(path: Path) -> None:
+    """Removed by the daemon that wrote it, and only while it still names this process."""
+    if path.is_file() and path.read_text().strip() == str(os.getpid()):
+        path.unlink()
 
 
 @dataclass
@@ -69,8 +93,8 @@ def start_detached(
     store's lease by then). Raises ServiceError (with the child's exit status) otherwise."""
     log_path, pid_path = daemon_log_file(work_dir), daemon_pid_file(work_dir)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    if pid_path.is_file():
-        pid_path.unlink()  # a stale file from a killed daemon; a live one holds the lease
+    # The PID file is left alone: only the process that wins the lease writes it (over a
+    # stale one), so a start refused because a daemon runs cannot hide that daemon.
     command = [sys.executable, "-m", "pestle", "daemon", "start", "--foreground",
                f"--idle-poll={idle_poll_seconds}",
                *([] if not exit_when_idle else ["--exit-when-idle"]),

@@ -53,7 +53,11 @@ def read_labelled_extxyz(path: str | Path) -> list[LabelledStructure]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    frames = read(path, index=":")
+    try:
+        frames = read(path, index=":")
+    except Exception as exc:  # ase raises many types for unreadable files
+        reason = str(exc) or type(exc).__name__
+        raise ValueError(f"{path}: not a readable structure file: {reason}") from None
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise ValueError(f"{path}: no frames")

@@ -20,6 +20,7 @@ to Dask workers), with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
@@ -28,7 +29,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Contract, Registry, Resources, import_submodules
+from pestle.plugins import Contract, Registry, Resources, accepts_any_structures, import_submodules
 from pestle.structures import settings_hash
 
 
@@ -82,6 +83,11 @@ class Labeller(Protocol):
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult: ...
 
+    def check_structures(self, structures: Sequence[Atoms]) -> None:
+        """Raise ValueError when this labeller cannot handle these structures (e.g. elements it
+        has no parameters for). Run on the seeds before a run starts; optional (the default
+        accepts any)."""
+
     def resources(self) -> Resources: ...
 
     def convergence_settings(self) -> tuple[ConvergenceSetting, ...]: ...
@@ -107,7 +113,11 @@ LABELLERS: Registry[Labeller] = Registry(
     "pestle.labellers",
     Contract(
         methods=("level_of_theory", "label", "resources", "convergence_settings", "with_setting"),
-        defaults={"convergence_settings": _nothing_to_converge, "with_setting": _no_settings},
+        defaults={
+            "convergence_settings": _nothing_to_converge,
+            "with_setting": _no_settings,
+            "check_structures": accepts_any_structures,
+        },  # fmt: skip
     ),
 )
 

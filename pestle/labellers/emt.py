@@ -16,6 +16,18 @@ from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
 
+def emt_unsupported(structures) -> str | None:
+    """Why EMT cannot compute these structures (elements it has no parameters for)."""
+    unsupported = sorted({s for atoms in structures for s in atoms.get_chemical_symbols()}
+                         - set(parameters))  # fmt: skip
+    if unsupported:
+        return (
+            f"EMT has no parameters for {', '.join(unsupported)} "
+            f"(it knows {', '.join(sorted(parameters))})"
+        )
+    return None
+
+
 @LABELLERS.register("emt")
 class EMTLabeller:
     class Params(BaseModel):
@@ -30,13 +42,15 @@ class EMTLabeller:
     def level_of_theory(self) -> dict[str, Any]:
         return {"code": "ase-emt", "version": ase.__version__}
 
+    def check_structures(self, structures) -> None:
+        problem = emt_unsupported(structures)
+        if problem:
+            raise ValueError(problem)
+
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
-        unsupported = sorted(set(atoms.get_chemical_symbols()) - set(parameters))
-        if unsupported:
-            raise LabelError(
-                f"EMT has no parameters for {', '.join(unsupported)} "
-                f"(it knows {', '.join(sorted(parameters))})"
-            )
+        problem = emt_unsupported([atoms])
+        if problem:
+            raise LabelError(problem)
         atoms = atoms.copy()
         atoms.calc = EMT()
         energy = atoms.get_potential_energy()

@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Contract, PluginSpec, Registry, import_submodules
+from pestle.plugins import Contract, PluginSpec, Registry, accepts_any_structures, import_submodules
 
 
 @dataclass
@@ -38,6 +38,14 @@ class Potential(Protocol):
     # (param holding a checkpoint path, param holding its digest) when the family loads
     # checkpoints written by its trainer; then ``checkpoint_digest`` says how to digest one.
     checkpoint_params: ClassVar[tuple[str, str] | None]
+    # Whether loading a checkpoint may unpickle arbitrary objects: "never" (tensors and
+    # plain data only), "fallback" (only a file that is not plain, and only when its digest
+    # is given), "always" (the format is a full pickle). Undeclared: "always". A stored
+    # model of a family that may unpickle loads only with a valid signature (store/signing).
+    checkpoint_unpickles: ClassVar[str]
+    # Params that waive checkpoint verification (``trust_model_file``): never taken from
+    # the store's copy of a model's params.
+    trust_params: ClassVar[tuple[str, ...]]
 
     def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
         """``stress=False``: leave stresses out (``None``); scoring needs only energies and
@@ -47,6 +55,11 @@ class Potential(Protocol):
     def describe(self) -> dict:
         """Identity of the model for provenance: family, version/checkpoint, checksum."""
         ...
+
+    def check_structures(self, structures: Sequence[Atoms]) -> None:
+        """Raise ValueError when this potential cannot handle these structures (e.g. elements it
+        has no parameters for). Run on the seeds before a run starts; optional (the default
+        accepts any)."""
 
     def embed(self, structures: Sequence[Atoms]) -> list[np.ndarray]:
         """A descriptor per structure; only promised when ``supports_embeddings`` is True."""
@@ -61,7 +74,13 @@ class Potential(Protocol):
 
 POTENTIAL_CONTRACT = Contract(
     methods=("predict", "describe"),
-    defaults={"supports_embeddings": False, "checkpoint_params": None},
+    defaults={
+        "supports_embeddings": False,
+        "checkpoint_params": None,
+        "checkpoint_unpickles": "always",
+        "trust_params": (),
+        "check_structures": accepts_any_structures,
+    },  # fmt: skip
     promises={"supports_embeddings": ("embed",), "checkpoint_params": ("checkpoint_digest",)},
 )
 

@@ -95,7 +95,8 @@ def load_chgnet(
         if checkpoint_sha256 is None:
             raise ValueError(
                 f"CHGNet checkpoint {path} holds more than tensors and plain data; refusing "
-                "to unpickle it without checkpoint_sha256 to verify it first"
+                "to unpickle it without checkpoint_sha256 to verify it first (a stored model "
+                "version: `pestle models trust ID` signs it if you trust where it came from)"
             ) from exc
         log.warning("loading %s with full unpickling (its sha256 was verified)", path)
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -141,6 +142,8 @@ def pack_by_atom_count(sizes: Sequence[int], max_atoms: int) -> list[list[int]]:
 class CHGNetPotential(LazyModel):
     supports_embeddings: ClassVar[bool] = True
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("checkpoint", "checkpoint_sha256")
+    # pestle's own checkpoints are plain; chgnet Trainer files may need a full unpickle.
+    checkpoint_unpickles: ClassVar[str] = "fallback"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

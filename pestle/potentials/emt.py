@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import ase
 from ase import Atoms
-from ase.calculators.emt import EMT
+from ase.calculators.emt import EMT, parameters
 from pydantic import BaseModel, ConfigDict
 
 from pestle.potentials import POTENTIALS, Prediction
@@ -26,7 +26,17 @@ class EMTPotential:
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
+    def check_structures(self, structures: Sequence[Atoms]) -> None:
+        unsupported = sorted({s for atoms in structures for s in atoms.get_chemical_symbols()}
+                             - set(parameters))  # fmt: skip
+        if unsupported:
+            raise ValueError(
+                f"EMT has no parameters for {', '.join(unsupported)} "
+                f"(it knows {', '.join(sorted(parameters))})"
+            )
+
     def predict(self, structures: Sequence[Atoms], *, stress: bool = True) -> list[Prediction]:
+        self.check_structures(structures)
         out = []
         for atoms in structures:
             atoms = atoms.copy()

@@ -182,6 +182,8 @@ def choose_head(heads: Sequence[str], wanted: str | None) -> str:
 class MACEPotential(LazyModel):
     supports_embeddings: ClassVar[bool] = True
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
+    checkpoint_unpickles: ClassVar[str] = "always"  # a .model file is a pickled module
+    trust_params: ClassVar[tuple[str, ...]] = ("trust_model_file",)
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -97,12 +97,56 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
+def check_model_classes(folder: str | Path) -> None:
+    """Refuse a model folder that names anything but matgl's own model classes.
+
+    matgl reads tensors with ``weights_only=True``, but it imports the module and calls the
+    class that ``model.json`` names, and does the same for every ``{"@module", "@class",
+    "init_args"}`` entry of ``model.pt``: a folder naming ``subprocess.Popen`` would run a
+    command. So before matgl sees the folder, every named class must be a torch module
+    defined in matgl."""
+    import importlib
+    import json
+
+    import matgl.utils.io  # noqa: F401 - registers the numpy types model.pt may hold
+    import torch
+
+    folder = Path(folder)
+    try:
+        described = json.loads((folder / "model.json").read_text())
+    except ValueError as exc:
+        raise ValueError(f"{folder / 'model.json'} is not valid JSON: {exc}") from None
+    named = [("model.json", described)] if isinstance(described, dict) else []
+    if not named:
+        raise ValueError(f"{folder / 'model.json'} does not describe a matgl model")
+    args = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    if isinstance(args, dict):
+        named += [(f"model.pt {key}", value) for key, value in args.items()
+                  if isinstance(value, dict) and ("@module" in value or "@class" in value)]  # fmt: skip
+    for where, entry in named:
+        module, name = entry.get("@module"), entry.get("@class")
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise ValueError(f"{folder}: {where} names no model class")
+        if module.split(".")[0] != "matgl":
+            raise ValueError(
+                f"{folder}: {where} names {module}.{name}, not a matgl model class; refusing "
+                "to load it (matgl would import and call it)"
+            )
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            found = None
+        if not (isinstance(found, type) and issubclass(found, torch.nn.Module)):
+            raise ValueError(f"{folder}: {where} names {module}.{name}, not a matgl model class")
+
+
 def load_matgl_potential(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     """The matgl ``Potential`` saved in ``folder``, on ``device`` in ``dtype``."""
     from matgl.apps.pes import Potential
     from matgl.utils.io import load_model
 
-    potential = load_model(check_model_folder(folder))
+    check_model_classes(check_model_folder(folder))
+    potential = load_model(folder)
     if not isinstance(potential, Potential):
         raise ValueError(
             f"{folder} holds a matgl {type(potential).__name__}, not a Potential: only a "
@@ -125,6 +169,7 @@ class MatGLPotential(LazyModel):
     supports_embeddings: ClassVar[bool] = True
     # A saved matgl model is a folder; its digest is folder_sha256's.
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
+    checkpoint_unpickles: ClassVar[str] = "never"  # weights_only, classes checked first
     _transient = ("_potential", "_device")
     _locks = ("_lock", "_run_lock")
 

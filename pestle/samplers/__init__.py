@@ -20,7 +20,14 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Contract, PluginSpec, Registry, default_name, import_submodules
+from pestle.plugins import (
+    Contract,
+    PluginSpec,
+    Registry,
+    accepts_any_structures,
+    default_name,
+    import_submodules,
+)
 
 
 @dataclass
@@ -53,6 +60,11 @@ class Sampler(Protocol):
 
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]: ...
 
+    def check_structures(self, structures: Sequence[Atoms]) -> None:
+        """Raise ValueError when this sampler cannot handle these structures (e.g. elements it
+        has no parameters for). Run on the seeds before a run starts; optional (the default
+        accepts any)."""
+
     def with_potential(self, spec: PluginSpec) -> Sampler:
         """A copy driving its dynamics with potential ``spec``; only promised when
         ``drives_with_potential`` is True."""
@@ -64,7 +76,7 @@ SAMPLERS: Registry[Sampler] = Registry(
     "pestle.samplers",
     Contract(
         methods=("sample",),
-        defaults={"drives_with_potential": False},
+        defaults={"drives_with_potential": False, "check_structures": accepts_any_structures},
         promises={"drives_with_potential": ("with_potential",)},
     ),
 )

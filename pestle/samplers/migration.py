@@ -135,10 +135,15 @@ class MigrationSampler:
     def with_potential(self, spec: PluginSpec) -> MigrationSampler:
         return MigrationSampler(self.params.model_copy(update={"potential": spec}))
 
+    def check_structures(self, structures, name: str | None = None) -> None:
+        for atoms in structures:
+            if self.params.species not in atoms.get_chemical_symbols():
+                raise ValueError(f"migration: species {self.params.species!r} is not in seed "
+                                 f"{name or atoms.get_chemical_formula()}")  # fmt: skip
+
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
         p = self.params
-        if p.species not in seed.atoms.get_chemical_symbols():
-            raise ValueError(f"migration: species {p.species!r} is not in seed {seed.name}")
+        self.check_structures([seed.atoms], seed.name)
         repeat = diagonal_supercell(seed.atoms, p.min_supercell_length)
         host = seed.atoms.repeat(repeat)
         hops = (

@@ -39,13 +39,18 @@ class SolidSolutionSampler:
     def __init__(self, params: Params) -> None:
         self.params = params
 
+    def check_structures(self, structures, name: str | None = None) -> None:
+        for atoms in structures:
+            if self.params.host not in atoms.get_chemical_symbols():
+                raise ValueError(f"solid_solution: host {self.params.host!r} is not in seed "
+                                 f"{name or atoms.get_chemical_formula()}")  # fmt: skip
+
     def sample(self, seed: Seed, rng_seed: int) -> list[Candidate]:
         from pestle.samplers.defect import oxidation_states
 
         p = self.params
         charges = oxidation_states(seed.atoms)
-        if p.host not in seed.atoms.get_chemical_symbols():
-            raise ValueError(f"solid_solution: host {p.host!r} is not in seed {seed.name}")
+        self.check_structures([seed.atoms], seed.name)
         host_charge = charges.get(p.host)
         if host_charge and round(host_charge) not in _common_states(p.substituent):
             raise ValueError(

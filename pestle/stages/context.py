@@ -18,6 +18,7 @@ from pestle.potentials import POTENTIALS, Potential
 from pestle.provenance import code_versions
 from pestle.stages.seed import SeedStructure, seed_from_object
 from pestle.store import Store, label_id, mask_uri
+from pestle.store.uri import redact
 from pestle.structures import fingerprint, settings_hash
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -32,7 +33,7 @@ def stable_seed(*parts: object) -> int:
 def config_fingerprint(config: CampaignConfig) -> str:
     """Hash of what determines the science of a run (not where it is stored or dispatched)."""
     content = config.model_dump(
-        mode="json", exclude={"store", "dask", "daemon", "work_dir", "source"}
+        mode="json", exclude={"store", "dask", "daemon", "work_dir", "source", "limits"}
     )
     return settings_hash(content)
 
@@ -95,6 +96,23 @@ class RunContext:
         self._stored: dict[str, Potential] = {}
         self._labellings: dict[str, Labelling] = {}
 
+    # -- before anything is written ------------------------------------------------------
+    @functools.cached_property
+    def seed_structures(self) -> list[SeedStructure]:
+        """The seeds of the config and those given as objects, built and checked once."""
+        from pestle.stages.seed import config_seeds
+
+        return config_seeds(self.config, self.store, self.extra_seeds)
+
+    def preflight(self) -> None:
+        """Check every input that can be checked before the run document is written: the
+        seeds (files, crystals, Materials Project queries, sizes, overlapping atoms) and the
+        plugins that can only be checked against them. A bad input is a ConfigError naming
+        the file or field, and the store is left as it was."""
+        from pestle.stages.seed import check_plugins_on
+
+        check_plugins_on(self.config, [s.atoms for s in self.seed_structures])
+
     # -- the run document ---------------------------------------------------------------
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +120,8 @@ class RunContext:
             self.run_id,
             {
                 "campaign": self.config.name,
-                "config": self.config.model_dump(mode="json", exclude={"source"}),
+                # Credentials never go into the store (a URI's password, keys).
+                "config": redact(self.config.model_dump(mode="json", exclude={"source"})),
                 "config_file": str(self.config.source) if self.config.source else None,
                 "config_hash": config_fingerprint(self.config),
                 "store": mask_uri(self.store_uri),

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from ase import Atoms
 from ase.build import bulk
 
-from pestle.config import ConfigError, SeedSpec
+from pestle.config import ConfigError, LimitsSpec, SeedSpec
+from pestle.plugins import PluginSpec
 from pestle.samplers import Seed
+from pestle.samplers.validity import check_structure
 from pestle.structures import chemical_system
 
 if TYPE_CHECKING:
@@ -112,15 +115,48 @@ def _from_file(spec: SeedSpec, where: str) -> list[SeedStructure]:
     try:
         atoms = read(spec.file)
     except Exception as exc:  # ase raises many types for unreadable files
-        raise ConfigError(f"{where}: cannot read structure file {spec.file}: {exc}") from None
+        reason = str(exc) or type(exc).__name__
+        raise ConfigError(f"{where}: cannot read structure file {spec.file}: {reason}") from None
+    if isinstance(atoms, list):  # some readers give a list for one image
+        atoms = atoms[-1] if atoms else Atoms()
+    if not isinstance(atoms, Atoms):
+        raise ConfigError(f"{where}: {spec.file} holds no structure")
     return [SeedStructure(spec.name or spec.file.stem, atoms, {"file": str(spec.file)})]
+
+
+def check_seed(seed: SeedStructure, limits: LimitsSpec, where: str) -> None:
+    """A seed pestle can work from, within the config's limits; ConfigError naming it."""
+    atoms = seed.atoms
+    what = f"{where} ({seed.name})"
+    if len(atoms) == 0:
+        raise ConfigError(f"{what}: the structure has no atoms")
+    if len(atoms) > limits.max_atoms:
+        raise ConfigError(
+            f"{what}: {len(atoms)} atoms, above limits.max_atoms ({limits.max_atoms}); check "
+            "its supercell, or raise the limit"
+        )
+    if not (np.all(np.isfinite(atoms.positions)) and np.all(np.isfinite(atoms.cell.array))):
+        raise ConfigError(f"{what}: positions or cell are not finite numbers")
+    lengths = atoms.cell.lengths()
+    longest = float(max(lengths[atoms.pbc], default=0.0))
+    if longest > limits.max_cell_length:
+        raise ConfigError(
+            f"{what}: a cell vector of {longest:.4g} Å, above limits.max_cell_length "
+            f"({limits.max_cell_length:g} Å)"
+        )
+    if atoms.pbc.any() and atoms.cell.rank < 3:
+        raise ConfigError(f"{what}: periodic, but its cell has no volume")
+    reason = check_structure(atoms, limits.min_distance_fraction, limits.max_atoms)
+    if reason is not None:
+        raise ConfigError(f"{what}: {reason}")
 
 
 def _from_bulk(spec: SeedSpec, where: str) -> list[SeedStructure]:
     try:
         atoms = bulk(spec.bulk, spec.crystalstructure, a=spec.a, cubic=spec.cubic)
     except Exception as exc:
-        raise ConfigError(f"{where}: cannot build bulk {spec.bulk!r}: {exc}") from None
+        reason = str(exc) or type(exc).__name__
+        raise ConfigError(f"{where}: cannot build bulk {spec.bulk!r}: {reason}") from None
     source = {
         "ase.build.bulk": {
             "name": spec.bulk,
@@ -167,7 +203,9 @@ def seed_from_object(obj: Any, name: str | None = None) -> SeedStructure:
     return SeedStructure(name or atoms.get_chemical_formula(), atoms, {"python": kind})
 
 
-def build_seeds(spec: SeedSpec, where: str = "seeds", store=None) -> list[SeedStructure]:
+def build_seeds(
+    spec: SeedSpec, where: str = "seeds", store=None, limits: LimitsSpec | None = None
+) -> list[SeedStructure]:
     """The seed structures one config entry stands for (a Materials Project chemical system
     may give several). ``store`` lets fetched structures be reused without network."""
     if spec.file is not None:
@@ -178,10 +216,57 @@ def build_seeds(spec: SeedSpec, where: str = "seeds", store=None) -> list[SeedSt
         seeds = _from_materials_project(spec, where, store)
     for seed in seeds:
         if tuple(spec.supercell) != (1, 1, 1):
+            n = len(seed.atoms) * int(np.prod(spec.supercell))
+            if limits is not None and n > limits.max_atoms:  # refused before it is built
+                raise ConfigError(
+                    f"{where}.supercell: {list(spec.supercell)} of {seed.name} makes {n} atoms, "
+                    f"above limits.max_atoms ({limits.max_atoms})"
+                )
             seed.atoms = seed.atoms.repeat(spec.supercell)
             seed.source = {**seed.source, "supercell": list(spec.supercell)}
         seed.atoms.calc = None
     return seeds
+
+
+def config_seeds(config, store=None, extra: list[SeedStructure] = ()) -> list[SeedStructure]:
+    """Every seed of ``config`` (files read, crystals built, Materials Project structures
+    fetched or reused from the store), then ``extra``, each checked against the config's
+    limits. ConfigError, naming the config file and seed, for the first that fails."""
+    prefix = f"{config.source}: " if config.source else ""
+    seeds = []
+    for index, spec in enumerate(config.seeds):
+        where = f"{prefix}seeds.{index}"
+        for seed in build_seeds(spec, where, store, config.limits):
+            check_seed(seed, config.limits, where)
+            seeds.append(seed)
+    for index, seed in enumerate(extra):
+        check_seed(seed, config.limits, f"seed object {index}")
+        seeds.append(seed)
+    return seeds
+
+
+def check_plugins_on(config, structures: list[Atoms]) -> None:
+    """The plugins that can only be checked against structures (an EMT labeller asked for
+    Si, a solid solution whose host is in no seed): ConfigError naming the field."""
+    from pestle.labellers import LABELLERS
+    from pestle.potentials import POTENTIALS
+    from pestle.samplers import SAMPLERS
+
+    prefix = f"{config.source}: " if config.source else ""
+    checks = [("potential", POTENTIALS, config.potential), ("labeller", LABELLERS, config.labeller)]
+    checks += [(f"scoring.committee.{i}", POTENTIALS, spec)
+               for i, spec in enumerate(config.scoring.committee)]  # fmt: skip
+    for i, spec in enumerate(config.samplers):
+        checks.append((f"samplers.{i}", SAMPLERS, spec))
+        potential = spec.params.get("potential")
+        if isinstance(potential, dict) and "name" in potential:  # the potential it drives with
+            checks.append((f"samplers.{i}.params.potential", POTENTIALS,
+                           PluginSpec.model_validate(potential)))  # fmt: skip
+    for where, registry, spec in checks:
+        try:
+            registry.build_spec(spec).check_structures(structures)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}{where} ({spec.name}): {exc}") from None
 
 
 class SeedStage:
@@ -194,12 +279,7 @@ class SeedStage:
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         seeds: list[Seed] = []
-        structures = [
-            seed
-            for index, spec in enumerate(ctx.config.seeds)
-            for seed in build_seeds(spec, f"seeds.{index}", ctx.store)
-        ] + ctx.extra_seeds
-        for structure in structures:
+        for structure in ctx.seed_structures:  # built (and checked) before the run began
             sid, _ = ctx.store.structures.add(
                 structure.atoms,
                 kind="seed",

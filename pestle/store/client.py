@@ -16,6 +16,7 @@ Arrays above ``INLINE_ARRAY_LIMIT`` numbers go to GridFS, so no document nears 1
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,22 +33,51 @@ from pestle.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from pestle.store.models import ModelRepository
 from pestle.store.runs import DecisionRepository, RunRepository
 from pestle.store.structures import StructureRepository
-from pestle.store.uri import mask_uri
+from pestle.store.uri import mask_text, mask_uri
 
 COLLECTIONS = ("structures", "labels", "jobs", "models", "runs", "decisions", "checks")
+
+
+class StoreConfigError(StoreError, ValueError):
+    """The URI or database name is unusable as given: bad input, not an outage."""
+
+
+# A refused connection is asked again this long before it is taken for an answer.
+REFUSED_GRACE_MS = 1500
+
+
+def connect(uri: str, timeout_ms: int = 10_000) -> pymongo.MongoClient:
+    """A client that has answered a ping. A refused connection (nothing listens on the
+    port) or refused credentials fail within ``REFUSED_GRACE_MS``; a server that does not
+    answer yet is waited for up to ``timeout_ms``."""
+    try:
+        client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms)
+    except (pymongo.errors.ConfigurationError, ValueError, TypeError) as exc:
+        raise StoreConfigError(f"{mask_uri(uri)}: {mask_text(str(exc))}") from None
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with pymongo.timeout(max(min(REFUSED_GRACE_MS / 1000, left), 0.05)):
+                client.admin.command("ping")
+            return client
+        except pymongo.errors.PyMongoError as exc:
+            text = mask_text(str(exc))
+            final = isinstance(exc, pymongo.errors.OperationFailure) or "refused" in text.lower()
+            if final or time.monotonic() >= deadline:
+                client.close()
+                raise StoreError(f"cannot reach MongoDB at {mask_uri(uri)}: {text}") from None
 
 
 class Store:
     def __init__(self, uri: str, database: str = "pestle", timeout_ms: int = 10_000) -> None:
         self.uri_masked = mask_uri(uri)
-        self._client: pymongo.MongoClient = pymongo.MongoClient(
-            uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms
-        )
+        self._client: pymongo.MongoClient = connect(uri, timeout_ms)
         try:
-            self._client.admin.command("ping")
-        except pymongo.errors.PyMongoError as exc:
-            raise StoreError(f"cannot reach MongoDB at {self.uri_masked}: {exc}") from None
-        self._db = self._client[database]
+            self._db = self._client[database]
+        except (pymongo.errors.InvalidName, TypeError) as exc:
+            self._client.close()
+            raise StoreConfigError(f"store.database {database!r}: {exc}") from None
         fs = gridfs.GridFS(self._db)
         arrays = ArrayCodec(fs)
         self.structures = StructureRepository(self._db["structures"], arrays)
@@ -64,13 +94,15 @@ class Store:
     def exists(uri: str, database: str = "pestle", timeout_ms: int = 10_000) -> bool:
         """Whether ``database`` at ``uri`` holds a pestle store (a schema version in ``meta``),
         without creating or migrating anything: read-only commands ask this first."""
-        client: pymongo.MongoClient = pymongo.MongoClient(
-            uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms
-        )
+        client = connect(uri, timeout_ms)
         try:
             return client[database]["meta"].find_one({"_id": SCHEMA}, {"_id": 1}) is not None
+        except pymongo.errors.InvalidName as exc:
+            raise StoreConfigError(f"store.database {database!r}: {exc}") from None
         except pymongo.errors.PyMongoError as exc:
-            raise StoreError(f"cannot reach MongoDB at {mask_uri(uri)}: {exc}") from None
+            raise StoreError(
+                f"cannot reach MongoDB at {mask_uri(uri)}: {mask_text(str(exc))}"
+            ) from None
         finally:
             client.close()
 

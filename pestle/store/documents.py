@@ -148,6 +148,8 @@ class CheckpointInfo(BaseModel):
     archive: str | None = None  # "tar" for a folder
     sha256: str
     bytes: int
+    # HMAC of (model id, potential, sha256) under a key outside the store (store/signing.py)
+    signature: dict[str, str] | None = None
 
 
 class TrainingRecord(BaseModel):
@@ -202,6 +204,8 @@ class ModelDoc(Document):
     created_at: datetime | None = None
     promotions: list[Promotion] = Field(default_factory=list)
     evaluations: list[EvaluationRecord] = Field(default_factory=list)
+    # ``pestle models trust``: who signed this checkpoint by hand, when, with which key
+    trusted: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class RunDoc(Document):

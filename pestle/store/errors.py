@@ -18,3 +18,13 @@ def as_utc(moment: datetime | None) -> datetime | None:
     if moment is not None and moment.tzinfo is None:
         return moment.replace(tzinfo=timezone.utc)
     return moment
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store failing (pestle's StoreError, or the driver's or
+    GridFS's own errors that reached a caller): for messages outside pestle.store, which
+    does not import the driver."""
+    import gridfs.errors
+    import pymongo.errors
+
+    return isinstance(exc, (StoreError, pymongo.errors.PyMongoError, gridfs.errors.GridFSError))

@@ -4,25 +4,34 @@ metrics, promotions and every evaluation of it (by runs, the daemon and ``pestle
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import io
+import logging
 import os
+import re
 import shutil
+import socket
 import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import gridfs
+import gridfs.errors
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
 from pestle.provenance import code_versions
 from pestle.store.documents import EvaluationRecord, ModelDoc
 from pestle.store.errors import StoreError, utcnow
+from pestle.store.secrets import SecretFileError
+from pestle.store.signing import ModelSigner, load_signer
 from pestle.structures import settings_hash
 
 PROMOTED_PREFIX = "promoted:"
+
+log = logging.getLogger("pestle.store.models")
 
 
 def folder_tar(folder: Path) -> bytes:
@@ -36,6 +45,12 @@ def folder_tar(folder: Path) -> bytes:
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def _key_hint() -> str:
+    from pestle.store.signing import KEY_FILE_ENV, default_key_file
+
+    return f"{default_key_file()}; set {KEY_FILE_ENV} to the key file that signed it"
 
 
 class ModelRepository:
@@ -58,6 +73,15 @@ class ModelRepository:
         path = Path(checkpoint)
         payload = folder_tar(path) if path.is_dir() else path.read_bytes()
         sha256 = hashlib.sha256(payload).hexdigest()
+        signature = None
+        try:
+            signer = load_signer(create=True)
+            signature = signer.sign(model_id, record.get("potential") or record.get("family"),
+                                    sha256)  # fmt: skip
+        except (SecretFileError, OSError) as exc:
+            # Keep the trained model; it loads only where its family needs no signature,
+            # until `pestle models trust` signs it.
+            log.warning("model %s stored unsigned: %s", model_id, exc)
         file_id = self._fs.put(payload, filename=path.name, sha256=sha256)
         doc = ModelDoc.model_validate(
             {
@@ -69,6 +93,7 @@ class ModelRepository:
                     "archive": "tar" if path.is_dir() else None,
                     "sha256": sha256,
                     "bytes": len(payload),
+                    "signature": signature,
                 },
                 "code_versions": code_versions(),
                 "created_at": utcnow(),
@@ -100,13 +125,23 @@ class ModelRepository:
     def fetch_checkpoint(self, model_id: str, directory: str | os.PathLike) -> tuple[Path, str]:
         """Write a model's checkpoint (file, or folder for an archive) to ``directory`` after
         verifying its checksum; returns the path and the stored sha256."""
-        info = self.require(model_id).checkpoint
+        path, sha256, _, _ = self.fetch_verified(model_id, directory)
+        return path, sha256
+
+    def fetch_verified(
+        self, model_id: str, directory: str | os.PathLike
+    ) -> tuple[Path, str, ModelDoc, str | None]:
+        """As ``fetch_checkpoint``, with the model document read once for everything: the
+        path, the sha256 the written bytes have, that document, and None when its signature
+        verifies under this machine's key (else why not)."""
+        doc = self.require(model_id)
+        info = doc.checkpoint
         if info is None:
             raise StoreError(f"model {model_id} has no checkpoint")
-        payload = self._fs.get(info.gridfs).read()
-        if hashlib.sha256(payload).hexdigest() != info.sha256:
-            raise StoreError(f"checkpoint of model {model_id} fails its sha256 check")
-        path = Path(directory) / f"{model_id}-{info.filename}"
+        payload = self._payload(model_id, info)
+        # Both parts come from the store: keep them one plain name inside ``directory``.
+        name = re.sub(r"[^A-Za-z0-9._+-]", "_", f"{model_id}-{info.filename}").lstrip(".")
+        path = Path(directory) / (name or "checkpoint")
         path.parent.mkdir(parents=True, exist_ok=True)
         if info.archive == "tar":
             if path.exists():
@@ -115,7 +150,68 @@ class ModelRepository:
                 archive.extractall(path, filter="data")
         else:
             path.write_bytes(payload)
-        return path, info.sha256
+        return path, info.sha256, doc, self._signature_problem(doc)
+
+    def _payload(self, model_id: str, info) -> bytes:
+        """The checkpoint's bytes, verified against the document's sha256."""
+        try:
+            payload = self._fs.get(info.gridfs).read()
+        except gridfs.errors.GridFSError as exc:
+            raise StoreError(
+                f"the checkpoint of model {model_id} is missing or incomplete in the store "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        if hashlib.sha256(payload).hexdigest() != info.sha256:
+            raise StoreError(f"checkpoint of model {model_id} fails its sha256 check")
+        return payload
+
+    # -- signatures ---------------------------------------------------------------------
+    def signature_problem(self, model_id: str) -> str | None:
+        """None when the checkpoint's signature verifies under this machine's key, else why
+        not (unsigned, another key, changed, no key here)."""
+        return self._signature_problem(self.require(model_id))
+
+    def _signature_problem(self, doc: ModelDoc) -> str | None:
+        if doc.checkpoint is None:
+            return "it has no checkpoint"
+        if not doc.checkpoint.signature:
+            return "it is not signed"
+        try:
+            signer = load_signer()
+        except SecretFileError as exc:
+            return f"the signing key is unusable: {exc}"
+        if signer is None:
+            return f"there is no signing key here to verify it (expected {_key_hint()})"
+        return signer.verify(doc.id, doc.potential or doc.family, doc.checkpoint.sha256,
+                             doc.checkpoint.signature)  # fmt: skip
+
+    def trust(self, model_id: str, note: str = "") -> dict[str, Any]:
+        """Sign a model's checkpoint with this machine's key: the explicit, recorded way to
+        accept one that is unsigned or signed elsewhere. Returns what was recorded."""
+        doc = self.require(model_id)
+        if doc.checkpoint is None:
+            raise StoreError(f"model {model_id} has no checkpoint to trust")
+        self._payload(model_id, doc.checkpoint)  # the bytes are the ones the sha256 names
+        try:
+            signer: ModelSigner = load_signer(create=True)
+        except (SecretFileError, OSError) as exc:
+            raise StoreError(f"cannot sign model {model_id}: {exc}") from None
+        signature = signer.sign(model_id, doc.potential or doc.family, doc.checkpoint.sha256)
+        record = {
+            "at": utcnow(),
+            "by": f"{getpass.getuser()}@{socket.gethostname()}",
+            "key": signer.fingerprint,
+            "sha256": doc.checkpoint.sha256,
+            "previous_signature": doc.checkpoint.signature,
+            "note": note,
+        }
+        self._c.update_one(
+            {"_id": model_id, "checkpoint.sha256": doc.checkpoint.sha256},
+            {"$set": {"checkpoint.signature": signature}, "$push": {"trusted": record}},
+        )
+        log.warning("model %s (sha256 %s) trusted by %s with key %s", model_id,
+                    doc.checkpoint.sha256, record["by"], signer.fingerprint)  # fmt: skip
+        return record
 
     # -- evaluations --------------------------------------------------------------------
     def record_evaluation(

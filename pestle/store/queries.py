@@ -95,7 +95,7 @@ def parse_query(terms: list[str]) -> dict[str, Any]:
         try:
             query = json.loads(terms[0])
         except json.JSONDecodeError as exc:
-            raise ValueError(f"query is not valid JSON: {exc}") from None
+            raise ValueError(f"query {terms[0]!r} is not valid JSON: {exc}") from None
         if not isinstance(query, dict):
             raise ValueError("a JSON query must be an object")
         return query
