@@ -30,3 +30,16 @@ def configured_uri(uri: str | None = None, uri_file: str | os.PathLike | None = 
             raise ValueError(f"store.uri_file: {path} does not hold a mongodb:// URI")
         return text
     return os.environ.get(ENV_URI) or None
+
+
+def embedded_uri(uri: str) -> str:
+    """The embedded server's URI as pestle uses it: without retryable writes.
+
+    secantusd-py keeps a record of every retryable write per session and consults it on each
+    write, so past ~10⁴ writes an update costs ~5-10 ms of server time instead of ~0.5 ms
+    (measured with pymongo, ``benchmarks/bench_engine_scale.py``). A retry buys nothing on a
+    server on the same machine; a MongoDB given by URI keeps the user's settings."""
+    if "retrywrites=" in uri.lower():
+        return uri
+    joint = "&" if "?" in uri else ("?" if uri.endswith("/") else "/?")
+    return f"{uri}{joint}retryWrites=false"
