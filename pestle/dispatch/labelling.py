@@ -5,6 +5,11 @@ a lease, renews the lease from a heartbeat thread while the calculation runs, st
 and marks the job done. If a worker dies the lease lapses (at once, when the dead process was
 on this host) and the driver submits the job again; if two tasks race for one job, the claim
 lets only one run, and the label's unique id lets only one be stored.
+
+The driver learns that a job ended from its task's future (the task returns the job's state);
+only jobs that came back unfinished (a retry's backoff, a lease held by another driver, a
+crashed worker) are looked up in the store again, every ``poll_seconds``. Each worker process
+keeps one pooled client to the store for all its tasks (``pestle.store.shared_store``).
 """
 
 from __future__ import annotations
@@ -102,85 +107,85 @@ def run_label_job(
 ) -> dict[str, Any]:
     """Claim, compute and store one label. Runs on a Dask worker; returns the job's state."""
     from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
-    from pestle.store import Store, label_id, worker_name
+    from pestle.store import StoreError, label_id, shared_store, worker_name
 
     worker = worker_name()
-    with Store(store_uri, database) as store:
-        job = store.jobs.claim(job_id, worker, lease_seconds)
-        if job is None:  # done, failed, not yet due, or running under someone's live lease
-            return {"job_id": job_id, "state": store.jobs.state(job_id) or "missing",
-                    "claimed": False}  # fmt: skip
-        heartbeat = _Heartbeat(store, job_id, worker, lease_seconds, timeout_seconds)
-        heartbeat.start()
-        try:
-            payload = job.payload
-            spec = payload["labeller"]
-            labeller = LABELLERS.build(spec["name"], spec.get("params", {}))
-            lot_hash = level_of_theory_hash(labeller)
-            if lot_hash != payload["lot_hash"]:
-                # Another code version or setup set on this worker: the label would be filed
-                # under a level of theory it was not computed at.
-                raise LabelError(
-                    f"worker's level of theory {labeller.level_of_theory()} hashes to "
-                    f"{lot_hash}, the job asked for {payload['lot_hash']}"
-                )
-            structure_id = payload["structure_id"]
-            lid = label_id(structure_id, lot_hash)
-            if store.labels.exists(lid):
-                # A previous attempt stored the label and died before closing the job.
-                heartbeat.stopped.set()
-                store.jobs.finish(job_id, worker, {"label_id": lid, "stored": False})
-                return {"job_id": job_id, "state": "done", "claimed": True}
-            atoms = store.structures.atoms(structure_id)
-            started = time.perf_counter()
-            result = labeller.label(atoms, Path(work_root) / job_id)
-            seconds = time.perf_counter() - started
-            if heartbeat.timed_out:  # already recorded as a failed attempt; not a label
-                return {"job_id": job_id, "state": store.jobs.state(job_id), "claimed": True,
-                        "error": "timeout"}  # fmt: skip
-            stored = store.labels.put(
-                structure_id,
-                labeller=labeller.name,
-                level_of_theory=labeller.level_of_theory(),
-                lot_hash=lot_hash,
-                energy=result.energy,
-                forces=result.forces,
-                stress=result.stress,
-                job_id=job_id,
-                extra={
-                    **result.extra,
-                    "wall_seconds": round(seconds, 3),
-                    "worker": worker,
-                    "cpus": labeller.resources().cpus,
-                },  # fmt: skip
-                role=payload.get("role"),
+    store = shared_store(store_uri, database)
+    job = store.jobs.claim(job_id, worker, lease_seconds)
+    if job is None:  # done, failed, not yet due, or running under someone's live lease
+        return {"job_id": job_id, "state": store.jobs.state(job_id) or "missing",
+                "claimed": False}  # fmt: skip
+    heartbeat = _Heartbeat(store, job_id, worker, lease_seconds, timeout_seconds)
+    heartbeat.start()
+    try:
+        payload = job.payload
+        spec = payload["labeller"]
+        labeller = LABELLERS.build(spec["name"], spec.get("params", {}))
+        lot_hash = level_of_theory_hash(labeller)
+        if lot_hash != payload["lot_hash"]:
+            # Another code version or setup set on this worker: the label would be filed
+            # under a level of theory it was not computed at.
+            raise LabelError(
+                f"worker's level of theory {labeller.level_of_theory()} hashes to "
+                f"{lot_hash}, the job asked for {payload['lot_hash']}"
             )
+        structure_id = payload["structure_id"]
+        lid = label_id(structure_id, lot_hash)
+        if store.labels.exists(lid):
+            # A previous attempt stored the label and died before closing the job.
             heartbeat.stopped.set()
-            finished = store.jobs.finish(
-                job_id,
-                worker,
-                {
-                    "label_id": label_id(structure_id, lot_hash),
-                    "stored": stored,
-                    "seconds": seconds,
-                },
-            )
-            return {"job_id": job_id, "state": "done" if finished else "lost", "claimed": True}
-        except Exception as exc:
-            heartbeat.stopped.set()
-            # A LabelError is the calculation's verdict (e.g. no SCF convergence): running it
-            # again gives the same. Anything else (a store hiccup, a killed process) may pass.
-            state = store.jobs.fail(
-                job_id,
-                worker,
-                f"{type(exc).__name__}: {exc}",
-                traceback.format_exc(),
-                retryable=not isinstance(exc, LabelError),
-            )
-            return {"job_id": job_id, "state": state, "claimed": True, "error": str(exc)}
-        finally:
-            heartbeat.stopped.set()
-            heartbeat.join(timeout=5)
+            store.jobs.finish(job_id, worker, {"label_id": lid, "stored": False})
+            return {"job_id": job_id, "state": "done", "claimed": True}
+        structure = store.structures.get(structure_id)
+        if structure is None:
+            raise StoreError(f"no structure {structure_id}")
+        atoms = store.structures.atoms_of(structure)
+        started = time.perf_counter()
+        result = labeller.label(atoms, Path(work_root) / job_id)
+        seconds = time.perf_counter() - started
+        if heartbeat.timed_out:  # already recorded as a failed attempt; not a label
+            return {"job_id": job_id, "state": store.jobs.state(job_id), "claimed": True,
+                    "error": "timeout"}  # fmt: skip
+        stored = store.labels.put(
+            structure_id,
+            labeller=labeller.name,
+            level_of_theory=labeller.level_of_theory(),
+            lot_hash=lot_hash,
+            energy=result.energy,
+            forces=result.forces,
+            stress=result.stress,
+            job_id=job_id,
+            extra={
+                **result.extra,
+                "wall_seconds": round(seconds, 3),
+                "worker": worker,
+                "cpus": labeller.resources().cpus,
+            },  # fmt: skip
+            role=payload.get("role"),
+            structure=structure,
+        )
+        heartbeat.stopped.set()
+        finished = store.jobs.finish(
+            job_id,
+            worker,
+            {"label_id": lid, "stored": stored, "seconds": seconds},
+        )
+        return {"job_id": job_id, "state": "done" if finished else "lost", "claimed": True}
+    except Exception as exc:
+        heartbeat.stopped.set()
+        # A LabelError is the calculation's verdict (e.g. no SCF convergence): running it
+        # again gives the same. Anything else (a store hiccup, a killed process) may pass.
+        state = store.jobs.fail(
+            job_id,
+            worker,
+            f"{type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+            retryable=not isinstance(exc, LabelError),
+        )
+        return {"job_id": job_id, "state": state, "claimed": True, "error": str(exc)}
+    finally:
+        heartbeat.stopped.set()
+        heartbeat.join(timeout=5)
 
 
 def cpu_resources(client, need: int) -> dict[str, int] | None:
@@ -217,65 +222,96 @@ def label_jobs(
 ) -> dict[str, str]:
     """Drive jobs to a terminal state on the Dask cluster; returns {job_id: state}.
 
-    Submits every job that is claimable (queued and due, or whose lease lapsed), waits for jobs
-    held by live leases (another driver's workers, say), and resubmits jobs that come back to
-    the queue after a retryable failure or a dead worker.
+    Submits every job at once (a task whose job is not claimable says so and returns); a
+    task's future reports its job's state. Jobs that come back unfinished (backing off after
+    a retryable failure, held by a live lease elsewhere, their worker crashed) are looked up
+    every ``poll_seconds`` and submitted again once claimable; orphaned leases of dead
+    processes on this host are expired at once.
     """
+    from distributed import as_completed
+
     progress = progress or (lambda done, total, job_id, state: None)
+    total = len(set(job_ids))
     pending = set(job_ids)
     states: dict[str, str] = {}
-    in_flight: dict[str, Any] = {}  # job id -> future
     attempts: dict[str, int] = {}
+    in_flight: dict[str, str] = {}  # task key -> job id
+    waiting: set[str] = set()  # back from a task unfinished: to look up in the store
     started = time.monotonic()
     resources = cpu_resources(client, cpus_per_job)
     store.jobs.expire_orphaned_leases()
+    done_tasks = as_completed(with_results=True, raise_errors=False)
+
+    def submit(ids: list[str]) -> None:
+        keys = []
+        for job_id in ids:
+            attempts[job_id] = attempts.get(job_id, 0) + 1
+            keys.append(f"label-{job_id}-{attempts[job_id]}")
+        n = len(ids)
+        futures = client.map(
+            run_label_job, [store_uri] * n, [store.database] * n, ids, [work_root] * n,
+            [lease_seconds] * n, [job_timeout_seconds] * n,
+            key=keys, pure=False, retries=0, resources=resources,
+        )  # fmt: skip
+        for future, job_id in zip(futures, ids, strict=True):
+            in_flight[future.key] = job_id
+            done_tasks.add(future)
+
+    def settle(job_id: str, state: str) -> None:
+        pending.discard(job_id)
+        waiting.discard(job_id)
+        states[job_id] = state
+        progress(len(states), total, job_id, state)
+
+    submit(sorted(pending))
+    next_poll = time.monotonic() + poll_seconds
     while pending:
         if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
             raise TimeoutError(f"{len(pending)} labelling jobs unfinished: {sorted(pending)[:5]}")
-        for job_id, future in list(in_flight.items()):
-            if future.done():
-                del in_flight[job_id]
-                if future.status == "error":
-                    # The task itself crashed (e.g. the worker was killed): the lease will
-                    # lapse and the job be taken again below.
-                    log.warning("labelling task %s errored: %r", job_id, future.exception())
-        now = datetime.now(timezone.utc)
-        docs = store.jobs.progress(pending)
-        held_elsewhere = False
-        for job_id in sorted(pending):
-            doc = docs.get(job_id)
-            if doc is None:
+        for future, result in done_tasks.next_batch(block=False):
+            job_id = in_flight.pop(future.key)
+            if future.status != "finished":
+                # The task itself crashed (e.g. the worker was killed): its lease lapses (at
+                # once if the process is gone) and the job is taken again.
+                log.warning("labelling task %s errored: %r", job_id, result[1])
+                waiting.add(job_id)
+            elif result.get("state") in TERMINAL:
+                settle(job_id, result["state"])
+            elif result.get("state") == "missing":
                 raise KeyError(f"labelling job {job_id} is not in the store")
-            state = doc.state
-            if state in TERMINAL:
-                pending.discard(job_id)
-                states[job_id] = state
-                progress(len(states), len(job_ids), job_id, state)
-                continue
-            if job_id in in_flight:
-                continue
-            claimable = (state == "queued" and as_utc(doc.not_before) <= now) or (
-                state == "running" and as_utc(doc.lease_expires) < now
-            )
-            if state == "running" and not claimable:
-                held_elsewhere = True
-            if claimable:
-                attempts[job_id] = attempts.get(job_id, 0) + 1
-                in_flight[job_id] = client.submit(
-                    run_label_job,
-                    store_uri,
-                    store.database,
-                    job_id,
-                    work_root,
-                    lease_seconds,
-                    job_timeout_seconds,
-                    key=f"label-{job_id}-{attempts[job_id]}",
-                    pure=False,
-                    retries=0,
-                    resources=resources,
-                )
-        if held_elsewhere:
-            store.jobs.expire_orphaned_leases()
-        if pending:
-            time.sleep(poll_seconds)
+            else:
+                waiting.add(job_id)
+        if waiting and time.monotonic() >= next_poll:
+            resubmit, held_elsewhere = _look_up(store, waiting, settle)
+            if resubmit:
+                waiting.difference_update(resubmit)
+                submit(resubmit)
+            if held_elsewhere:
+                store.jobs.expire_orphaned_leases()
+            next_poll = time.monotonic() + poll_seconds
+        if pending and not done_tasks.has_ready():
+            # Woken by the next finished task, or at the latest for the next look-up.
+            with done_tasks.thread_condition:
+                done_tasks.thread_condition.wait(timeout=min(poll_seconds, 0.1))
     return states
+
+
+def _look_up(store, waiting: set[str], settle) -> tuple[list[str], bool]:
+    """Jobs that came back unfinished: settle the ended ones; returns those claimable now
+    and whether some run under a live lease elsewhere."""
+    docs = store.jobs.progress(waiting)
+    now = datetime.now(timezone.utc)
+    claimable, held_elsewhere = [], False
+    for job_id in sorted(waiting):
+        doc = docs.get(job_id)
+        if doc is None:
+            raise KeyError(f"labelling job {job_id} is not in the store")
+        if doc.state in TERMINAL:
+            settle(job_id, doc.state)
+        elif (doc.state == "queued" and as_utc(doc.not_before) <= now) or (
+            doc.state == "running" and as_utc(doc.lease_expires) < now
+        ):
+            claimable.append(job_id)
+        elif doc.state == "running":
+            held_elsewhere = True
+    return claimable, held_elsewhere
