@@ -98,8 +98,9 @@ def campaign_config(n: int, work: Path, database: str):
     )  # fmt: skip
 
 
-def timed_campaign(n: int, uri: str, client, work: Path) -> tuple[dict[str, float], int]:
-    """Run the campaign's stages one by one; seconds per stage and labels stored."""
+def timed_campaign(n: int, uri: str, client, work: Path) -> tuple[dict[str, float], int, dict]:
+    """Run the campaign's stages one by one; seconds per stage, labels stored and where
+    the candidates were scored."""
     from pestle.stages import RunContext, campaign_stages
     from pestle.store import Store
 
@@ -116,12 +117,13 @@ def timed_campaign(n: int, uri: str, client, work: Path) -> tuple[dict[str, floa
             ctx.outputs.update(stage.run(ctx))
             seconds[stage.name] = time.perf_counter() - start
         ctx.finish("finished")
+        placement = (store.runs.stage(ctx.run_id, "score") or {}).get("placement") or {}
         labels = store.labels.count()
         candidates = store.structures.count({"kind": "candidate"})
         store.drop()
     if candidates != n:
         raise RuntimeError(f"expected {n} candidates, the campaign stored {candidates}")
-    return seconds, labels
+    return seconds, labels, placement
 
 
 # -- label dispatch against a bare client.map ----------------------------------------------
@@ -229,7 +231,9 @@ def child(args: argparse.Namespace) -> None:
         if profiler is not None:
             profiler.enable()
         start = time.perf_counter()
-        out["stages"], out["labels"] = timed_campaign(args.child, args.uri, client, work)
+        out["stages"], out["labels"], out["placement"] = timed_campaign(
+            args.child, args.uri, client, work
+        )
         out["wall"] = time.perf_counter() - start
         if profiler is not None:
             profiler.disable()
@@ -296,7 +300,8 @@ def main() -> None:
                 results[n] = run_child(n, uri, work, dispatch, args.profile)
                 r = results[n]
                 print(f"{n:>7} candidates: {r['wall']:8.1f} s wall, {r['labels']} labels, "
-                      f"driver peak RSS {r['rss_mb']:.0f} MB", flush=True)  # fmt: skip
+                      f"driver peak RSS {r['rss_mb']:.0f} MB; scored on "
+                      f"{r['placement'].get('on')} ({r['placement'].get('reason')})", flush=True)  # fmt: skip
             speed = None
             if not args.no_scoring:
                 one = scoring_throughput(uri, 1, args.scoring_structures)

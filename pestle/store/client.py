@@ -132,7 +132,7 @@ class Store:
             if limit:
                 yield from (
                     self._db[collection]
-                    .find(dict(query or {}), projection)
+                    .find(batches.flatten(query or {}), projection)
                     .sort("_id", 1)
                     .limit(limit)
                 )
@@ -144,7 +144,7 @@ class Store:
     def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
         if collection not in COLLECTIONS:
             raise StoreError(f"no collection {collection!r} (known: {', '.join(COLLECTIONS)})")
-        return self._db[collection].count_documents(dict(query or {}))
+        return self._db[collection].count_documents(batches.flatten(query or {}))
 
     def counts(self) -> dict[str, int]:
         return {name: self._db[name].estimated_document_count() for name in COLLECTIONS[:5]}

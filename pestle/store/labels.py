@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from pymongo import UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from pestle.provenance import code_versions
 from pestle.store import batches
@@ -93,6 +93,47 @@ class LabelRepository:
         ``role``: decided before the label existed (``evaluation`` for an evaluation set);
         else the split policy records one later. ``structure``: the structure's document
         when the caller has read it already (natoms, chemical system, formula, provenance)."""
+        lid = label_id(structure_id, lot_hash)
+        if np.size(forces) > INLINE_ARRAY_LIMIT and self.exists(lid):
+            return False  # not even a GridFS file for a label that exists
+        doc = self.document(
+            structure_id, labeller=labeller, level_of_theory=level_of_theory, lot_hash=lot_hash,
+            energy=energy, forces=forces, stress=stress, job_id=job_id, extra=extra, role=role,
+            structure=structure,
+        )  # fmt: skip
+        return bool(self.insert_many([doc]))
+
+    def insert_many(self, docs: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Store built label documents in one unordered write; the ids stored (a label that
+        exists, or that a duplicated task stored first, is not stored again)."""
+        if not docs:
+            return set()
+        try:
+            self._c.insert_many([dict(d) for d in docs], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != 11000 for e in errors):
+                raise
+            duplicates = {docs[e["index"]]["_id"] for e in errors}
+            return {d["_id"] for d in docs} - duplicates
+        return {d["_id"] for d in docs}
+
+    def document(
+        self,
+        structure_id: str,
+        *,
+        labeller: str,
+        level_of_theory: Mapping[str, Any],
+        lot_hash: str,
+        energy: float,
+        forces: np.ndarray,
+        stress: np.ndarray | None,
+        job_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        role: str | None = None,
+        structure: StructureDoc | None = None,
+    ) -> dict[str, Any]:
+        """The label document ``put`` stores (checked against its structure)."""
         if role is not None and role not in ROLES:
             raise ValueError(f"unknown label role {role!r} (known: {', '.join(ROLES)})")
         if structure is None or structure.id != structure_id:
@@ -106,8 +147,6 @@ class LabelRepository:
                 f"expected ({structure.natoms}, 3)"
             )
         lid = label_id(structure_id, lot_hash)
-        if forces.size > INLINE_ARRAY_LIMIT and self.exists(lid):
-            return False  # not even a GridFS file for a label that exists
         doc = LabelDoc(
             _id=lid,
             structure_id=structure_id,
@@ -132,12 +171,7 @@ class LabelRepository:
         doc.pop("split")
         if role is None:  # the split policy decides it later; a missing field means undecided
             doc.pop("role")
-        try:
-            self._c.insert_one(doc)
-        except DuplicateKeyError:
-            # It existed, or a duplicated task got there first: one label, never two.
-            return False
-        return True
+        return doc
 
     def set_roles(self, roles: Mapping[str, str], policy: Mapping[str, Any]) -> int:
         """Record each label's role; a label that has a role keeps it (roles never change:

@@ -185,6 +185,12 @@ class StructureRepository:
             out[doc["_id"]] = atoms_from_dict(geometry)
         return out
 
+    def raw_many(self, structure_ids: Sequence[str], fields: Iterable[str]) -> dict[str, dict]:
+        """The stored documents of these structures as plain dicts (to send to a worker),
+        read in batches."""
+        projection = dict.fromkeys(fields, 1)
+        return {doc["_id"]: doc for doc in batches.by_ids(self._c, structure_ids, projection)}
+
     def docs_many(
         self, structure_ids: Sequence[str], fields: Iterable[str] | None = None
     ) -> dict[str, StructureDoc]:
