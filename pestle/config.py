@@ -156,6 +156,11 @@ class DaskSpec(_Strict):
     job_timeout_seconds: float | None = Field(
         default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
     )
+    score_on: Literal["auto", "driver", "workers"] = Field(
+        default="auto",
+        description="where candidates are scored: auto uses the workers of a remote or GPU "
+        "cluster and, on the local cluster, whichever measured faster on the first batches",
+    )
     # TLS for a tls:// scheduler: CA, client certificate and key (PEM files).
     tls_ca_file: Path | None = Field(default=None, description="CA certificate (PEM)")
     tls_client_cert: Path | None = Field(default=None, description="client certificate (PEM)")

@@ -139,6 +139,37 @@ def committee_disagreement(
     return out
 
 
+def force_scores(atoms: Atoms, prediction: Prediction) -> dict[str, float]:
+    """How hard the model pushes the atoms: the first-order proxy for how far from
+    equilibrium (and how softened) a structure is."""
+    norms = np.linalg.norm(prediction.forces, axis=1)
+    return {
+        "max_force": float(norms.max()),
+        "mean_force": float(norms.mean()),
+        "energy_per_atom": float(prediction.energy) / len(atoms),
+    }
+
+
+def score_batch(
+    structures: Sequence[Atoms],
+    potential: Potential,
+    committee: Sequence[Potential] = (),
+    embeddings: bool = False,
+) -> tuple[list[dict[str, float]], list[np.ndarray] | None]:
+    """Scores of one batch of candidates (force scores, the committee's spread when there is
+    a committee) and the main potential's descriptors when asked. The committee's energy
+    spread is relative to per-element references fitted on the batch, so callers score the
+    same batches wherever they run."""
+    predictions = potential.predict(structures, stress=False)
+    scores = [force_scores(a, p) for a, p in zip(structures, predictions, strict=True)]
+    if committee:
+        others = [member.predict(structures, stress=False) for member in committee]
+        spread = committee_disagreement(structures, [predictions, *others])
+        scores = [{**s, **extra} for s, extra in zip(scores, spread, strict=True)]
+    vectors = potential.embed(structures) if embeddings else None
+    return scores, vectors
+
+
 def rank_normalise(values: Sequence[float]) -> np.ndarray:
     """Ranks scaled to [0, 1] (ties share their mean rank): scores in different units
     become comparable, and one outlier cannot dominate the sum."""

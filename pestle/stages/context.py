@@ -220,10 +220,21 @@ class RunContext:
         return None if record is None or record.get("passed", True) else record.get("message")
 
     def labels_filter(self, systems: Iterable[str]) -> dict[str, Any]:
-        """A label filter: these systems, each at its own level of theory."""
-        pairs = [{"chemical_system": s, "lot_hash": self.labelling(s).lot_hash}
-                 for s in sorted(set(systems))]  # fmt: skip
-        return {"$or": pairs} if pairs else {"_id": {"$in": []}}
+        """A label filter: these systems, each at its own level of theory. One level of
+        theory (the usual case) gives one indexed filter without ``$or``, which the embedded
+        server would answer by a collection scan."""
+        parts = [{"lot_hash": lot_hash, "chemical_system": {"$in": members}}
+                 for lot_hash, members in self.systems_by_lot_hash(systems).items()]  # fmt: skip
+        if not parts:
+            return {"_id": {"$in": []}}
+        return parts[0] if len(parts) == 1 else {"$or": parts}
+
+    def systems_by_lot_hash(self, systems: Iterable[str]) -> dict[str, list[str]]:
+        """These systems grouped by the level of theory each is labelled at."""
+        out: dict[str, list[str]] = {}
+        for system in sorted(set(systems)):
+            out.setdefault(self.labelling(system).lot_hash, []).append(system)
+        return out
 
     @functools.cached_property
     def model_key(self) -> str:

@@ -25,9 +25,12 @@ def evaluation_set_labels(ctx: RunContext, systems: list[str] | None = None) -> 
     """The stored labels of the campaign's evaluation set (each system at its level of
     theory)."""
     members = ctx.store.structures.evaluation_set(ctx.config.name, systems)
-    ids = [i for group in members.values() for i in group]
-    query = {"$and": [{"structure_id": {"$in": ids}}, ctx.labels_filter(members)]}
-    return list(ctx.store.labels.labelled(query))
+    out: list[StoredLabel] = []
+    # A label's system is its structure's: the structure ids and the level of theory say it.
+    for lot_hash, group in ctx.systems_by_lot_hash(members).items():
+        ids = [i for system in group for i in members[system]]
+        out += ctx.store.labels.labelled({"structure_id": {"$in": ids}, "lot_hash": lot_hash})
+    return sorted(out, key=lambda s: s.label_id)
 
 
 def evaluate_on(

@@ -116,18 +116,17 @@ class EvaluationSetStage:
         campaign = ctx.config.name
         fields = ["chemical_system", "provenance.sampler", "provenance.params", "kind",
                   "evaluation_for"]  # fmt: skip
-        candidates = ctx.store.structures.run_candidates(ctx.run_id, fields)
-        by_system: dict[str, list[StructureDoc]] = defaultdict(list)
-        for doc in candidates:
-            by_system[doc.chemical_system].append(doc)
+        systems = ctx.store.structures.run_systems(ctx.run_id)
         if ctx.round is not None and ctx.round.systems is not None:
-            by_system = {s: d for s, d in by_system.items() if s in ctx.round.systems}
-        members = ctx.store.structures.evaluation_set(campaign, list(by_system))
-        trained = ctx.store.labels.structures_with_roles(
-            [d.id for docs in by_system.values() for d in docs], exclude=("evaluation",)
-        )
+            systems = [s for s in systems if s in ctx.round.systems]
+        members = ctx.store.structures.evaluation_set(campaign, systems)
         drawn: dict[str, list[str]] = {}
-        for system, docs in sorted(by_system.items()):
+        kinds: dict[str, list[str]] = {}
+        for system in systems:  # one system's candidates in memory at a time
+            docs = list(ctx.store.structures.run_candidates(ctx.run_id, fields, system=system))
+            trained = ctx.store.labels.structures_with_roles(
+                [d.id for d in docs], exclude=("evaluation",)
+            )
             have = members.get(system, [])
             pool = [d for d in docs if d.id not in have and d.id not in trained]
             # Never so many that selection is left with fewer candidates than its budget.
@@ -135,15 +134,10 @@ class EvaluationSetStage:
             new = draw(pool, missing, stable_seed(ctx.config.seed, system)) if missing > 0 else []
             ctx.store.structures.add_to_evaluation_set(campaign, new)
             drawn[system] = sorted(have + new)
+            chosen = set(drawn[system])
+            kinds[system] = sorted(strata([d for d in docs if d.id in chosen]))
         ctx.record(
             "evaluation_set",
-            {
-                "per_system": spec.per_system,
-                "members": drawn,
-                "strata": {
-                    system: sorted({k for k in strata([d for d in docs if d.id in drawn[system]])})
-                    for system, docs in by_system.items()
-                },
-            },
+            {"per_system": spec.per_system, "members": drawn, "strata": kinds},
         )
         return {"evaluation_set": drawn}

@@ -20,8 +20,10 @@ from pestle.store import (
     ROLE_EVALUATION,
     NewStructure,
     StoredLabel,
+    StoreError,
     label_id,
 )
+from pestle.store.batches import batched
 
 if TYPE_CHECKING:
     from pestle.stages.context import RunContext
@@ -76,23 +78,32 @@ class LabelStage:
         blocked: dict[str, str] = {}
         to_queue: list[tuple[str, str | None]] = []
         already = 0
-        for sid, role in [(s, None) for s in picks] + [(s, ROLE_EVALUATION) for s in evaluation]:
-            system = systems[sid]
-            why = ctx.blocked(system)
-            if why is not None:
-                blocked[system] = why
-                continue
-            # Checked again before paying for DFT: structures may come from other runs,
-            # imports or older, laxer versions of the checks.
-            reason = check_structure(ctx.store.structures.atoms(sid))
-            if reason is not None:
-                rejected[sid] = reason
-                continue
-            state = ctx.store.jobs.state(ctx.label_job_id(sid, system))
-            if ctx.store.labels.exists(ctx.label_id(sid, system)) and state in (None, JOB_DONE):
-                already += 1
-                continue
-            to_queue.append((sid, role))
+        wanted = [(s, None) for s in picks] + [(s, ROLE_EVALUATION) for s in evaluation]
+        why = {system: ctx.blocked(system) for system in set(systems.values())}
+        job_ids = {sid: ctx.label_job_id(sid, systems[sid]) for sid, _ in wanted}
+        label_ids = {sid: ctx.label_id(sid, systems[sid]) for sid, _ in wanted}
+        job_states = ctx.store.jobs.states(job_ids.values())
+        labelled = ctx.store.labels.existing(label_ids.values())
+        for part in batched(wanted, 256):  # geometries a batch at a time
+            geometries = ctx.store.structures.atoms_many([sid for sid, _ in part])
+            for sid, role in part:
+                system = systems[sid]
+                if why[system] is not None:
+                    blocked[system] = why[system]
+                    continue
+                if sid not in geometries:
+                    raise StoreError(f"no structure {sid}")
+                # Checked again before paying for DFT: structures may come from other runs,
+                # imports or older, laxer versions of the checks.
+                reason = check_structure(geometries[sid])
+                if reason is not None:
+                    rejected[sid] = reason
+                    continue
+                state = job_states.get(job_ids[sid])
+                if label_ids[sid] in labelled and state in (None, JOB_DONE):
+                    already += 1
+                    continue
+                to_queue.append((sid, role))
         jobs = []
         for sid, role in to_queue:
             labelling = ctx.labelling(systems[sid])

@@ -5,8 +5,10 @@ reuses its selection instead of choosing a fresh batch beside it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pestle.selectors import SELECTORS, ScoredCandidate
 from pestle.stages.evaluation_set import stratum_key
@@ -61,59 +63,29 @@ class SelectStage:
     provides = ("selected",)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from pestle.scoring import combine, softening_error
-
         previous = ctx.recorded("select")
         if previous and previous.get("selected"):
             return {"selected": [s["id"] for s in previous["selected"]]}
         key = ctx.model_key
-        fields = ["chemical_system", "provenance.sampler", "provenance.params", f"scores.{key}",
-                  f"embeddings.{key}", "evaluation_for"]  # fmt: skip
-        # An evaluation-set structure (of any campaign) is never picked for training.
-        docs = [d for d in ctx.store.structures.run_candidates(ctx.run_id, fields)
-                if not d.evaluation_for]  # fmt: skip
-        if ctx.round is not None:  # a round never re-picks what earlier rounds labelled
-            already = taken(ctx, {d.id: d.chemical_system for d in docs})
-            docs = [d for d in docs if d.id not in already]
         scoring = ctx.config.scoring
-        softening = None
-        if "expected_softening_error" in scoring.weights:
-            softening = softening_model(ctx, {d.chemical_system for d in docs})
+        table = ScoreTable.read(ctx, key)
         estimates: dict[str, dict] = {}
-        scored = []
-        for d in docs:
-            scores = dict(d.scores[key])
-            sampler = d.provenance.sampler
-            if softening is not None:
-                estimate = softening.estimate(d.chemical_system, groups_of(d))
-                # max_force is the largest per-atom force norm, so this is the largest error.
-                scores["expected_softening_error"] = softening_error(
-                    scores["max_force"], estimate.slope
-                )
-                estimates[f"{d.chemical_system}/{groups_of(d)[0]}"] = estimate.as_dict()
-            embedding = d.embeddings.get(key)
-            scored.append(
-                ScoredCandidate(
-                    id=d.id,
-                    chemical_system=d.chemical_system,
-                    sampler=sampler,
-                    scores=scores,
-                    extra={"embedding": embedding} if embedding is not None else {},
-                )
-            )
-        if scored:
-            names = {name for c in scored for name in c.scores}
-            combined = combine(
-                {n: [c.scores.get(n, 0.0) for c in scored] for n in names}, scoring.weights
-            )
-            for candidate, value in zip(scored, combined, strict=True):
-                candidate.scores["combined"] = float(value)
+        if "expected_softening_error" in scoring.weights:
+            estimates = table.add_softening(softening_model(ctx, table.systems_present()))
+        table.combine(scoring.weights)
         spec = ctx.config.selection.selector
-        picks = SELECTORS.build(spec.name, spec.params).select(scored, ctx.per_system)
-        by_id = {c.id: c for c in scored}
+        selector = SELECTORS.build(spec.name, spec.params)
+        picks: list[Any] = []
+        scores_of: dict[str, dict[str, float]] = {}
+        # Selectors choose within each chemical system: one system's candidates at a time.
+        for candidates in table.by_system(ctx, key, scoring.embeddings):
+            chosen = selector.select(candidates, ctx.per_system)
+            by_id = {c.id: c for c in candidates}
+            scores_of.update({p.id: by_id[p.id].scores for p in chosen})
+            picks += chosen
         ctx.store.structures.record_selection(
             ctx.run_id,
-            {p.id: Selection(rank=p.rank, reason=p.reason, scores=by_id[p.id].scores)
+            {p.id: Selection(rank=p.rank, reason=p.reason, scores=scores_of[p.id])
              for p in picks},
         )  # fmt: skip
         selected = [{"id": p.id, "rank": p.rank, "reason": p.reason} for p in picks]
@@ -124,8 +96,119 @@ class SelectStage:
                 "per_system": ctx.per_system,
                 "weights": scoring.weights,
                 "softening_estimates": estimates,
-                "candidates": len(scored),
+                "candidates": len(table.ids),
                 "selected": selected,
             },
         )
         return {"selected": [p.id for p in picks]}
+
+
+class ScoreTable:
+    """The scores of a run's selectable candidates as arrays (one row per candidate), read
+    one chemical system at a time: what the rank-normalised combination over the whole run
+    needs, without a document per candidate in memory."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.system: list[int] = []  # index into systems
+        self.groups: list[int] = []  # index into group_names (sampler@amplitude, sampler)
+        self.samplers: list[str | None] = []
+        self.systems: list[str] = []
+        self.group_names: list[tuple[str, str]] = []
+        self.columns: dict[str, list[float]] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def read(cls, ctx: RunContext, key: str) -> ScoreTable:
+        table = cls()
+        fields = ["chemical_system", "provenance.sampler", "provenance.params",
+                  f"scores.{key}", "evaluation_for"]  # fmt: skip
+        group_index: dict[tuple[str, str], int] = {}
+        for system in ctx.store.structures.run_systems(ctx.run_id):
+            # An evaluation-set structure (of any campaign) is never picked for training.
+            docs = [d for d in ctx.store.structures.run_candidates(ctx.run_id, fields,
+                                                                   system=system)
+                    if not d.evaluation_for]  # fmt: skip
+            if ctx.round is not None:  # a round never re-picks what earlier rounds labelled
+                already = taken(ctx, {d.id: d.chemical_system for d in docs})
+                docs = [d for d in docs if d.id not in already]
+            if not docs:
+                continue
+            table.systems.append(system)
+            for d in sorted(docs, key=lambda d: d.id):
+                row = len(table.ids)
+                table.ids.append(d.id)
+                table.system.append(len(table.systems) - 1)
+                groups = groups_of(d)
+                table.groups.append(group_index.setdefault(groups, len(group_index)))
+                table.samplers.append(d.provenance.sampler)
+                for name, value in d.scores[key].items():
+                    table.columns.setdefault(name, [np.nan] * row).append(float(value))
+                for column in table.columns.values():
+                    if len(column) == row:
+                        column.append(np.nan)
+        table.group_names = list(group_index)
+        table.arrays = {n: np.asarray(v, dtype=float) for n, v in table.columns.items()}
+        table.columns = {}
+        return table
+
+    def systems_present(self) -> set[str]:
+        return set(self.systems)
+
+    def add_softening(self, softening: SofteningModel) -> dict[str, dict]:
+        """The expected softening error of every candidate (from its predicted largest
+        force and its system's and group's softening scale); the estimates used."""
+        from pestle.scoring import softening_error
+
+        estimates: dict[str, dict] = {}
+        slopes: dict[tuple[int, int], float] = {}
+        values = np.empty(len(self.ids))
+        max_force = self.arrays["max_force"]
+        for row, (system, group) in enumerate(zip(self.system, self.groups, strict=True)):
+            slope = slopes.get((system, group))
+            if slope is None:
+                name, groups = self.systems[system], self.group_names[group]
+                estimate = softening.estimate(name, groups)
+                # max_force is the largest per-atom force norm, so this is the largest error.
+                slope = slopes[(system, group)] = estimate.slope
+                estimates[f"{name}/{groups[0]}"] = estimate.as_dict()
+            values[row] = softening_error(max_force[row], slope)
+        self.arrays["expected_softening_error"] = values
+        return estimates
+
+    def combine(self, weights: dict[str, float]) -> None:
+        from pestle.scoring import combine
+
+        if not self.ids:
+            return
+        self.arrays["combined"] = np.asarray(
+            combine({n: np.nan_to_num(v, nan=0.0) for n, v in self.arrays.items()}, weights),
+            dtype=float,
+        )
+
+    def by_system(
+        self, ctx: RunContext, key: str, embeddings: bool
+    ) -> Iterator[list[ScoredCandidate]]:
+        """Each system's candidates as the selectors take them (with their descriptors when
+        the run stored some)."""
+        rows_of: dict[int, list[int]] = {}
+        for row, system in enumerate(self.system):
+            rows_of.setdefault(system, []).append(row)
+        names = list(self.arrays)
+        for index, system in enumerate(self.systems):
+            vectors = {}
+            if embeddings:
+                vectors = {d.id: d.embeddings[key] for d in ctx.store.structures.run_candidates(
+                    ctx.run_id, [f"embeddings.{key}"], system=system) if key in d.embeddings}  # fmt: skip
+            candidates = []
+            for row in rows_of.get(index, []):
+                sid = self.ids[row]
+                scores = {n: float(self.arrays[n][row]) for n in names
+                          if not np.isnan(self.arrays[n][row])}  # fmt: skip
+                vector = vectors.get(sid)
+                candidates.append(ScoredCandidate(
+                    id=sid, chemical_system=system,
+                    sampler=self.samplers[row],
+                    scores=scores, extra={"embedding": vector} if vector is not None else {},
+                ))  # fmt: skip
+            yield candidates

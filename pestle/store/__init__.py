@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pestle.store.client import COLLECTIONS, Store
+from pestle.store.client import COLLECTIONS, Store, shared_store
 from pestle.store.documents import (
     JOB_DONE,
     JOB_FAILED,
@@ -27,7 +27,7 @@ from pestle.store.jobs import worker_name
 from pestle.store.labels import StoredLabel, label_id
 from pestle.store.server import EmbeddedServer
 from pestle.store.structures import NewStructure
-from pestle.store.uri import configured_uri, mask_uri
+from pestle.store.uri import configured_uri, embedded_uri, mask_uri
 
 __all__ = [
     "COLLECTIONS",
@@ -50,10 +50,12 @@ __all__ = [
     "StoreError",
     "StoredLabel",
     "configured_uri",
+    "embedded_uri",
     "label_id",
     "mask_uri",
     "open_store",
     "resolve_uri",
+    "shared_store",
     "worker_name",
 ]
 
@@ -72,7 +74,7 @@ def resolve_uri(
     state = server.ensure_running() if start else server.state()
     if state is None:
         raise StoreError(f"no pestle store is running for {Path(work_dir)} (pestle db start)")
-    return state.uri
+    return embedded_uri(state.uri)
 
 
 def open_store(

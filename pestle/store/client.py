@@ -16,6 +16,8 @@ Arrays above ``INLINE_ARRAY_LIMIT`` numbers go to GridFS, so no document nears 1
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,13 +25,14 @@ from typing import Any
 import gridfs
 import pymongo
 
+from pestle.store import batches
 from pestle.store.arrays import ArrayCodec
 from pestle.store.checks import CheckRepository
 from pestle.store.errors import StoreError
 from pestle.store.jobs import JobRepository
 from pestle.store.labels import LabelRepository
 from pestle.store.meta import SCHEMA, MetaRepository
-from pestle.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from pestle.store.migrations import INDEXES_VERSION, MIGRATIONS, SCHEMA_VERSION
 from pestle.store.models import ModelRepository
 from pestle.store.runs import DecisionRepository, RunRepository
 from pestle.store.structures import StructureRepository
@@ -82,7 +85,7 @@ class Store:
         arrays = ArrayCodec(fs)
         self.structures = StructureRepository(self._db["structures"], arrays)
         self.labels = LabelRepository(self._db["labels"], arrays, self.structures)
-        self.jobs = JobRepository(self._db["jobs"])
+        self.jobs = JobRepository(self._db["jobs"], self._db["runs"])
         self.models = ModelRepository(self._db["models"], self._db["meta"], fs)
         self.runs = RunRepository(self._db["runs"])
         self.decisions = DecisionRepository(self._db["decisions"])
@@ -124,21 +127,25 @@ class Store:
         self.close()
 
     def _migrate(self) -> None:
-        found = self.meta.schema_version()
+        found, indexes = self.meta.schema_state()
         if found is not None and found > SCHEMA_VERSION:
             raise StoreError(
                 f"database {self._db.name} has schema version {found}, newer than this "
                 f"pestle's {SCHEMA_VERSION}: upgrade pestle"
             )
-        if found == SCHEMA_VERSION:
+        if found == SCHEMA_VERSION and indexes >= INDEXES_VERSION:
             return
-        for repository in (self.structures, self.labels, self.jobs, self.models, self.checks):
+        # Indexes are created on first use of a store and whenever pestle serves a new query
+        # (INDEXES_VERSION); creating an existing index is a no-op.
+        for repository in (self.structures, self.labels, self.jobs, self.models, self.checks,
+                           self.runs, self.decisions):  # fmt: skip
             repository.ensure_indexes()
         if found is not None:  # an older store: bring it up step by step
             for version in range(found, SCHEMA_VERSION):
                 MIGRATIONS[version](self._db)
                 self.meta.set_schema_version(version + 1)
         self.meta.set_schema_version(SCHEMA_VERSION)
+        self.meta.set_indexes_version(INDEXES_VERSION)
 
     # -- what the command line asks of any collection -----------------------------------
     def query(
@@ -154,16 +161,39 @@ class Store:
             raise StoreError(f"no collection {collection!r} (known: {', '.join(COLLECTIONS)})")
         projection = None if fields is None else dict.fromkeys(fields, 1)
         try:
-            yield from (
-                self._db[collection].find(dict(query or {}), projection).sort("_id", 1).limit(limit)
-            )
+            if limit:
+                yield from (
+                    self._db[collection]
+                    .find(batches.flatten(query or {}), projection)
+                    .sort("_id", 1)
+                    .limit(limit)
+                )
+            else:
+                yield from batches.find(self._db[collection], query, projection)
         except pymongo.errors.PyMongoError as exc:
             raise StoreError(f"the store refused the query {dict(query or {})}: {exc}") from None
 
     def count(self, collection: str, query: Mapping[str, Any] | None = None) -> int:
         if collection not in COLLECTIONS:
             raise StoreError(f"no collection {collection!r} (known: {', '.join(COLLECTIONS)})")
-        return self._db[collection].count_documents(dict(query or {}))
+        return self._db[collection].count_documents(batches.flatten(query or {}))
 
     def counts(self) -> dict[str, int]:
         return {name: self._db[name].estimated_document_count() for name in COLLECTIONS[:5]}
+
+
+_SHARED: dict[tuple[str, str, int], Store] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_store(uri: str, database: str = "pestle") -> Store:
+    """This process's one ``Store`` for ``uri`` and ``database``, opened on first use and kept:
+    a Dask worker runs thousands of short tasks, and a new ``MongoClient`` per task (a
+    connection pool, a ping and a schema check) cost more than the task's own store traffic.
+    Never closed by its users; a forked child opens its own."""
+    key = (uri, database, os.getpid())
+    with _SHARED_LOCK:
+        store = _SHARED.get(key)
+        if store is None:
+            store = _SHARED[key] = Store(uri, database)
+        return store

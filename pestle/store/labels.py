@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +14,11 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from pymongo import UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from pestle.provenance import code_versions
-from pestle.store.arrays import ArrayCodec
+from pestle.store import batches
+from pestle.store.arrays import INLINE_ARRAY_LIMIT, ArrayCodec
 from pestle.store.documents import ROLES, UNTRAINABLE, LabelDoc, StructureDoc
 from pestle.store.errors import StoreError, utcnow
 from pestle.store.structures import StructureRepository
@@ -66,8 +67,11 @@ class LabelRepository:
         self._structures = structures
 
     def ensure_indexes(self) -> None:
-        for key in ("structure_id", "lot_hash", "chemical_system", "role"):
+        for key in ("structure_id", "lot_hash", "chemical_system", "role", "max_force",
+                    "energy_per_atom", "sampler", "formula"):  # fmt: skip
             self._c.create_index(key)
+        # A campaign's labels: each system at its level of theory.
+        self._c.create_index([("lot_hash", 1), ("chemical_system", 1)])
 
     # -- writing ------------------------------------------------------------------------
     def put(
@@ -83,13 +87,57 @@ class LabelRepository:
         job_id: str | None = None,
         extra: Mapping[str, Any] | None = None,
         role: str | None = None,
+        structure: StructureDoc | None = None,
     ) -> bool:
         """Store a label once; returns False (and stores nothing) if it already exists.
         ``role``: decided before the label existed (``evaluation`` for an evaluation set);
-        else the split policy records one later."""
+        else the split policy records one later. ``structure``: the structure's document
+        when the caller has read it already (natoms, chemical system, formula, provenance)."""
+        lid = label_id(structure_id, lot_hash)
+        if np.size(forces) > INLINE_ARRAY_LIMIT and self.exists(lid):
+            return False  # not even a GridFS file for a label that exists
+        doc = self.document(
+            structure_id, labeller=labeller, level_of_theory=level_of_theory, lot_hash=lot_hash,
+            energy=energy, forces=forces, stress=stress, job_id=job_id, extra=extra, role=role,
+            structure=structure,
+        )  # fmt: skip
+        return bool(self.insert_many([doc]))
+
+    def insert_many(self, docs: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Store built label documents in one unordered write; the ids stored (a label that
+        exists, or that a duplicated task stored first, is not stored again)."""
+        if not docs:
+            return set()
+        try:
+            self._c.insert_many([dict(d) for d in docs], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != 11000 for e in errors):
+                raise
+            duplicates = {docs[e["index"]]["_id"] for e in errors}
+            return {d["_id"] for d in docs} - duplicates
+        return {d["_id"] for d in docs}
+
+    def document(
+        self,
+        structure_id: str,
+        *,
+        labeller: str,
+        level_of_theory: Mapping[str, Any],
+        lot_hash: str,
+        energy: float,
+        forces: np.ndarray,
+        stress: np.ndarray | None,
+        job_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        role: str | None = None,
+        structure: StructureDoc | None = None,
+    ) -> dict[str, Any]:
+        """The label document ``put`` stores (checked against its structure)."""
         if role is not None and role not in ROLES:
             raise ValueError(f"unknown label role {role!r} (known: {', '.join(ROLES)})")
-        structure = self._structures.get(structure_id)
+        if structure is None or structure.id != structure_id:
+            structure = self._structures.get(structure_id)
         if structure is None:
             raise StoreError(f"cannot label unknown structure {structure_id}")
         forces = np.asarray(forces, dtype=float)
@@ -99,8 +147,6 @@ class LabelRepository:
                 f"expected ({structure.natoms}, 3)"
             )
         lid = label_id(structure_id, lot_hash)
-        if self.exists(lid):
-            return False
         doc = LabelDoc(
             _id=lid,
             structure_id=structure_id,
@@ -125,11 +171,7 @@ class LabelRepository:
         doc.pop("split")
         if role is None:  # the split policy decides it later; a missing field means undecided
             doc.pop("role")
-        try:
-            self._c.insert_one(doc)
-        except DuplicateKeyError:
-            return False  # a duplicated task got there first: one label, never two
-        return True
+        return doc
 
     def set_roles(self, roles: Mapping[str, str], policy: Mapping[str, Any]) -> int:
         """Record each label's role; a label that has a role keeps it (roles never change:
@@ -157,12 +199,15 @@ class LabelRepository:
         return None if doc is None else LabelDoc.model_validate(doc)
 
     def existing(self, label_ids: Iterable[str]) -> set[str]:
-        return {d["_id"] for d in self._c.find({"_id": {"$in": list(label_ids)}}, {"_id": 1})}
+        return {d["_id"] for d in batches.by_ids(self._c, list(label_ids), {"_id": 1})}
 
     def labelled_structures(self, structure_ids: Iterable[str], lot_hash: str) -> set[str]:
         """Which of these structures have a label at this level of theory."""
-        query = {"structure_id": {"$in": list(structure_ids)}, "lot_hash": lot_hash}
-        return {d["structure_id"] for d in self._c.find(query, {"structure_id": 1})}
+        return {
+            d["structure_id"]
+            for d in batches.by_ids(self._c, list(structure_ids), {"structure_id": 1},
+                                    field="structure_id", extra={"lot_hash": lot_hash})
+        }  # fmt: skip
 
     def for_structure(self, structure_id: str) -> LabelDoc | None:
         doc = self._c.find_one({"structure_id": structure_id}, {"forces": 0})
@@ -179,71 +224,80 @@ class LabelRepository:
         if systems is not None:
             query["chemical_system"] = {"$in": list(systems)}
         out: dict[str, list[str]] = defaultdict(list)
-        for doc in self._c.find(query, {"chemical_system": 1}).sort("_id", 1):
+        for doc in batches.find(self._c, query, {"chemical_system": 1}):
             out[doc["chemical_system"]].append(doc["_id"])
         return dict(sorted(out.items()))
 
     def systems_of(self, label_ids: Iterable[str]) -> dict[str, str]:
         """The chemical system of each of these labels that exists."""
-        query = {"_id": {"$in": list(label_ids)}}
-        return {d["_id"]: d["chemical_system"] for d in self._c.find(query, {"chemical_system": 1})}
+        return {
+            d["_id"]: d["chemical_system"]
+            for d in batches.by_ids(self._c, list(label_ids), {"chemical_system": 1})
+        }
 
     def structures_with_roles(
         self, structure_ids: Iterable[str], exclude: Iterable[str] = ()
     ) -> set[str]:
         """Which of these structures have a label with a recorded role (not in ``exclude``)."""
-        query = {"structure_id": {"$in": list(structure_ids)},
-                 "role": {"$nin": [None, *exclude]}}  # fmt: skip
-        return {d["structure_id"] for d in self._c.find(query, {"structure_id": 1})}
+        extra = {"role": {"$nin": [None, *exclude]}}
+        return {
+            d["structure_id"]
+            for d in batches.by_ids(self._c, list(structure_ids), {"structure_id": 1},
+                                    field="structure_id", extra=extra)
+        }  # fmt: skip
 
     def roles(self, label_ids: Iterable[str]) -> dict[str, str]:
         """Recorded roles of these labels (labels without one are left out)."""
-        query = {"_id": {"$in": list(label_ids)}, "role": {"$ne": None}}
-        return {d["_id"]: d["role"] for d in self._c.find(query, {"role": 1})}
+        extra = {"role": {"$ne": None}}
+        return {d["_id"]: d["role"]
+                for d in batches.by_ids(self._c, list(label_ids), {"role": 1}, extra=extra)}  # fmt: skip
 
     def find(
         self, query: Mapping[str, Any] | None = None, fields: Iterable[str] | None = None
     ) -> Iterator[LabelDoc]:
         """Label documents (without reading force arrays unless ``fields`` asks)."""
         projection = {"forces": 0} if fields is None else dict.fromkeys(fields, 1)
-        for doc in self._c.find(dict(query or {}), projection).sort("_id", 1):
+        for doc in batches.find(self._c, query, projection):
             yield LabelDoc.model_validate(doc)
 
     def distinct_structure_ids(self, query: Mapping[str, Any] | None = None) -> list[str]:
         return self._c.distinct("structure_id", dict(query or {}))
 
     def labelled(self, query: Mapping[str, Any] | None = None) -> Iterator[StoredLabel]:
-        """Labels matching a filter with their structures, in label id order."""
-        for raw in self._c.find(dict(query or {})).sort("_id", 1):
-            label = LabelDoc.model_validate(raw)
-            structure = self._structures.get(label.structure_id)
-            if structure is None:
-                raise StoreError(f"label {label.id} names a missing structure")
-            atoms = self._structures.atoms_of(structure)
-            atoms.calc = SinglePointCalculator(
-                atoms,
-                energy=label.energy,
-                forces=self._arrays.get(label.forces),
-                stress=None if label.stress is None else np.asarray(label.stress),
-            )
-            provenance = structure.provenance
-            atoms.info.update(
-                {
-                    "structure_id": structure.id,
-                    "label_id": label.id,
-                    "chemical_system": label.chemical_system,
-                    "sampler": provenance.sampler or structure.kind,
-                    "parent_id": provenance.parent_id or "",
-                    "rng_seed": "" if provenance.rng_seed is None else str(provenance.rng_seed),
-                    "sampler_params": json.dumps(provenance.params, sort_keys=True),
-                    "labeller": label.labeller,
-                    "lot_hash": label.lot_hash,
-                    "level_of_theory": json.dumps(
-                        label.level_of_theory, sort_keys=True, default=str
-                    ),
-                }
-            )
-            yield StoredLabel(atoms, structure, label)
+        """Labels matching a filter with their structures, in label id order: the labels
+        streamed, their structures read a batch at a time (not one round trip each)."""
+        for part in batches.batched(batches.find(self._c, query), batches.IN_BATCH):
+            labels = [LabelDoc.model_validate(raw) for raw in part]
+            structures = self._structures.docs_many([label.structure_id for label in labels])
+            for label in labels:
+                yield self._stored(label, structures.get(label.structure_id))
+
+    def _stored(self, label: LabelDoc, structure: StructureDoc | None) -> StoredLabel:
+        if structure is None:
+            raise StoreError(f"label {label.id} names a missing structure")
+        atoms = self._structures.atoms_of(structure)
+        atoms.calc = SinglePointCalculator(
+            atoms,
+            energy=label.energy,
+            forces=self._arrays.get(label.forces),
+            stress=None if label.stress is None else np.asarray(label.stress),
+        )
+        provenance = structure.provenance
+        atoms.info.update(
+            {
+                "structure_id": structure.id,
+                "label_id": label.id,
+                "chemical_system": label.chemical_system,
+                "sampler": provenance.sampler or structure.kind,
+                "parent_id": provenance.parent_id or "",
+                "rng_seed": "" if provenance.rng_seed is None else str(provenance.rng_seed),
+                "sampler_params": json.dumps(provenance.params, sort_keys=True),
+                "labeller": label.labeller,
+                "lot_hash": label.lot_hash,
+                "level_of_theory": json.dumps(label.level_of_theory, sort_keys=True, default=str),
+            }
+        )
+        return StoredLabel(atoms, structure, label)
 
     def count(self, query: Mapping[str, Any] | None = None) -> int:
         return self._c.count_documents(dict(query or {}))

@@ -27,8 +27,17 @@ class MetaRepository:
 
     # -- schema -------------------------------------------------------------------------
     def schema_version(self) -> int | None:
+        return self.schema_state()[0]
+
+    def schema_state(self) -> tuple[int | None, int]:
+        """(schema version or None for a new store, version of the indexes created)."""
         doc = self._c.find_one({"_id": SCHEMA})
-        return None if doc is None else int(doc.get("version", 0))
+        if doc is None:
+            return None, 0
+        return int(doc.get("version", 0)), int(doc.get("indexes", 0))
+
+    def set_indexes_version(self, version: int) -> None:
+        self._c.update_one({"_id": SCHEMA}, {"$set": {"indexes": version}}, upsert=True)
 
     def set_schema_version(self, version: int) -> None:
         self._c.update_one(

@@ -16,6 +16,10 @@ from pymongo.database import Database
 from pestle.store.errors import utcnow
 
 SCHEMA_VERSION = 2
+# The indexes every repository creates (``ensure_indexes``): raised when pestle issues a query
+# that needs a new one, so an existing store gets it the next time it is opened. Indexes
+# change no document, so this is no schema version (``meta``'s schema document records both).
+INDEXES_VERSION = 1
 
 
 def _evaluations_in_one_list(db: Database) -> None:

@@ -54,8 +54,15 @@ def build_filter(
         raise ValueError("these filters apply to the structures and labels collections")
     clauses: list[dict[str, Any]] = [base] if base else []
     if elements:
-        # Labels carry the chemical system; its elements are dash-separated and sorted.
-        clauses += [{"chemical_system": {"$regex": f"(^|-){re.escape(e)}(-|$)"}} for e in elements]
+        # The chemical system's elements are dash-separated and sorted: one pattern asks for
+        # all of them. Structures also list their elements: the first one is looked up by
+        # that field's index (labels carry only the system).
+        rest = elements[1:] if collection == "structures" else elements
+        if collection == "structures":
+            clauses.append({"elements": elements[0]})
+        if rest:
+            pattern = "^" + "".join(f"(?=(.*-)?{re.escape(e)}(-|$))" for e in rest)
+            clauses.append({"chemical_system": {"$regex": pattern}})
     if system:
         clauses.append({"chemical_system": normalise_system(system)})
     if formula:

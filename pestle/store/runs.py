@@ -17,6 +17,10 @@ class RunRepository:
     def __init__(self, collection: Collection) -> None:
         self._c = collection
 
+    def ensure_indexes(self) -> None:
+        self._c.create_index("campaign")
+        self._c.create_index("started_at")
+
     def start(self, run_id: str, record: Mapping[str, Any]) -> RunDoc:
         """Open (or reopen, when resuming) a run; what ``record`` says is kept from the first
         start."""
@@ -73,6 +77,10 @@ class RunRepository:
 class DecisionRepository:
     def __init__(self, collection: Collection) -> None:
         self._c = collection
+
+    def ensure_indexes(self) -> None:
+        for key in ("kind", "campaign", "at"):
+            self._c.create_index(key)
 
     def record(self, decision: Mapping[str, Any]) -> str:
         """Keep a decision (retrain, promote or not, finish a system, withdraw) with the

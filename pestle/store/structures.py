@@ -13,6 +13,7 @@ from pymongo import UpdateOne
 from pymongo.collection import Collection
 
 from pestle.provenance import code_versions
+from pestle.store import batches
 from pestle.store.arrays import ArrayCodec
 from pestle.store.documents import Selection, StructureDoc
 from pestle.store.errors import StoreError, utcnow
@@ -47,8 +48,13 @@ class StructureRepository:
             "provenance.sampler",
             "provenance.parent_id",
             "runs",
+            "evaluation_for",
+            "formula",
+            "elements",
         ):
             self._c.create_index(key)
+        # A run's candidates, one chemical system at a time (score, select, evaluation set).
+        self._c.create_index([("runs", 1), ("kind", 1), ("chemical_system", 1)])
 
     # -- writing ------------------------------------------------------------------------
     def _insert_doc(self, item: NewStructure) -> tuple[str, dict[str, Any]]:
@@ -140,21 +146,19 @@ class StructureRepository:
             )  # fmt: skip
 
     def add_to_evaluation_set(self, campaign: str, structure_ids: Iterable[str]) -> None:
-        ids = list(structure_ids)
-        if ids:
-            self._c.update_many({"_id": {"$in": ids}}, {"$addToSet": {"evaluation_for": campaign}})
+        for part in batches.batched(dict.fromkeys(structure_ids)):
+            self._c.update_many({"_id": {"$in": part}}, {"$addToSet": {"evaluation_for": campaign}})
 
     # -- reading ------------------------------------------------------------------------
     def evaluation_set(
         self, campaign: str, systems: Iterable[str] | None = None
     ) -> dict[str, list[str]]:
         """A campaign's evaluation set: structure ids per chemical system."""
-        query: dict[str, Any] = {"evaluation_for": campaign}
-        if systems is not None:
-            query["chemical_system"] = {"$in": list(systems)}
+        wanted = None if systems is None else set(systems)
         out: dict[str, list[str]] = {}
-        for doc in self._c.find(query, {"chemical_system": 1}).sort("_id", 1):
-            out.setdefault(doc["chemical_system"], []).append(doc["_id"])
+        for doc in batches.find(self._c, {"evaluation_for": campaign}, {"chemical_system": 1}):
+            if wanted is None or doc["chemical_system"] in wanted:
+                out.setdefault(doc["chemical_system"], []).append(doc["_id"])
         return out
 
     def get(self, structure_id: str) -> StructureDoc | None:
@@ -172,6 +176,31 @@ class StructureRepository:
         geometry["positions"] = self._arrays.get(doc.positions)
         return atoms_from_dict(geometry)
 
+    def atoms_many(self, structure_ids: Sequence[str]) -> dict[str, Atoms]:
+        """The geometry of each of these structures that exists, read in batches."""
+        out = {}
+        for doc in batches.by_ids(self._c, structure_ids, {"geometry": 1, "positions": 1}):
+            geometry = dict(doc["geometry"])
+            geometry["positions"] = self._arrays.get(doc["positions"])
+            out[doc["_id"]] = atoms_from_dict(geometry)
+        return out
+
+    def raw_many(self, structure_ids: Sequence[str], fields: Iterable[str]) -> dict[str, dict]:
+        """The stored documents of these structures as plain dicts (to send to a worker),
+        read in batches."""
+        projection = dict.fromkeys(fields, 1)
+        return {doc["_id"]: doc for doc in batches.by_ids(self._c, structure_ids, projection)}
+
+    def docs_many(
+        self, structure_ids: Sequence[str], fields: Iterable[str] | None = None
+    ) -> dict[str, StructureDoc]:
+        """Documents of these structures (those that exist), read in batches."""
+        projection = None if fields is None else dict.fromkeys(fields, 1)
+        return {
+            doc["_id"]: StructureDoc.model_validate(doc)
+            for doc in batches.by_ids(self._c, structure_ids, projection)
+        }
+
     def find(
         self,
         query: Mapping[str, Any] | None = None,
@@ -182,18 +211,37 @@ class StructureRepository:
         """Documents matching a MongoDB filter, in ``sort`` order; ``fields`` limits what is
         read (the geometry is needed for ``atoms_of``)."""
         projection = None if fields is None else dict.fromkeys(fields, 1)
-        for doc in self._c.find(dict(query or {}), projection).sort(sort, 1):
+        for doc in batches.find(self._c, query, projection, sort=sort):
             yield StructureDoc.model_validate(doc)
 
     def run_candidates(
-        self, run_id: str, fields: Iterable[str] | None = None
-    ) -> list[StructureDoc]:
-        return list(self.find({"runs": run_id, "kind": "candidate"}, fields))
+        self, run_id: str, fields: Iterable[str] | None = None, *, system: str | None = None
+    ) -> Iterator[StructureDoc]:
+        """A run's candidates (of one chemical system), streamed from a cursor in no promised
+        order: nothing holds every candidate of a large run at once."""
+        query: dict[str, Any] = {"runs": run_id, "kind": "candidate"}
+        if system is not None:
+            query["chemical_system"] = system
+        projection = None if fields is None else dict.fromkeys(fields, 1)
+        for doc in self._c.find(query, projection, batch_size=batches.CURSOR_BATCH):
+            yield StructureDoc.model_validate(doc)
+
+    def run_systems(self, run_id: str) -> list[str]:
+        """The chemical systems of a run's candidates, sorted."""
+        return sorted(self._c.distinct("chemical_system", {"runs": run_id, "kind": "candidate"}))
+
+    def run_candidate_ids(self, run_id: str, *, unscored: str | None = None) -> Iterator[str]:
+        """Ids of a run's candidates (those without scores under ``unscored``), streamed."""
+        query: dict[str, Any] = {"runs": run_id, "kind": "candidate"}
+        if unscored is not None:
+            query[f"scores.{unscored}"] = {"$exists": False}
+        for doc in self._c.find(query, {"_id": 1}, batch_size=batches.CURSOR_BATCH):
+            yield doc["_id"]
 
     def chemical_systems(self, structure_ids: Iterable[str]) -> dict[str, str]:
         return {
             d["_id"]: d["chemical_system"]
-            for d in self._c.find({"_id": {"$in": list(structure_ids)}}, {"chemical_system": 1})
+            for d in batches.by_ids(self._c, list(structure_ids), {"chemical_system": 1})
         }
 
     def materials_project_seeds(self, query: Mapping[str, Any]) -> list[StructureDoc]:
@@ -206,11 +254,14 @@ class StructureRepository:
         )
 
     def by_prefix(self, prefix: str, limit: int = 2) -> list[StructureDoc]:
+        exact = self._c.find_one({"_id": prefix})  # a whole id: a point lookup
+        if exact is not None:
+            return [StructureDoc.model_validate(exact)]
         cursor = self._c.find({"_id": {"$regex": f"^{re.escape(prefix)}"}}).limit(limit)
         return [StructureDoc.model_validate(d) for d in cursor]
 
     def ids(self, query: Mapping[str, Any]) -> list[str]:
-        return [d["_id"] for d in self._c.find(dict(query), {"_id": 1}).sort("_id", 1)]
+        return [d["_id"] for d in batches.find(self._c, query, {"_id": 1})]
 
     def count(self, query: Mapping[str, Any] | None = None) -> int:
         return self._c.count_documents(dict(query or {}))
