@@ -215,3 +215,79 @@ def test_extxyz_exports_keep_every_key_after_a_seed(campaign_like: Store, fmt, t
         assert json.loads(frame.info["sampler_params"]) == provenance.params
         energy = frame.info["REF_energy"] if fmt == "mace" else frame.get_potential_energy()
         assert energy == pytest.approx(label.atoms.get_potential_energy())
+
+
+# --- the energy convention: every export says which energy its labels hold.
+GPAW_THEORY = {"code": "gpaw", "xc": "PBE", "smearing": {"name": "fermi-dirac", "width": 0.05}}
+GPAW_CONVENTION = {"energy_convention": "free", "energy_code": "gpaw",
+                   "energy_smearing": "fermi-dirac", "energy_smearing_width": 0.05}  # fmt: skip
+EMT_CONVENTION = {"energy_convention": "total", "energy_code": "ase-emt"}
+
+
+@pytest.fixture
+def two_theories(store: Store) -> Store:
+    for index, (labeller, theory) in enumerate((("gpaw", GPAW_THEORY), ("emt", {"code": "x"}))):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=index)
+        sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "rattle"})
+        atoms.calc = EMT()
+        store.labels.put(sid, labeller=labeller, level_of_theory=theory, lot_hash=labeller,
+                         energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                         stress=atoms.get_stress())  # fmt: skip
+    return store
+
+
+def _expected(label_id: str) -> dict:
+    return GPAW_CONVENTION if label_id.endswith("-gpaw") else EMT_CONVENTION
+
+
+@pytest.mark.parametrize("fmt", ["extxyz", "mace"])
+def test_extxyz_exports_record_the_energy_convention(two_theories, fmt, tmp_path) -> None:
+    from ase.io import read
+
+    EXPORTERS[fmt](two_theories, tmp_path / "x.xyz")
+    frames = read(tmp_path / "x.xyz", index=":")
+    assert len(frames) == 2
+    for frame in frames:
+        expected = _expected(frame.info["label_id"])
+        assert {k: frame.info.get(k) for k in GPAW_CONVENTION if k in frame.info} == expected
+
+
+def test_ase_db_and_chgnet_exports_record_the_energy_convention(two_theories, tmp_path):
+    import ase.db
+
+    EXPORTERS["ase-db"](two_theories, tmp_path / "x.db")
+    rows = list(ase.db.connect(str(tmp_path / "x.db")).select())
+    assert len(rows) == 2
+    for row in rows:
+        found = {k: row.key_value_pairs[k] for k in GPAW_CONVENTION if k in row.key_value_pairs}
+        assert found == _expected(row.label_id)
+    # Searchable with ase.db's own selections.
+    assert [
+        r.label_id for r in ase.db.connect(str(tmp_path / "x.db")).select(energy_convention="free")
+    ] == [r.label_id for r in rows if r.label_id.endswith("-gpaw")]
+
+    EXPORTERS["chgnet"](two_theories, tmp_path / "c.json")
+    entries = {lid: e for group in json.loads((tmp_path / "c.json").read_text()).values()
+               for lid, e in group.items()}  # fmt: skip
+    for label_id, entry in entries.items():
+        assert {k: entry[k] for k in GPAW_CONVENTION if k in entry} == _expected(label_id)
+
+
+def test_energy_convention_of_each_labeller() -> None:
+    from pestle.labellers import LABELLERS, energy_convention
+
+    gpaw = LABELLERS.build("gpaw", {"smearing": "marzari-vanderbilt", "smearing_width": 0.1})
+    assert energy_convention("gpaw", gpaw.level_of_theory()) == {
+        "energy_convention": "free", "energy_code": "gpaw",
+        "energy_smearing": "marzari-vanderbilt", "energy_smearing_width": 0.1,
+    }  # fmt: skip
+    vasp = LABELLERS.build("vasp", {"user_incar_settings": {"ISMEAR": 0, "SIGMA": 0.03}})
+    assert energy_convention("vasp", vasp.level_of_theory())["energy_smearing"] == "gaussian"
+    assert energy_convention("vasp", {"incar": {"ISMEAR": -5}}) == {
+        "energy_convention": "free", "energy_code": "vasp",
+        "energy_smearing": "tetrahedron-blochl",
+    }  # fmt: skip
+    assert energy_convention("emt", {})["energy_convention"] == "total"
+    assert energy_convention("gone-plugin", {"code": "qe"}) == {
+        "energy_convention": "unknown", "energy_code": "qe"}  # fmt: skip

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.emt import EMT, parameters
 from pydantic import BaseModel, ConfigDict
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
@@ -29,6 +29,11 @@ class EMTLabeller:
 
     def level_of_theory(self) -> dict[str, Any]:
         return {"code": "ase-emt", "version": ase.__version__}
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """A classical potential: no electrons, no smearing."""
+        return convention("total", "ase-emt")
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         unsupported = sorted(set(atoms.get_chemical_symbols()) - set(parameters))

@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.calculators.calculator import kptdensity2monkhorstpack
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.plugins import Resources
 
 # Elements whose compounds are routinely magnetic: spin polarisation is switched on for them
@@ -163,6 +163,13 @@ class GPAWLabeller:
             "convergence": dict(sorted(p.convergence.items())),
             "setups": setup_dataset(self._setup_name()),
         }
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """The free energy at the configured smearing (``label`` asks GPAW for the
+        force-consistent energy), not extrapolated to zero width."""
+        smearing = level_of_theory.get("smearing") or {}
+        return convention("free", "gpaw", smearing.get("name"), smearing.get("width"))
 
     def kpoints(self, atoms: Atoms) -> list[int]:
         if not atoms.pbc.any():

@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms, units
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
@@ -106,6 +106,20 @@ class VASPLabeller:
             "potcar_functional": config.get("POTCAR_FUNCTIONAL"),
             "potcar": config["POTCAR"],
         }
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """vasprun's ``e_fr_energy`` (TOTEN, the free energy), with the INCAR's ISMEAR and
+        SIGMA (VASP's defaults 1 and 0.2 eV when the INCAR leaves them out)."""
+        incar = level_of_theory.get("incar") or {}
+        ismear = int(incar.get("ISMEAR", 1))
+        names = {-5: "tetrahedron-blochl", -4: "tetrahedron", -2: "fixed", -1: "fermi-dirac",
+                 0: "gaussian"}  # fmt: skip
+        name = (
+            f"methfessel-paxton-{ismear}" if ismear > 0 else names.get(ismear, f"ISMEAR {ismear}")
+        )
+        width = None if ismear in (-5, -4, -2) else float(incar.get("SIGMA", 0.2))
+        return convention("free", "vasp", name, width)
 
     def input_set(self, atoms: Atoms):
         from pymatgen.io.ase import AseAtomsAdaptor
