@@ -30,7 +30,13 @@ from pydantic import (
 from pydantic.json_schema import GenerateJsonSchema
 
 from pestle.labellers.convergence import ConvergenceOptions
-from pestle.plugins import PluginSpec, Registry, RegistryError, format_validation_error
+from pestle.plugins import (
+    PluginSpec,
+    Registry,
+    RegistryError,
+    format_validation_error,
+    old_names,
+)
 
 
 class ConfigError(ValueError):
@@ -437,9 +443,10 @@ def _is_path_field(annotation: Any) -> bool:
 def _resolve_plugin_paths(registry: Registry, spec: PluginSpec, base: Path) -> None:
     """Path-valued params of a plugin (a checkpoint, a model file) given relative in the
     config are relative to the config file; they are stored as absolute strings."""
-    fields = registry.get(spec.name).Params.model_fields
+    params = registry.get(spec.name).Params
+    fields, renamed = params.model_fields, old_names(params)
     for key, value in list(spec.params.items()):
-        info = fields.get(key)
+        info = fields.get(renamed.get(key, key))  # an old spelling names the same field
         if info is None or not isinstance(value, str) or not _is_path_field(info.annotation):
             continue
         if value and not Path(value).expanduser().is_absolute():

@@ -15,13 +15,22 @@ registry imports ``my_pkg.sampler`` the first time ``my-sampler`` is looked up (
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 T = TypeVar("T")
 
@@ -59,6 +68,50 @@ def default_name(name: str) -> BeforeValidator:
         return value
 
     return BeforeValidator(fill)
+
+
+log = logging.getLogger("pestle.plugins")
+_warned: set[str] = set()
+
+
+def old_names(params: type[BaseModel]) -> dict[str, str]:
+    """``{old spelling: field}`` of a Params model whose fields were renamed. A renamed field
+    declares its old spellings as ``Field(validation_alias=AliasChoices(field, old, ...))``:
+    pydantic then reads either, and the field's own name is the one schemas and dumps use."""
+    out = {}
+    for name, info in params.model_fields.items():
+        if isinstance(info.validation_alias, AliasChoices):
+            for choice in info.validation_alias.choices:
+                if isinstance(choice, str) and choice != name:
+                    out[choice] = name
+    return out
+
+
+def renamed_fields(where: str) -> Any:
+    """A ``model_validator(mode="before")`` for a Params model with renamed fields (see
+    :func:`old_names`): an old spelling is still read, with a warning (once per process)
+    naming the new one; both spellings at once is an error. ``where``: the plugin, as a user
+    finds it in a config (``trainer chgnet``). Use: ``_old = renamed_fields("trainer x")``
+    in the class body."""
+
+    def check(cls: type[BaseModel], data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        for old, new in old_names(cls).items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"give {new} or its old name {old}, not both")
+            message = (
+                f"{where}: params.{old} is deprecated, it is now params.{new} (the old name "
+                "is still read; rename it in the config)"
+            )
+            if message not in _warned:
+                _warned.add(message)
+                log.warning(message)
+        return data
+
+    return model_validator(mode="before")(classmethod(check))
 
 
 @dataclass(frozen=True)
