@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from pestle.config import load_config
 from pestle.labellers import LABELLERS
-from pestle.plugins import old_names
+from pestle.plugins import describe_plugins, old_names
 from pestle.potentials import POTENTIALS
 from pestle.samplers import SAMPLERS
 from pestle.selectors import SELECTORS
@@ -84,3 +84,12 @@ def test_an_old_spelling_in_a_config_resolves_its_path_and_warns(tmp_path: Path,
     assert "params.foundation_model is deprecated" in caplog.text
 
 
+def test_every_plugin_parameter_has_a_description() -> None:
+    missing = [
+        f"{registry.kind} {info.name}: {param.name}"
+        for registry in REGISTRIES
+        for info in describe_plugins(registry)
+        for param in info.params
+        if not param.description.strip()
+    ]
+    assert not missing, "params without a description:\n" + "\n".join(missing)

@@ -102,15 +102,22 @@ class GPAWLabeller:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        xc: str = "PBE"
+        xc: str = Field(
+            default="PBE", description="exchange-correlation functional, as GPAW names it"
+        )
         ecut: float = Field(default=400.0, gt=0, le=3000, description="plane-wave cutoff, eV")
         kpoint_density: float = Field(
             default=3.0,
             gt=0,
             description="k-points per reciprocal-lattice length (1/A), as ASE's kptdensity",
         )
-        gamma_centered: bool = True
-        smearing: Literal["fermi-dirac", "marzari-vanderbilt", "gaussian"] = "fermi-dirac"
+        gamma_centered: bool = Field(
+            default=True, description="Monkhorst-Pack mesh shifted to contain the Gamma point"
+        )
+        smearing: Literal["fermi-dirac", "marzari-vanderbilt", "gaussian"] = Field(
+            default="fermi-dirac",
+            description="occupation smearing; labels hold the free energy at this smearing",
+        )
         smearing_width: float = Field(default=0.05, ge=0, le=2.0, description="eV")
         spinpol: bool | None = Field(
             default=None, description="None: spin-polarised iff a magnetic element is present"
@@ -119,7 +126,9 @@ class GPAWLabeller:
             default_factory=lambda: {"energy": 1e-6, "density": 1e-5, "eigenstates": 1e-8},
             description="GPAW SCF criteria (energy in eV per valence electron)",
         )
-        maxiter: int = Field(default=200, ge=1)
+        maxiter: int = Field(
+            default=200, ge=1, description="SCF iterations before the label fails as unconverged"
+        )
         parallel_ranks: int = Field(
             default=1,
             ge=1,

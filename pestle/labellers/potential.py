@@ -21,7 +21,9 @@ class PotentialLabeller:
 
         # ``potential: {params: {...}}`` without a name means CHGNet.
         potential: Annotated[PluginSpec, default_name("chgnet")] = Field(
-            default_factory=lambda: PluginSpec(name="chgnet")
+            default_factory=lambda: PluginSpec(name="chgnet"),
+            description="the potential whose predictions are the labels ({name, params}; "
+            "without a name: chgnet)",
         )
 
     def __init__(self, params: Params) -> None:

@@ -74,15 +74,29 @@ class VASPLabeller:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        input_set: Literal["MPStaticSet", "MPRelaxSet", "MPScanStaticSet"] = "MPStaticSet"
-        user_incar_settings: dict[str, Any] = Field(default_factory=dict)
-        user_kpoints_settings: dict[str, Any] = Field(default_factory=dict)
+        input_set: Literal["MPStaticSet", "MPRelaxSet", "MPScanStaticSet"] = Field(
+            default="MPStaticSet",
+            description="pymatgen's Materials Project input set the INCAR, KPOINTS and POTCARs "
+            "come from",
+        )
+        user_incar_settings: dict[str, Any] = Field(
+            default_factory=dict, description="INCAR tags over the input set's (ENCUT: 600)"
+        )
+        user_kpoints_settings: dict[str, Any] = Field(
+            default_factory=dict,
+            description="k-points over the input set's (reciprocal_density: 200)",
+        )
         command: str = Field(default="vasp_std", description='e.g. "srun -n 32 vasp_std"')
         vasp_version: str | None = Field(
             default=None, description="declared version; a label from another version fails"
         )
-        custodian: bool = True
-        max_errors: int = Field(default=5, ge=0)
+        custodian: bool = Field(
+            default=True,
+            description="run VASP under custodian's error handlers (false: run command as is)",
+        )
+        max_errors: int = Field(
+            default=5, ge=0, description="corrections custodian may make before giving up"
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params

@@ -131,14 +131,30 @@ class MatGLPotential(LazyModel):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        model: str = DEFAULT_MODEL  # a materialyze model name or "owner/name" Hub repo id
-        model_path: Path | None = None  # folder from Potential.save; takes precedence
-        model_sha256: str | None = None  # of the folder, as folder_sha256 computes it
-        device: str = "auto"
+        model: str = Field(
+            default=DEFAULT_MODEL,
+            description='a pretrained matgl model name, or an "owner/name" Hub repo id, found in '
+            "matgl's cache",
+        )
+        model_path: Path | None = Field(
+            default=None,
+            description="a folder written by Potential.save; takes precedence over model",
+        )
+        model_sha256: str | None = Field(
+            default=None, description="the folder's sha256 (pestle's folder digest), checked first"
+        )
+        device: str = Field(
+            default="auto",
+            description="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N",
+        )
         # matgl's graphs carry float32 coordinates either way; float64 evaluates the model
         # itself in double precision.
-        default_dtype: Literal["float32", "float64"] = "float32"
-        max_atoms_per_batch: int = Field(256, ge=1)
+        default_dtype: Literal["float32", "float64"] = Field(
+            default="float32", description="precision the model is evaluated in"
+        )
+        max_atoms_per_batch: int = Field(
+            256, ge=1, description="atoms per predicted batch (bounds memory)"
+        )
 
         _hex_digest = field_validator("model_sha256")(check_sha256)
 
