@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -132,6 +132,14 @@ class DaskSpec(_Strict):
     n_workers: int = Field(default=2, ge=1, description="LocalCluster worker processes")
     threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads each")
     memory_limit: str = Field(default="auto", description="LocalCluster memory per worker")
+    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto",
+        description="GPUs the LocalCluster offers as Dask GPU resources, one worker each "
+        "(its CUDA_VISIBLE_DEVICES): auto, every CUDA device torch sees; N, the first N; 0, "
+        "none. Fine-tuning asks for a GPU worker when there is one. With scheduler_address "
+        "or jobqueue the workers say what they have (--resources GPU=1, "
+        "jobqueue.gpus_per_job)",
+    )
     job_timeout_seconds: float | None = Field(
         default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
     )
@@ -145,6 +153,11 @@ class DaskSpec(_Strict):
     def _one_cluster(self) -> DaskSpec:
         if self.scheduler_address and self.jobqueue:
             raise ValueError("give scheduler_address or jobqueue, not both")
+        if (self.scheduler_address or self.jobqueue) and self.gpus not in ("auto", 0):
+            raise ValueError(
+                "gpus applies to the local cluster; with scheduler_address the workers offer "
+                "their GPUs (dask worker --resources GPU=1), with jobqueue set gpus_per_job"
+            )
         tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
         if (self.scheduler_address or "").startswith("tls://") and not all(tls):
             raise ValueError(

@@ -147,6 +147,8 @@ def quiet_dask(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Where each fine-tune runs (worker, GPU, device) is shown without --verbose.
+    logging.getLogger("pestle.placement").setLevel(logging.INFO)
     if not verbose:
         # Dask logs every worker start and stop at INFO; read at import by the scheduler
         # and inherited by the worker processes.
