@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
+from pestle.extras import MissingExtra, require
 from pestle.labellers.convergence import ConvergenceOptions
 from pestle.plugins import (
     PluginSpec,
@@ -424,7 +425,7 @@ class CampaignConfig(_Strict):
 def _check_plugin(registry: Registry, spec: PluginSpec, where: str, errors: list[str]) -> None:
     try:
         registry.validate_params(spec.name, spec.params)
-    except RegistryError as exc:
+    except (RegistryError, MissingExtra) as exc:
         errors.append(f"{where}.name: {exc}")
     except ValidationError as exc:
         errors.append(format_validation_error(exc, prefix=f"{where}.params"))
@@ -438,6 +439,12 @@ def validate_plugins(config: CampaignConfig) -> list[str]:
     from pestle.trainers import TRAINERS
 
     errors: list[str] = []
+    for i, seed in enumerate(config.seeds):
+        if seed.mp is not None:
+            try:
+                require("mp", "a Materials Project seed")
+            except MissingExtra as exc:
+                errors.append(f"seeds.{i}.mp: {exc}")
     for i, spec in enumerate(config.samplers):
         _check_plugin(SAMPLERS, spec, f"samplers.{i}", errors)
     _check_plugin(POTENTIALS, config.potential, "potential", errors)

@@ -6,6 +6,10 @@ Each registered class has a nested pydantic ``Params`` model (``extra="forbid"``
 constructor taking one ``Params`` instance. ``Registry.build(name, params)`` validates the
 YAML mapping against ``Params``; ``format_validation_error`` names the config field at fault.
 
+A class whose use needs an optional part of pestle declares it: ``requires_extra = "gpaw"``
+(see ``pestle.extras``); validating its params or building it without that extra installed
+raises ``pestle.extras.MissingExtra``, naming the pip extra to install.
+
 Implementations in other packages are found through entry points: a distribution declares
 ``[project.entry-points."pestle.samplers"] my-sampler = "my_pkg.sampler:MySampler"`` and the
 registry imports ``my_pkg.sampler`` the first time ``my-sampler`` is looked up (the module's
@@ -248,11 +252,29 @@ class Registry(Generic[T]):
         module = self.get(name).__module__
         return "pestle" if module.split(".")[0] == "pestle" else f"module {module}"
 
+    def missing_extra(self, name: str) -> str | None:
+        """The pip extra ``name`` needs and that is not installed, or None."""
+        from pestle.extras import missing_modules
+
+        extra = getattr(self.get(name), "requires_extra", None)
+        return extra if extra and missing_modules(extra) else None
+
+    def require_extra(self, name: str) -> None:
+        """Raise ``pestle.extras.MissingExtra`` when ``name`` needs an extra not installed."""
+        from pestle.extras import require
+
+        extra = getattr(self.get(name), "requires_extra", None)
+        if extra:
+            require(extra, f"{self.kind} {name!r}")
+
     def validate_params(self, name: str, params: Mapping[str, Any] | None) -> BaseModel:
-        """Validate a params mapping; raises pydantic ValidationError on bad input."""
+        """Validate a params mapping; raises pydantic ValidationError on bad input, and
+        MissingExtra when the implementation's extra is not installed."""
+        self.require_extra(name)
         return self.get(name).Params.model_validate(dict(params or {}))
 
     def build(self, name: str, params: Mapping[str, Any] | BaseModel | None = None) -> T:
+        self.require_extra(name)
         cls = self.get(name)
         if not isinstance(params, BaseModel):
             params = cls.Params.model_validate(dict(params or {}))
@@ -291,13 +313,14 @@ class ParamInfo:
 class PluginInfo:
     """One implementation as ``pestle plugins`` shows it: name, where it comes from (``pestle``
     or a distribution), the first paragraph of its docstring, its params; or why it cannot be
-    loaded (``error``)."""
+    loaded (``error``); the extra to install before it can be used (``missing_extra``)."""
 
     name: str
     origin: str
     summary: str = ""
     params: tuple[ParamInfo, ...] = ()
     error: str | None = None
+    missing_extra: str | None = None  # the pip extra it needs and that is not installed
 
 
 def _summary(cls: type) -> str:
@@ -342,5 +365,8 @@ def describe_plugins(registry: Registry) -> list[PluginInfo]:
             params.append(
                 ParamInfo(field_name, _type_name(info.annotation), default, info.description or "")
             )
-        out.append(PluginInfo(name, origin, _summary(cls), tuple(params)))
+        out.append(
+            PluginInfo(name, origin, _summary(cls), tuple(params),
+                       missing_extra=registry.missing_extra(name))
+        )  # fmt: skip
     return out

@@ -454,3 +454,9 @@ def test_fine_tuning_runs_on_a_detected_gpu_worker(
     assert where["requested"] == "cuda" and where["device"] == "cpu"  # no CUDA here: fell back
     assert f"fine-tuned {model_id} on worker {where['worker']}" in caplog.text
     assert f"GPU {where['worker']}: device cpu, asked for cuda" in caplog.text
+    from pestle.cli.models import trained_on
+    from pestle.engine.status import model_versions
+
+    [version] = model_versions(store)  # what `pestle models --json` prints
+    assert version.placement == where
+    assert trained_on(where) == f"cpu (GPU {where['worker']}, worker {where['worker']})"

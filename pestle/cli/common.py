@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pestle.config import CampaignConfig, ConfigError, load_config
 
@@ -60,12 +61,13 @@ JsonOption = Annotated[
 
 
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Messages are plain text: "pip install 'pestle[gpaw]'" is not rich markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(int(code))
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def load(config: Path) -> CampaignConfig:

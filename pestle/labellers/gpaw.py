@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
@@ -99,6 +99,8 @@ def setup_dataset(setup_name: str) -> dict[str, Any]:
 
 @LABELLERS.register("gpaw")
 class GPAWLabeller:
+    requires_extra: ClassVar[str] = "gpaw"  # pip install 'pestle[gpaw]'
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 

@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 from ase import Atoms, units
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pestle.extras import require
 from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
@@ -97,6 +98,13 @@ class VASPLabeller:
         max_errors: int = Field(
             default=5, ge=0, description="corrections custodian may make before giving up"
         )
+
+        @model_validator(mode="after")
+        def _custodian_installed(self) -> VASPLabeller.Params:
+            # VASP itself is the user's; custodian is pestle[vasp], needed only when used.
+            if self.custodian:
+                require("vasp", "labeller 'vasp' with custodian: true (false runs command alone)")
+            return self
 
     def __init__(self, params: Params) -> None:
         self.params = params

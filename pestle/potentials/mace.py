@@ -182,6 +182,7 @@ def choose_head(heads: Sequence[str], wanted: str | None) -> str:
 class MACEPotential(LazyModel):
     supports_embeddings: ClassVar[bool] = True
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
+    requires_extra: ClassVar[str] = "mace"  # pip install 'pestle[mace]'
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

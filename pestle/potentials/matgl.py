@@ -125,6 +125,7 @@ class MatGLPotential(LazyModel):
     supports_embeddings: ClassVar[bool] = True
     # A saved matgl model is a folder; its digest is folder_sha256's.
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
+    requires_extra: ClassVar[str] = "matgl"  # pip install 'pestle[matgl]'
     _transient = ("_potential", "_device")
     _locks = ("_lock", "_run_lock")
 

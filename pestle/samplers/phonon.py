@@ -3,7 +3,7 @@ force constants, at an amplitude of the user's choosing (larger ones probe anhar
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
@@ -46,6 +46,8 @@ def displaced_supercells(
 @SAMPLERS.register("phonon")
 class PhononSampler:
     """Phonopy's symmetry-reduced finite displacements, one displaced atom per structure."""
+
+    requires_extra: ClassVar[str] = "phonon"  # pip install 'pestle[phonon]'
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -69,7 +69,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
@@ -302,6 +302,7 @@ class MACETrainer(TrainerBase[_Foundation]):
 
     family = "MACE"
     potential_name = "mace"
+    requires_extra: ClassVar[str] = "mace"  # pip install 'pestle[mace]'
     baked_into = "MACE model"
 
     def __init__(self, params: Params) -> None:

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from ase import units
@@ -201,6 +201,7 @@ class MatGLTrainer(TrainerBase[_Base]):
 
     family = "matgl"
     potential_name = "matgl"
+    requires_extra: ClassVar[str] = "matgl"  # pip install 'pestle[matgl]'
     baked_into = "matgl Potential"
 
     def __init__(self, params: Params | None = None) -> None:
