@@ -16,7 +16,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -31,8 +31,15 @@ from pydantic import (
 )
 from pydantic.json_schema import GenerateJsonSchema
 
+from pestle.extras import MissingExtra, require
 from pestle.labellers.convergence import ConvergenceOptions
-from pestle.plugins import PluginSpec, Registry, RegistryError, format_validation_error
+from pestle.plugins import (
+    PluginSpec,
+    Registry,
+    RegistryError,
+    format_validation_error,
+    old_names,
+)
 
 
 class ConfigError(ValueError):
@@ -153,6 +160,14 @@ class DaskSpec(_Strict):
         description="interface the LocalCluster's scheduler, workers and dashboard listen on "
         "(127.0.0.1: reachable from this machine only)",
     )
+    gpus: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto",
+        description="GPUs the LocalCluster offers as Dask GPU resources, one worker each "
+        "(its CUDA_VISIBLE_DEVICES): auto, every CUDA device torch sees; N, the first N; 0, "
+        "none. Fine-tuning asks for a GPU worker when there is one. With scheduler_address "
+        "or jobqueue the workers say what they have (--resources GPU=1, "
+        "jobqueue.gpus_per_job)",
+    )
     job_timeout_seconds: float | None = Field(
         default=None, gt=0, description="wall-clock limit of one labelling job (None: none)"
     )
@@ -171,6 +186,11 @@ class DaskSpec(_Strict):
     def _one_cluster(self) -> DaskSpec:
         if self.scheduler_address and self.jobqueue:
             raise ValueError("give scheduler_address or jobqueue, not both")
+        if (self.scheduler_address or self.jobqueue) and self.gpus not in ("auto", 0):
+            raise ValueError(
+                "gpus applies to the local cluster; with scheduler_address the workers offer "
+                "their GPUs (dask worker --resources GPU=1), with jobqueue set gpus_per_job"
+            )
         tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
         if (self.scheduler_address or "").startswith("tls://") and not all(tls):
             raise ValueError(
@@ -464,7 +484,7 @@ class CampaignConfig(_Strict):
 def _check_plugin(registry: Registry, spec: PluginSpec, where: str, errors: list[str]) -> None:
     try:
         registry.validate_params(spec.name, spec.params)
-    except RegistryError as exc:
+    except (RegistryError, MissingExtra) as exc:
         errors.append(f"{where}.name: {exc}")
     except ValidationError as exc:
         errors.append(format_validation_error(exc, prefix=f"{where}.params"))
@@ -478,6 +498,12 @@ def validate_plugins(config: CampaignConfig) -> list[str]:
     from pestle.trainers import TRAINERS
 
     errors: list[str] = []
+    for i, seed in enumerate(config.seeds):
+        if seed.mp is not None:
+            try:
+                require("mp", "a Materials Project seed")
+            except MissingExtra as exc:
+                errors.append(f"seeds.{i}.mp: {exc}")
     for i, spec in enumerate(config.samplers):
         _check_plugin(SAMPLERS, spec, f"samplers.{i}", errors)
     _check_plugin(POTENTIALS, config.potential, "potential", errors)
@@ -496,9 +522,10 @@ def _is_path_field(annotation: Any) -> bool:
 def _resolve_plugin_paths(registry: Registry, spec: PluginSpec, base: Path) -> None:
     """Path-valued params of a plugin (a checkpoint, a model file) given relative in the
     config are relative to the config file; they are stored as absolute strings."""
-    fields = registry.get(spec.name).Params.model_fields
+    params = registry.get(spec.name).Params
+    fields, renamed = params.model_fields, old_names(params)
     for key, value in list(spec.params.items()):
-        info = fields.get(key)
+        info = fields.get(renamed.get(key, key))  # an old spelling names the same field
         if info is None or not isinstance(value, str) or not _is_path_field(info.annotation):
             continue
         if value and not Path(value).expanduser().is_absolute():

@@ -1,5 +1,10 @@
 """Export labelled structures for training and inspection: the store's labels as annotated
-Atoms, written by the ``pestle.formats`` writers."""
+Atoms, written by the ``pestle.formats`` writers.
+
+Every label carries, besides its ids and provenance, the energy convention of its labeller
+(``energy_convention``: free, extrapolated or total; ``energy_code``; ``energy_smearing`` and
+``energy_smearing_width`` in eV where there is smearing), so a file says which energy it holds.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,25 @@ from typing import Any
 from ase import Atoms
 
 from pestle.formats import write_ase_db, write_chgnet_json, write_extxyz, write_mace_xyz
+from pestle.labellers import energy_convention
 from pestle.store import Store
 
 Exporter = Callable[[Store, str | os.PathLike, Mapping[str, Any] | None], int]
 
 
 def _annotated(store: Store, label_filter: Mapping[str, Any] | None) -> list:
-    """Labelled Atoms (reference results in ``atoms.calc``) with ids and provenance in info."""
-    return [stored.atoms for stored in store.labels.labelled(label_filter)]
+    """Labelled Atoms (reference results in ``atoms.calc``) with ids, provenance and the
+    energy convention in info."""
+    conventions: dict[tuple[str, str], dict[str, Any]] = {}  # one per level of theory
+    out = []
+    for stored in store.labels.labelled(label_filter):
+        label = stored.label
+        key = (label.labeller, label.lot_hash)
+        if key not in conventions:
+            conventions[key] = energy_convention(label.labeller, label.level_of_theory)
+        stored.atoms.info.update(conventions[key])
+        out.append(stored.atoms)
+    return out
 
 
 def _exporter(write: Callable[[str | os.PathLike, Sequence[Atoms]], int]) -> Exporter:

@@ -6,6 +6,10 @@ Each registered class has a nested pydantic ``Params`` model (``extra="forbid"``
 constructor taking one ``Params`` instance. ``Registry.build(name, params)`` validates the
 YAML mapping against ``Params``; ``format_validation_error`` names the config field at fault.
 
+A class whose use needs an optional part of pestle declares it: ``requires_extra = "gpaw"``
+(see ``pestle.extras``); validating its params or building it without that extra installed
+raises ``pestle.extras.MissingExtra``, naming the pip extra to install.
+
 Implementations in other packages are found through entry points: a distribution declares
 ``[project.entry-points."pestle.samplers"] my-sampler = "my_pkg.sampler:MySampler"`` and the
 registry imports ``my_pkg.sampler`` the first time ``my-sampler`` is looked up (the module's
@@ -15,13 +19,22 @@ registry imports ``my_pkg.sampler`` the first time ``my-sampler`` is looked up (
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 T = TypeVar("T")
 
@@ -59,6 +72,50 @@ def default_name(name: str) -> BeforeValidator:
         return value
 
     return BeforeValidator(fill)
+
+
+log = logging.getLogger("pestle.plugins")
+_warned: set[str] = set()
+
+
+def old_names(params: type[BaseModel]) -> dict[str, str]:
+    """``{old spelling: field}`` of a Params model whose fields were renamed. A renamed field
+    declares its old spellings as ``Field(validation_alias=AliasChoices(field, old, ...))``:
+    pydantic then reads either, and the field's own name is the one schemas and dumps use."""
+    out = {}
+    for name, info in params.model_fields.items():
+        if isinstance(info.validation_alias, AliasChoices):
+            for choice in info.validation_alias.choices:
+                if isinstance(choice, str) and choice != name:
+                    out[choice] = name
+    return out
+
+
+def renamed_fields(where: str) -> Any:
+    """A ``model_validator(mode="before")`` for a Params model with renamed fields (see
+    :func:`old_names`): an old spelling is still read, with a warning (once per process)
+    naming the new one; both spellings at once is an error. ``where``: the plugin, as a user
+    finds it in a config (``trainer chgnet``). Use: ``_old = renamed_fields("trainer x")``
+    in the class body."""
+
+    def check(cls: type[BaseModel], data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        for old, new in old_names(cls).items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"give {new} or its old name {old}, not both")
+            message = (
+                f"{where}: params.{old} is deprecated, it is now params.{new} (the old name "
+                "is still read; rename it in the config)"
+            )
+            if message not in _warned:
+                _warned.add(message)
+                log.warning(message)
+        return data
+
+    return model_validator(mode="before")(classmethod(check))
 
 
 @dataclass(frozen=True)
@@ -200,11 +257,29 @@ class Registry(Generic[T]):
         module = self.get(name).__module__
         return "pestle" if module.split(".")[0] == "pestle" else f"module {module}"
 
+    def missing_extra(self, name: str) -> str | None:
+        """The pip extra ``name`` needs and that is not installed, or None."""
+        from pestle.extras import missing_modules
+
+        extra = getattr(self.get(name), "requires_extra", None)
+        return extra if extra and missing_modules(extra) else None
+
+    def require_extra(self, name: str) -> None:
+        """Raise ``pestle.extras.MissingExtra`` when ``name`` needs an extra not installed."""
+        from pestle.extras import require
+
+        extra = getattr(self.get(name), "requires_extra", None)
+        if extra:
+            require(extra, f"{self.kind} {name!r}")
+
     def validate_params(self, name: str, params: Mapping[str, Any] | None) -> BaseModel:
-        """Validate a params mapping; raises pydantic ValidationError on bad input."""
+        """Validate a params mapping; raises pydantic ValidationError on bad input, and
+        MissingExtra when the implementation's extra is not installed."""
+        self.require_extra(name)
         return self.get(name).Params.model_validate(dict(params or {}))
 
     def build(self, name: str, params: Mapping[str, Any] | BaseModel | None = None) -> T:
+        self.require_extra(name)
         cls = self.get(name)
         if not isinstance(params, BaseModel):
             params = cls.Params.model_validate(dict(params or {}))
@@ -243,13 +318,14 @@ class ParamInfo:
 class PluginInfo:
     """One implementation as ``pestle plugins`` shows it: name, where it comes from (``pestle``
     or a distribution), the first paragraph of its docstring, its params; or why it cannot be
-    loaded (``error``)."""
+    loaded (``error``); the extra to install before it can be used (``missing_extra``)."""
 
     name: str
     origin: str
     summary: str = ""
     params: tuple[ParamInfo, ...] = ()
     error: str | None = None
+    missing_extra: str | None = None  # the pip extra it needs and that is not installed
 
 
 def _summary(cls: type) -> str:
@@ -294,5 +370,8 @@ def describe_plugins(registry: Registry) -> list[PluginInfo]:
             params.append(
                 ParamInfo(field_name, _type_name(info.annotation), default, info.description or "")
             )
-        out.append(PluginInfo(name, origin, _summary(cls), tuple(params)))
+        out.append(
+            PluginInfo(name, origin, _summary(cls), tuple(params),
+                       missing_extra=registry.missing_extra(name))
+        )  # fmt: skip
     return out

@@ -5,7 +5,7 @@
 #   scripts/bootstrap.sh setup        # only set up
 # Installs the Debian packages GPAW builds and runs against, and chromium (the report test
 # renders the HTML reports in it headless) (as root, or through sudo),
-# creates .venv in the repository, installs CPU torch and pestle into it. A second call with
+# creates .venv in the repository, installs CPU torch and pestle with every extra into it. A second call with
 # nothing changed skips straight to the work.
 set -euo pipefail
 
@@ -13,8 +13,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
-# The CPU build of torch; a plain "torch" from PyPI is a multi-GB CUDA build.
+# The CPU build of torch; a plain "torch" from PyPI is a multi-GB CUDA build. For a GPU:
+# PESTLE_TORCH_INDEX=https://download.pytorch.org/whl/cu126 (the build for your CUDA).
 TORCH_SPEC="${PESTLE_TORCH_SPEC:-torch==2.13.0}"
+TORCH_INDEX="${PESTLE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 APT_PACKAGES=(gpaw-data libxc-dev libblas-dev liblapack-dev libopenmpi-dev libscalapack-mpi-dev
               libfftw3-dev pkg-config chromium)
 
@@ -33,9 +35,21 @@ install_system_packages() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
+install_torch() {
+    # A wheel pip already has at hand (a local wheel folder in pip's configuration) is used
+    # when no index was asked for; otherwise the build comes from TORCH_INDEX (its "+cpu"
+    # local version ranks above the CUDA build of the same version on the default index).
+    if [ -z "${PESTLE_TORCH_INDEX:-}" ] \
+        && "$VENV/bin/python" -m pip install -q --no-index --no-deps "$TORCH_SPEC" >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" >&2  # its dependencies
+        return 0
+    fi
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" --extra-index-url "$TORCH_INDEX" >&2
+}
+
 install_python_packages() {
     local stamp="$VENV/.pestle-setup" want
-    want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+    want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC $TORCH_INDEX"
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV"
         "$PYTHON" -m venv "$VENV"
@@ -43,10 +57,10 @@ install_python_packages() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    say "installing $TORCH_SPEC (CPU) and pestle into $VENV"
+    say "installing $TORCH_SPEC and pestle with every extra into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" >&2
-    "$VENV/bin/python" -m pip install -q -e ".[embedded-db,dev]" >&2
+    install_torch
+    "$VENV/bin/python" -m pip install -q -e ".[all,dev]" >&2
     echo "$want" > "$stamp"
 }
 

@@ -379,3 +379,84 @@ def test_unphysical_structure_is_rejected_before_dispatch(
     outcome = store.runs.require(context.run_id).stages["label"]
     assert outcome["dispatched"] == 0 and "apart" in outcome["rejected_before_dispatch"][sid]
     assert raw_db["jobs"].count_documents({}) == 0 and raw_db["labels"].count_documents({}) == 0
+
+
+# --- GPUs of the local cluster, on a machine without one: the detection is forced -------------
+
+
+def test_dask_gpus_setting(monkeypatch) -> None:
+    from pestle.dispatch.gpus import GPUWorkers, local_gpus
+
+    monkeypatch.setattr("pestle.devices.detect_gpus", lambda: ["0", "1"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert local_gpus("auto") == ["0", "1"]
+    assert local_gpus(0) == []
+    monkeypatch.setattr("pestle.devices.detect_gpus", lambda: pytest.fail("N: no detection"))
+    assert local_gpus(1) == ["0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # a batch job's allocation
+    assert local_gpus(2) == ["3", "5"]
+    pinned = GPUWorkers(["3", "5"])
+    assert pinned.options(1, {"resources": {"CPU": 1}, "env": {"OMP_NUM_THREADS": "1"}}) == {
+        "resources": {"CPU": 1, "GPU": 1},
+        "env": {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "5"},
+    }
+    assert pinned.options(2, {"resources": {"CPU": 1}})["env"] == {"CUDA_VISIBLE_DEVICES": ""}
+    with pytest.raises(ValueError, match="gpus applies to the local cluster"):
+        DaskSpec(scheduler_address="tcp://127.0.0.1:8786", gpus=2)
+
+
+def test_fine_tuning_runs_on_a_detected_gpu_worker(
+    monkeypatch, store: Store, mongo_uri: str, tmp_path, caplog
+) -> None:
+    """Two CUDA devices 'detected' (the detection function forced; torch itself untouched):
+    a real LocalCluster gives two of its three workers one each, as the Dask resource GPU=1
+    and their own CUDA_VISIBLE_DEVICES (the third sees none); the fine-tune goes to one of
+    them, and where it ran is logged and stored with the model."""
+    import logging
+    import os
+
+    from pestle.dispatch.training import train_model
+
+    monkeypatch.setattr("pestle.devices.detect_gpus", lambda: ["0", "1"])
+    label_ids = []
+    for seed in (1, 2):
+        atoms = rattled_cu(seed)
+        sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "rattle"})
+        atoms.calc = EMT()
+        store.labels.put(sid, labeller="emt", level_of_theory={"code": "emt"}, lot_hash="emt",
+                         energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                         stress=atoms.get_stress())  # fmt: skip
+        label_ids.append(f"{sid}-emt")
+    with make_client(DaskSpec(n_workers=3, threads_per_worker=1)) as client:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        visible = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        by_name = {str(w["name"]): (w["resources"], visible[a]) for a, w in info.items()}
+        assert by_name == {
+            "0": ({"CPU": 1, "GPU": 1}, "0"),
+            "1": ({"CPU": 1, "GPU": 1}, "1"),
+            "2": ({"CPU": 1}, ""),
+        }
+        with caplog.at_level(logging.INFO, logger="pestle.placement"):
+            model_id = train_model(
+                client,
+                store_uri=mongo_uri,
+                database=store.database,
+                model_id="model-gpu-placement",
+                trainer={"name": "chgnet", "params": {"mode": "linear_correction"}},
+                train_label_ids=label_ids,
+                val_label_ids=[],
+                workdir=str(tmp_path / "training"),
+                record={"family": "chgnet"},
+            )
+    where = store.models.require(model_id).model_dump()["placement"]
+    assert where["worker"] in ("0", "1") and where["gpu_worker"] is True
+    assert where["cuda_visible_devices"] == where["worker"]  # its own device
+    assert where["requested"] == "cuda" and where["device"] == "cpu"  # no CUDA here: fell back
+    assert f"fine-tuned {model_id} on worker {where['worker']}" in caplog.text
+    assert f"GPU {where['worker']}: device cpu, asked for cuda" in caplog.text
+    from pestle.cli.models import trained_on
+    from pestle.engine.status import model_versions
+
+    [version] = model_versions(store)  # what `pestle models --json` prints
+    assert version.placement == where
+    assert trained_on(where) == f"cpu (GPU {where['worker']}, worker {where['worker']})"

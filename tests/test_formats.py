@@ -148,3 +148,28 @@ def test_ase_db_skips_rows_already_there(images, tmp_path) -> None:
     assert rows[0].sampler == "rattle"
     np.testing.assert_allclose(rows[2].forces, images[2].get_forces(), atol=1e-10)
     assert images[0].info["label_id"] == "l-1"  # the input keeps its info
+
+
+@pytest.mark.parametrize("writer", [write_extxyz, write_mace_xyz])
+def test_extxyz_writers_survive_empty_string_info(writer, images, tmp_path) -> None:
+    """ASE writes an empty string as ``key=`` and its reader then swallows the next key;
+    the writers leave empty strings out instead."""
+    images[0].info.update(parent_id="", note="", rng_seed=7)
+    writer(tmp_path / "x.xyz", images)
+    frame = read(tmp_path / "x.xyz", index=0)
+    assert "parent_id" not in frame.info and "note" not in frame.info
+    assert frame.info["rng_seed"] == 7 and frame.info["label_id"] == "l-1"
+    assert images[0].info["parent_id"] == ""  # the input keeps its info
+
+
+def test_ase_db_keeps_what_it_cannot_search_in_data(images, tmp_path) -> None:
+    """ase.db refuses strings that read as numbers (a hash of digits) and keys it reserves
+    as key-value pairs; those go in the row's data instead of failing the export."""
+    import ase.db
+
+    images[0].info.update(lot_hash="1234567890123456", rng_seed=910717115563190011,
+                          energy_note="total", params={"a": 1})  # fmt: skip
+    assert write_ase_db(tmp_path / "l.db", images) == 3
+    row = next(ase.db.connect(str(tmp_path / "l.db")).select(label_id="l-1"))
+    assert row.rng_seed == 910717115563190011 and row.energy_note == "total"
+    assert row.data["lot_hash"] == "1234567890123456" and row.data["params"] == {"a": 1}

@@ -166,18 +166,18 @@ def check_mode_params(params: type, required: dict) -> None:
 
 def test_mode_params() -> None:
     mace = MACETrainer.Params
-    check_mode_params(mace, {"foundation_model": "foundation.model"})
-    full = mace(foundation_model="f.model", mode="full")
+    check_mode_params(mace, {"model_path": "foundation.model"})
+    full = mace(model_path="f.model", mode="full")
     assert full.ema is False and full.finetuning == "naive"
     with pytest.raises(ValidationError, match="fixes ema"):
-        mace(foundation_model="f.model", mode="full", ema=True)
+        mace(model_path="f.model", mode="full", ema=True)
     with pytest.raises(ValidationError, match="finetuning 'naive'"):
-        mace(foundation_model="f.model", mode="full", finetuning="multihead", replay_file="r")
+        mace(model_path="f.model", mode="full", finetuning="multihead", replay_file="r")
     with pytest.raises(ValidationError, match="replay_file do not apply"):
-        mace(foundation_model="f.model", mode="linear_correction", replay_file="r")
+        mace(model_path="f.model", mode="linear_correction", replay_file="r")
     # The old spelling of finetuning.
-    assert mace(foundation_model="f.model", mode="naive").finetuning == "naive"
-    assert mace(foundation_model="f.model", mode="naive").mode == "custom"
+    assert mace(model_path="f.model", mode="naive").finetuning == "naive"
+    assert mace(model_path="f.model", mode="naive").mode == "custom"
 
     matgl = MatGLTrainer.Params
     check_mode_params(matgl, {})
@@ -244,8 +244,8 @@ def data(models: dict[str, Path]) -> dict[str, list[LabelledStructure]]:
 def mace_params(models: dict[str, Path], **params) -> dict:
     foundation = models["foundation"]
     return {
-        "foundation_model": str(foundation),
-        "foundation_model_sha256": sha256_file(foundation),
+        "model_path": str(foundation),
+        "model_sha256": sha256_file(foundation),
         "learning_rate": 0.01,
         "batch_size": 2,
         **THREADS,
@@ -383,11 +383,11 @@ def test_mace_multihead_fails_if_mace_drops_the_replay(
 
 def test_mace_refuses_unverified_foundation(models, data, tmp_path: Path) -> None:
     with pytest.raises(ChecksumError, match="expected"):
-        TRAINERS.build("mace", mace_params(models, foundation_model_sha256="0" * 64)).train(
+        TRAINERS.build("mace", mace_params(models, model_sha256="0" * 64)).train(
             data["train"], [], tmp_path
         )
     with pytest.raises(ValueError, match="trust_model_file"):
-        TRAINERS.build("mace", mace_params(models, foundation_model_sha256=None)).train(
+        TRAINERS.build("mace", mace_params(models, model_sha256=None)).train(
             data["train"], [], tmp_path
         )
     with pytest.raises(ValueError, match="empty training set"):
@@ -401,8 +401,8 @@ def test_mace_linear_correction_recovers_scale(models, tmp_path: Path) -> None:
     val = stiffened(foundation, geometries([6, 7]), refs, "v")
     held_out = geometries([42])[0]
     params = {
-        "foundation_model": str(models["foundation"]),
-        "foundation_model_sha256": sha256_file(models["foundation"]),
+        "model_path": str(models["foundation"]),
+        "model_sha256": sha256_file(models["foundation"]),
         "mode": "linear_correction",
         **THREADS,
     }
@@ -493,8 +493,8 @@ def test_mace_linear_correction_scales_plain_mace(tmp_path: Path) -> None:
 
 def test_mace_full_mode_uses_paper_hyperparameters(models, data, tmp_path: Path) -> None:
     params = {
-        "foundation_model": str(models["foundation"]),
-        "foundation_model_sha256": sha256_file(models["foundation"]),
+        "model_path": str(models["foundation"]),
+        "model_sha256": sha256_file(models["foundation"]),
         "mode": "full",
         "epochs": 2,
         "batch_size": 2,
@@ -565,7 +565,7 @@ def test_mace_full_mode_prunes_checkpoints_that_cannot_win(tmp_path: Path) -> No
     ]
     lines = [json.dumps(r) for r in records] + ['{"mode": "eval", "epoch": 3, "he']
     (run_dir / "results" / "mace_finetuned_run-0_train.txt").write_text("\n".join(lines))
-    trainer = MACETrainer(MACETrainer.Params(foundation_model="f.model", trust_model_file=True))
+    trainer = MACETrainer(MACETrainer.Params(model_path="f.model", trust_model_file=True))
     trainer._prune_checkpoints(run_dir)
     # 1 is the best so far, 4 the newest, 3 not evaluated yet (its record is incomplete).
     assert sorted(trainer._checkpoint_files(run_dir)) == [1, 3, 4]

@@ -23,7 +23,7 @@ def structure(tag: str, labelled: bool = True) -> LabelledStructure:
 
 
 # A foundation file that does not exist: the checks must fail before anything loads it.
-MISSING = {"foundation_model": "/nonexistent/foundation.model", "trust_model_file": True}
+MISSING = {"model_path": "/nonexistent/foundation.model", "trust_model_file": True}
 
 
 @pytest.mark.parametrize("name, params", [("mace", MISSING), ("matgl", {})])

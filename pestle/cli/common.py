@@ -104,7 +104,7 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
 
 
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> NoReturn:
-    # Escaped: a message quoting a path or a list ("[/tmp/x]") is text, not markup.
+    # Messages are plain text: "pip install 'pestle[gpaw]'" is not rich markup.
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(int(code))
 
@@ -195,6 +195,8 @@ def quiet_dask(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Where each fine-tune runs (worker, GPU, device) is shown without --verbose.
+    logging.getLogger("pestle.placement").setLevel(logging.INFO)
     if not verbose:
         # Dask logs every worker start and stop at INFO; read at import by the scheduler
         # and inherited by the worker processes.

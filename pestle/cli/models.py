@@ -25,6 +25,15 @@ from pestle.cli.common import (
 models_app = typer.Typer(help="Model versions in the store.", invoke_without_command=True)
 
 
+def trained_on(placement: dict | None) -> str:
+    """``cuda (GPU 1, worker 0)``, ``cpu (worker 2)``; empty when not recorded."""
+    if not placement:
+        return ""
+    where = [f"GPU {placement.get('cuda_visible_devices')}"] if placement.get("gpu_worker") else []
+    where.append(f"worker {placement.get('worker')}")
+    return f"{placement.get('device')} ({', '.join(where)})"
+
+
 @models_app.callback()
 def models(
     ctx: typer.Context,
@@ -47,7 +56,7 @@ def models(
     from pestle.evaluation.intervals import format_estimate
 
     for column in ("id", "family", "parent", "train labels", "softening (latest evaluation)",
-                   "current"):  # fmt: skip
+                   "trained on", "current"):  # fmt: skip
         table.add_column(column, overflow="fold")
     for version in model_versions(store):
         table.add_row(
@@ -59,6 +68,7 @@ def models(
                 f"{system} {format_estimate(estimate)}"
                 for system, estimate in version.softening.items()
             ),  # fmt: skip
+            trained_on(version.placement),
             "yes" if version.current else "",
         )
     console.print(table)

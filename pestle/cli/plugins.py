@@ -18,6 +18,12 @@ def plugin_rows(registry) -> list[tuple[str, str, str, str, str, str]]:
 
     rows = []
     for info in describe_plugins(registry):
+        if info.missing_extra:
+            info = dataclasses.replace(
+                info,
+                summary=f"not installed: pip install 'pestle[{info.missing_extra}]'\n"
+                + info.summary,
+            )
         if info.error is not None or not info.params:
             rows.append((info.name, info.origin, "", "", "", info.error or info.summary))
             continue

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pestle.config import DaskSpec, JobqueueSpec
+from pestle.dispatch.gpus import local_gpus, local_worker_class
 
 log = logging.getLogger("pestle.dispatch")
 
@@ -71,9 +72,10 @@ def jobqueue_cluster(spec: JobqueueSpec, **kwargs):
 def make_client(spec: DaskSpec) -> Iterator[object]:
     """A ``distributed.Client`` for the campaign, closed (with its cluster) on exit.
 
-    Local workers advertise ``CPU`` resources equal to their threads; a GPU is advertised by
-    the user's own workers (``dask worker --resources GPU=1``) or by ``jobqueue.gpus_per_job``,
-    and the fine-tuning task asks for it only when some worker offers one.
+    Local workers advertise ``CPU`` resources equal to their threads, and those given a GPU
+    (``dask.gpus``, see ``pestle.dispatch.gpus``) ``GPU=1``; elsewhere a GPU is advertised by
+    the user's own workers (``dask worker --resources GPU=1``) or by ``jobqueue.gpus_per_job``.
+    The fine-tuning task asks for one only when some worker offers one.
     """
     from distributed import Client, LocalCluster
 
@@ -89,6 +91,7 @@ def make_client(spec: DaskSpec) -> Iterator[object]:
         cluster = jobqueue_cluster(spec.jobqueue)
         cluster.scale(jobs=spec.jobqueue.jobs)
     else:
+        gpus = local_gpus(spec.gpus)
         cluster = LocalCluster(
             n_workers=spec.n_workers,
             threads_per_worker=spec.threads_per_worker,
@@ -98,6 +101,8 @@ def make_client(spec: DaskSpec) -> Iterator[object]:
             dashboard_address=f"{spec.host}:0",  # ":0" would listen on every interface
             resources={"CPU": spec.threads_per_worker},
             env={k: v for k, v in worker_environment().items() if k not in os.environ},
+            # dask.gpus: one GPU per worker, offered as the Dask resource GPU=1.
+            worker_class=local_worker_class(gpus, spec.n_workers),
         )
     client = Client(cluster)
     try:

@@ -40,6 +40,9 @@ class ModelVersion:
     # interval (an Estimate dict: value, low, high, n_structures, enough, ...)
     softening: dict[str, dict[str, Any]]
     current: bool
+    # Where it was fine-tuned (pestle.dispatch.gpus.placement: worker, host, GPU, device);
+    # None for models stored before pestle recorded it.
+    placement: dict[str, Any] | None = None
 
 
 def model_versions(store: Store) -> list[ModelVersion]:
@@ -61,6 +64,7 @@ def model_versions(store: Store) -> list[ModelVersion]:
                 len(doc.training.label_ids),
                 softening,
                 promoted.get(doc.family) == doc.id,
+                doc.model_dump().get("placement"),
             )
         )
     return out

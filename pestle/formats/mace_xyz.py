@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from ase import Atoms
 
+from pestle.formats.extxyz import readable_info
+
 REF_ENERGY = "REF_energy"
 REF_FORCES = "REF_forces"
 REF_STRESS = "REF_stress"
@@ -25,15 +27,17 @@ MACE_INFO_KEYS = ("config_type", "config_weight")
 def mace_frame(atoms: Atoms) -> Atoms:
     """A copy of ``atoms`` with its reference results (``atoms.calc``) under the REF_ keys and
     no calculator. ``config_type``: the frame's own, else its pestle ``sampler`` (``seed``
-    when it has none) when the frame carries that provenance."""
+    when it has none) when the frame carries that provenance. Info values ASE's extxyz
+    would garble (empty strings, None) are left out."""
     results = atoms.calc.results
     frame = atoms.copy()  # info and arrays copied, the calculator left behind
+    frame.info = readable_info(frame.info)
     frame.info[REF_ENERGY] = float(results["energy"])
     frame.arrays[REF_FORCES] = np.array(results["forces"], dtype=float)
     if results.get("stress") is not None:
         frame.info[REF_STRESS] = np.array(results["stress"], dtype=float)
-    if "config_type" not in frame.info and "sampler" in frame.info:
-        frame.info["config_type"] = frame.info["sampler"] or "seed"
+    if "config_type" not in frame.info and "sampler" in atoms.info:
+        frame.info["config_type"] = atoms.info["sampler"] or "seed"
     return frame
 
 

@@ -15,6 +15,9 @@ to Dask workers), with
   Optionally ``basis_error(symbols, value) -> {element: eV per atom}``: an estimate, from the
   element's pseudopotential, of the energy missing at cutoff ``value`` (names the element a
   failed cutoff check blames). pestle/labellers/convergence.py uses them.
+- ``energy_convention(level_of_theory) -> dict`` (a staticmethod; optional): which energy the
+  labels hold, from a stored label's level of theory (see :func:`energy_convention`); the
+  exports write it beside every label.
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ import numpy as np
 from ase import Atoms
 from pydantic import BaseModel
 
-from pestle.plugins import Contract, Registry, Resources, accepts_any_structures, import_submodules
+from pestle.plugins import (
+    Contract,
+    Registry,
+    RegistryError,
+    Resources,
+    accepts_any_structures,
+    import_submodules,
+)
 from pestle.structures import settings_hash
 
 
@@ -99,6 +109,47 @@ def level_of_theory_hash(labeller: Labeller) -> str:
     return settings_hash(labeller.level_of_theory())
 
 
+# The energy a label holds, in ``energy_convention``:
+#   free          the Mermin free energy E - TS at the stated smearing: the energy the forces
+#                 and stress are derivatives of (ASE's force_consistent=True, VASP's TOTEN)
+#   extrapolated  extrapolated to zero smearing (ASE's default energy, VASP's energy(sigma->0))
+#   total         no electronic smearing involved (a classical or machine-learned potential)
+#   unknown       a labeller that does not say
+ENERGY_CONVENTIONS = ("free", "extrapolated", "total", "unknown")
+# The keys exports write (flat, so every format can carry them: extxyz info, ase.db
+# key-value pairs, CHGNet JSON entries); smearing keys only where there is smearing.
+ENERGY_KEYS = ("energy_convention", "energy_code", "energy_smearing", "energy_smearing_width")
+
+
+def convention(kind: str, code: str, smearing: str | None = None,
+               width: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """The ``ENERGY_KEYS`` mapping of one convention (``width`` in eV)."""
+    if kind not in ENERGY_CONVENTIONS:
+        raise ValueError(f"unknown energy convention {kind!r} (known: {ENERGY_CONVENTIONS})")
+    out: dict[str, Any] = {"energy_convention": kind, "energy_code": code}
+    if smearing is not None:
+        out["energy_smearing"] = smearing
+    if width is not None:
+        out["energy_smearing_width"] = float(width)
+    return out
+
+
+def _unknown_energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+    """The default for a labeller that does not declare its energy."""
+    return convention("unknown", str(level_of_theory.get("code") or "unknown"))
+
+
+def energy_convention(labeller: str, level_of_theory: dict[str, Any]) -> dict[str, Any]:
+    """Which energy labels of ``labeller`` at ``level_of_theory`` hold (``ENERGY_KEYS``):
+    what a stored label says about itself, for the exports. A labeller no longer installed
+    gives ``unknown``."""
+    try:
+        cls = LABELLERS.get(labeller)
+    except RegistryError:
+        return _unknown_energy_convention(level_of_theory)
+    return cls.energy_convention(level_of_theory)
+
+
 def _nothing_to_converge(self: Any) -> tuple[ConvergenceSetting, ...]:
     """The default for a labeller that declares no numerical settings (the gate passes)."""
     return ()
@@ -117,7 +168,8 @@ LABELLERS: Registry[Labeller] = Registry(
             "convergence_settings": _nothing_to_converge,
             "with_setting": _no_settings,
             "check_structures": accepts_any_structures,
-        },  # fmt: skip
+            "energy_convention": staticmethod(_unknown_energy_convention),
+        },
     ),
 )
 

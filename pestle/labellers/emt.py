@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.emt import EMT, parameters
 from pydantic import BaseModel, ConfigDict
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
@@ -46,6 +46,11 @@ class EMTLabeller:
         problem = emt_unsupported(structures)
         if problem:
             raise ValueError(problem)
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """A classical potential: no electrons, no smearing."""
+        return convention("total", "ase-emt")
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         problem = emt_unsupported([atoms])

@@ -15,14 +15,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import kptdensity2monkhorstpack
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.plugins import Resources
 
 # Elements whose compounds are routinely magnetic: spin polarisation is switched on for them
@@ -99,18 +99,27 @@ def setup_dataset(setup_name: str) -> dict[str, Any]:
 
 @LABELLERS.register("gpaw")
 class GPAWLabeller:
+    requires_extra: ClassVar[str] = "gpaw"  # pip install 'pestle[gpaw]'
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        xc: str = "PBE"
+        xc: str = Field(
+            default="PBE", description="exchange-correlation functional, as GPAW names it"
+        )
         ecut: float = Field(default=400.0, gt=0, le=3000, description="plane-wave cutoff, eV")
         kpoint_density: float = Field(
             default=3.0,
             gt=0,
             description="k-points per reciprocal-lattice length (1/A), as ASE's kptdensity",
         )
-        gamma_centered: bool = True
-        smearing: Literal["fermi-dirac", "marzari-vanderbilt", "gaussian"] = "fermi-dirac"
+        gamma_centered: bool = Field(
+            default=True, description="Monkhorst-Pack mesh shifted to contain the Gamma point"
+        )
+        smearing: Literal["fermi-dirac", "marzari-vanderbilt", "gaussian"] = Field(
+            default="fermi-dirac",
+            description="occupation smearing; labels hold the free energy at this smearing",
+        )
         smearing_width: float = Field(default=0.05, ge=0, le=2.0, description="eV")
         spinpol: bool | None = Field(
             default=None, description="None: spin-polarised iff a magnetic element is present"
@@ -119,7 +128,9 @@ class GPAWLabeller:
             default_factory=lambda: {"energy": 1e-6, "density": 1e-5, "eigenstates": 1e-8},
             description="GPAW SCF criteria (energy in eV per valence electron)",
         )
-        maxiter: int = Field(default=200, ge=1)
+        maxiter: int = Field(
+            default=200, ge=1, description="SCF iterations before the label fails as unconverged"
+        )
         parallel_ranks: int = Field(
             default=1,
             ge=1,
@@ -163,6 +174,13 @@ class GPAWLabeller:
             "convergence": dict(sorted(p.convergence.items())),
             "setups": setup_dataset(self._setup_name()),
         }
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """The free energy at the configured smearing (``label`` asks GPAW for the
+        force-consistent energy), not extrapolated to zero width."""
+        smearing = level_of_theory.get("smearing") or {}
+        return convention("free", "gpaw", smearing.get("name"), smearing.get("width"))
 
     def kpoints(self, atoms: Atoms) -> list[int]:
         if not atoms.pbc.any():

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelResult
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelResult, convention
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import PluginSpec, Resources, default_name
 
@@ -21,7 +21,9 @@ class PotentialLabeller:
 
         # ``potential: {params: {...}}`` without a name means CHGNet.
         potential: Annotated[PluginSpec, default_name("chgnet")] = Field(
-            default_factory=lambda: PluginSpec(name="chgnet")
+            default_factory=lambda: PluginSpec(name="chgnet"),
+            description="the potential whose predictions are the labels ({name, params}; "
+            "without a name: chgnet)",
         )
 
     def __init__(self, params: Params) -> None:
@@ -47,6 +49,11 @@ class PotentialLabeller:
 
     def level_of_theory(self) -> dict[str, Any]:
         return {"code": "pestle-potential", "potential": self._model().describe()}
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """A model's prediction: whatever energy it learnt, with no smearing of its own."""
+        return convention("total", "pestle-potential")
 
     def label(self, atoms: Atoms, workdir: Path) -> LabelResult:
         [prediction] = self._model().predict([atoms])

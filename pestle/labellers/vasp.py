@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import numpy as np
 from ase import Atoms, units
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult
+from pestle.extras import require
+from pestle.labellers import LABELLERS, ConvergenceSetting, LabelError, LabelResult, convention
 from pestle.labellers.gpaw import check_result
 from pestle.plugins import Resources
 
@@ -74,15 +75,36 @@ class VASPLabeller:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        input_set: Literal["MPStaticSet", "MPRelaxSet", "MPScanStaticSet"] = "MPStaticSet"
-        user_incar_settings: dict[str, Any] = Field(default_factory=dict)
-        user_kpoints_settings: dict[str, Any] = Field(default_factory=dict)
+        input_set: Literal["MPStaticSet", "MPRelaxSet", "MPScanStaticSet"] = Field(
+            default="MPStaticSet",
+            description="pymatgen's Materials Project input set the INCAR, KPOINTS and POTCARs "
+            "come from",
+        )
+        user_incar_settings: dict[str, Any] = Field(
+            default_factory=dict, description="INCAR tags over the input set's (ENCUT: 600)"
+        )
+        user_kpoints_settings: dict[str, Any] = Field(
+            default_factory=dict,
+            description="k-points over the input set's (reciprocal_density: 200)",
+        )
         command: str = Field(default="vasp_std", description='e.g. "srun -n 32 vasp_std"')
         vasp_version: str | None = Field(
             default=None, description="declared version; a label from another version fails"
         )
-        custodian: bool = True
-        max_errors: int = Field(default=5, ge=0)
+        custodian: bool = Field(
+            default=True,
+            description="run VASP under custodian's error handlers (false: run command as is)",
+        )
+        max_errors: int = Field(
+            default=5, ge=0, description="corrections custodian may make before giving up"
+        )
+
+        @model_validator(mode="after")
+        def _custodian_installed(self) -> VASPLabeller.Params:
+            # VASP itself is the user's; custodian is pestle[vasp], needed only when used.
+            if self.custodian:
+                require("vasp", "labeller 'vasp' with custodian: true (false runs command alone)")
+            return self
 
     def __init__(self, params: Params) -> None:
         self.params = params
@@ -106,6 +128,20 @@ class VASPLabeller:
             "potcar_functional": config.get("POTCAR_FUNCTIONAL"),
             "potcar": config["POTCAR"],
         }
+
+    @staticmethod
+    def energy_convention(level_of_theory: dict[str, Any]) -> dict[str, Any]:
+        """vasprun's ``e_fr_energy`` (TOTEN, the free energy), with the INCAR's ISMEAR and
+        SIGMA (VASP's defaults 1 and 0.2 eV when the INCAR leaves them out)."""
+        incar = level_of_theory.get("incar") or {}
+        ismear = int(incar.get("ISMEAR", 1))
+        names = {-5: "tetrahedron-blochl", -4: "tetrahedron", -2: "fixed", -1: "fermi-dirac",
+                 0: "gaussian"}  # fmt: skip
+        name = (
+            f"methfessel-paxton-{ismear}" if ismear > 0 else names.get(ismear, f"ISMEAR {ismear}")
+        )
+        width = None if ismear in (-5, -4, -2) else float(incar.get("SIGMA", 0.2))
+        return convention("free", "vasp", name, width)
 
     def input_set(self, atoms: Atoms):
         from pymatgen.io.ase import AseAtomsAdaptor

@@ -148,13 +148,25 @@ class CHGNetPotential(LazyModel):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        model: str = "0.3.0"
-        checkpoint: Path | None = None  # fine-tuned file; takes precedence over ``model``
-        checkpoint_sha256: str | None = None
-        device: str = "auto"
+        model: str = Field(
+            default="0.3.0",
+            description="a pretrained CHGNet shipped in chgnet's wheel: 0.3.0, 0.2.0, r2scan",
+        )
+        checkpoint: Path | None = Field(
+            default=None, description="a fine-tuned checkpoint file; takes precedence over model"
+        )
+        checkpoint_sha256: str | None = Field(
+            default=None, description="the checkpoint's sha256, checked before it is loaded"
+        )
+        device: str = Field(
+            default="auto",
+            description="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N",
+        )
         # Peak memory is roughly proportional to atoms x neighbours: ~25 MB per atom for
         # dense LiF on CPU (chgnet builds a double-backward graph even at inference).
-        max_atoms_per_batch: int = Field(128, ge=1)
+        max_atoms_per_batch: int = Field(
+            128, ge=1, description="atoms per predicted batch (bounds memory)"
+        )
 
         _known_model = field_validator("model")(check_pretrained_name)
 

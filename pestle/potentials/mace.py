@@ -184,19 +184,39 @@ class MACEPotential(LazyModel):
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
     checkpoint_unpickles: ClassVar[str] = "always"  # a .model file is a pickled module
     trust_params: ClassVar[tuple[str, ...]] = ("trust_model_file",)
+    requires_extra: ClassVar[str] = "mace"  # pip install 'pestle[mace]'
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        model: str = "small"  # a MACE-MP name as mace_mp() takes it, found in mace's cache
-        model_path: Path | None = None  # local .model file; takes precedence over ``model``
-        model_sha256: str | None = None
+        model: str = Field(
+            default="small",
+            description="a MACE-MP name as mace_mp() takes it, found in mace's cache",
+        )
+        model_path: Path | None = Field(
+            default=None, description="a local .model file; takes precedence over model"
+        )
+        model_sha256: str | None = Field(
+            default=None, description="the .model file's sha256, checked before it is unpickled"
+        )
         # .model files are pickles: without a sha256, loading needs this explicit opt-in.
-        trust_model_file: bool = False
-        head: str | None = None  # multi-head models: which readout (default: 'default')
-        device: str = "auto"
-        default_dtype: Literal["float32", "float64"] = "float64"
-        max_atoms_per_batch: int = Field(256, ge=1)
+        trust_model_file: bool = Field(
+            default=False,
+            description="load a .model file without model_sha256 (a pickle runs any code it names)",
+        )
+        head: str | None = Field(
+            default=None, description="readout head of a multi-head model (default: 'default')"
+        )
+        device: str = Field(
+            default="auto",
+            description="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N",
+        )
+        default_dtype: Literal["float32", "float64"] = Field(
+            default="float64", description="precision the model is evaluated in"
+        )
+        max_atoms_per_batch: int = Field(
+            256, ge=1, description="atoms per predicted batch (bounds memory)"
+        )
 
         _hex_digest = field_validator("model_sha256")(check_sha256)
 

@@ -170,20 +170,37 @@ class MatGLPotential(LazyModel):
     # A saved matgl model is a folder; its digest is folder_sha256's.
     checkpoint_params: ClassVar[tuple[str, str] | None] = ("model_path", "model_sha256")
     checkpoint_unpickles: ClassVar[str] = "never"  # weights_only, classes checked first
+    requires_extra: ClassVar[str] = "matgl"  # pip install 'pestle[matgl]'
     _transient = ("_potential", "_device")
     _locks = ("_lock", "_run_lock")
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        model: str = DEFAULT_MODEL  # a materialyze model name or "owner/name" Hub repo id
-        model_path: Path | None = None  # folder from Potential.save; takes precedence
-        model_sha256: str | None = None  # of the folder, as folder_sha256 computes it
-        device: str = "auto"
+        model: str = Field(
+            default=DEFAULT_MODEL,
+            description='a pretrained matgl model name, or an "owner/name" Hub repo id, found in '
+            "matgl's cache",
+        )
+        model_path: Path | None = Field(
+            default=None,
+            description="a folder written by Potential.save; takes precedence over model",
+        )
+        model_sha256: str | None = Field(
+            default=None, description="the folder's sha256 (pestle's folder digest), checked first"
+        )
+        device: str = Field(
+            default="auto",
+            description="auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N",
+        )
         # matgl's graphs carry float32 coordinates either way; float64 evaluates the model
         # itself in double precision.
-        default_dtype: Literal["float32", "float64"] = "float32"
-        max_atoms_per_batch: int = Field(256, ge=1)
+        default_dtype: Literal["float32", "float64"] = Field(
+            default="float32", description="precision the model is evaluated in"
+        )
+        max_atoms_per_batch: int = Field(
+            256, ge=1, description="atoms per predicted batch (bounds memory)"
+        )
 
         _hex_digest = field_validator("model_sha256")(check_sha256)
 

@@ -60,13 +60,18 @@ class DefectSampler:
         model_config = ConfigDict(extra="forbid")
 
         kinds: list[Literal["vacancy", "substitution", "interstitial"]] = Field(
-            default=["vacancy", "substitution"], min_length=1
+            default=["vacancy", "substitution"],
+            min_length=1,
+            description="defects to make (in ionic crystals as neutral complexes: Schottky "
+            "groups, Frenkel pairs, isovalent substitutions)",
         )
         substitutions: dict[str, list[str]] = Field(
             default_factory=dict, description="host element -> dopant elements"
         )
         min_supercell_length: float = Field(default=8.0, gt=0, description="Angstrom")
-        max_atoms: int = Field(default=128, ge=2)
+        max_atoms: int = Field(
+            default=128, ge=2, description="largest supercell (atoms) a seed may need; larger fails"
+        )
         rattle: float = Field(default=0.02, ge=0, le=0.5, description="Gaussian, Angstrom")
 
     def __init__(self, params: Params) -> None:

@@ -29,15 +29,31 @@ class MDSampler:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        potential: PotentialSpec = Field(default_factory=default_potential)
-        temperatures: list[float] = Field(default=[300.0, 1000.0], min_length=1)
-        thermostat: Literal["langevin", "nve"] = "langevin"
-        timestep_fs: float = Field(default=1.0, gt=0, le=10)
+        potential: PotentialSpec = Field(
+            default_factory=default_potential,
+            description="the potential that drives the dynamics (the daemon can swap in the "
+            "promoted model)",
+        )
+        temperatures: list[float] = Field(
+            default=[300.0, 1000.0], min_length=1, description="K; one trajectory per temperature"
+        )
+        thermostat: Literal["langevin", "nve"] = Field(
+            default="langevin",
+            description="langevin: NVT at each temperature; nve: velocity Verlet from "
+            "velocities drawn at it",
+        )
+        timestep_fs: float = Field(default=1.0, gt=0, le=10, description="MD time step, fs")
         friction_per_fs: float = Field(default=0.02, gt=0, description="Langevin friction")
-        equilibration_steps: int = Field(default=100, ge=0)
-        snapshot_every: int = Field(default=20, ge=1)
-        snapshots_per_temperature: int = Field(default=3, ge=1)
-        supercell: Supercell = (1, 1, 1)
+        equilibration_steps: int = Field(
+            default=100, ge=0, description="steps run before the first snapshot"
+        )
+        snapshot_every: int = Field(default=20, ge=1, description="steps between snapshots")
+        snapshots_per_temperature: int = Field(
+            default=3, ge=1, description="candidates taken from each trajectory"
+        )
+        supercell: Supercell = Field(
+            default=(1, 1, 1), description="repetitions of the seed along its cell vectors"
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params

@@ -114,20 +114,40 @@ class MigrationSampler:
         model_config = ConfigDict(extra="forbid")
 
         species: str = Field(description="element whose vacancy migrates")
-        kind: Literal["vacancy", "interstitial"] = "vacancy"
+        kind: Literal["vacancy", "interstitial"] = Field(
+            default="vacancy",
+            description="vacancy: an ion hops into a neighbouring vacancy; interstitial: an "
+            "extra ion hops between the cell's largest voids",
+        )
         min_supercell_length: float = Field(default=7.0, gt=0, description="Angstrom")
         max_hop_distance: float | None = Field(
             default=None, gt=0, description="Angstrom; default: the nearest shell"
         )
         n_images: int = Field(default=5, ge=1, le=15, description="intermediate images")
-        interpolation: Literal["idpp", "linear"] = "idpp"
+        interpolation: Literal["idpp", "linear"] = Field(
+            default="idpp",
+            description="initial image chain: image-dependent pair potential or linear",
+        )
         relax: bool = Field(default=False, description="climbing-image NEB with the potential")
-        predict_barrier: bool = True
-        potential: PotentialSpec = Field(default_factory=default_potential)
+        predict_barrier: bool = Field(
+            default=True,
+            description="record the potential's energy of every image and the barrier in the "
+            "candidates' params",
+        )
+        potential: PotentialSpec = Field(
+            default_factory=default_potential,
+            description="the potential for the NEB relaxation and the predicted barrier",
+        )
         fmax: float = Field(default=0.1, gt=0, description="eV/Angstrom, relaxations")
-        max_steps: int = Field(default=200, ge=1)
-        max_paths: int = Field(default=4, ge=1)
-        rattle: float = Field(default=0.0, ge=0, le=0.5)
+        max_steps: int = Field(
+            default=200, ge=1, description="optimiser steps of the NEB relaxation"
+        )
+        max_paths: int = Field(
+            default=4, ge=1, description="distinct hops per seed (each gives n_images + 2 images)"
+        )
+        rattle: float = Field(
+            default=0.0, ge=0, le=0.5, description="Gaussian displacement of every image, Angstrom"
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params

@@ -3,7 +3,7 @@ force constants, at an amplitude of the user's choosing (larger ones probe anhar
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
@@ -47,13 +47,23 @@ def displaced_supercells(
 class PhononSampler:
     """Phonopy's symmetry-reduced finite displacements, one displaced atom per structure."""
 
+    requires_extra: ClassVar[str] = "phonon"  # pip install 'pestle[phonon]'
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        supercell: Supercell = (2, 2, 2)
+        supercell: Supercell = Field(
+            default=(2, 2, 2), description="phonopy supercell: repetitions along the cell vectors"
+        )
         amplitude: float = Field(default=0.03, gt=0, le=0.5, description="Angstrom")
-        plus_minus: Literal["auto", True, False] = "auto"
-        symprec: float = Field(default=1e-5, gt=0)
+        plus_minus: Literal["auto", True, False] = Field(
+            default="auto",
+            description="also the opposite displacements: auto (where symmetry does not give "
+            "them), always, never",
+        )
+        symprec: float = Field(
+            default=1e-5, gt=0, description="symmetry tolerance (Angstrom) phonopy uses"
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params

@@ -40,9 +40,17 @@ class RattleSampler:
             min_length=1,
             description="standard deviations of the displacement per axis, in Angstrom",
         )
-        per_amplitude: int = Field(default=3, ge=1, le=10_000)
-        supercell: Supercell = (1, 1, 1)
-        mode: Literal["gaussian", "boltzmann"] = "gaussian"
+        per_amplitude: int = Field(
+            default=3, ge=1, le=10_000, description="candidates per amplitude"
+        )
+        supercell: Supercell = Field(
+            default=(1, 1, 1), description="repetitions of the seed along its cell vectors"
+        )
+        mode: Literal["gaussian", "boltzmann"] = Field(
+            default="gaussian",
+            description="gaussian: every draw kept; boltzmann: a draw kept with probability "
+            "exp(-dE/kT) under the potential (needs temperature and potential)",
+        )
         temperature: float | None = Field(default=None, gt=0, description="K, for mode boltzmann")
         potential: PotentialSpec | None = Field(
             default=None, description="energy model for mode boltzmann"

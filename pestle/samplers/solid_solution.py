@@ -23,10 +23,16 @@ class SolidSolutionSampler:
         model_config = ConfigDict(extra="forbid")
 
         host: str = Field(description="element whose sites are substituted")
-        substituent: str
-        fractions: list[float] = Field(default=[0.25, 0.5], min_length=1)
-        per_fraction: int = Field(default=2, ge=1)
-        supercell: Supercell = (2, 2, 2)
+        substituent: str = Field(description="element put on the host's sites")
+        fractions: list[float] = Field(
+            default=[0.25, 0.5],
+            min_length=1,
+            description="fractions of the host's sites substituted, each in (0, 1)",
+        )
+        per_fraction: int = Field(default=2, ge=1, description="random arrangements per fraction")
+        supercell: Supercell = Field(
+            default=(2, 2, 2), description="repetitions of the seed along its cell vectors"
+        )
         rattle: float = Field(default=0.02, ge=0, le=0.5, description="Gaussian, Angstrom")
 
         @field_validator("fractions")

@@ -49,19 +49,25 @@ class StrainSampler:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        mode: Literal["random", "volume", "shear"] = "random"
+        mode: Literal["random", "volume", "shear"] = Field(
+            default="random",
+            description="random: symmetric tensors of random orientation; volume: isotropic "
+            "strains evenly over [-max_strain, max_strain]; shear: pure shears plane by plane",
+        )
 
         max_strain: float = Field(
             default=0.05, gt=0, le=0.3, description="largest |principal strain|"
         )
-        count: int = Field(default=5, ge=1, le=10_000)
+        count: int = Field(default=5, ge=1, le=10_000, description="strained cells per seed")
         rattle: float = Field(
             default=0.0,
             ge=0,
             le=1.0,
             description="optional Gaussian displacement (A) on top, so forces are not all zero",
         )
-        supercell: Supercell = (1, 1, 1)
+        supercell: Supercell = Field(
+            default=(1, 1, 1), description="repetitions of the seed along its cell vectors"
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params

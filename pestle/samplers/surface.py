@@ -21,7 +21,9 @@ class SurfaceSampler:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        max_index: int = Field(default=1, ge=1, le=3)
+        max_index: int = Field(
+            default=1, ge=1, le=3, description="largest Miller index of the distinct facets cut"
+        )
         min_slab_size: float = Field(default=6.0, gt=0, description="slab thickness, Angstrom")
         min_vacuum_size: float = Field(default=10.0, gt=0, description="vacuum gap, Angstrom")
         symmetric: bool = Field(

@@ -51,7 +51,11 @@ class FarthestPointSelector:
         model_config = ConfigDict(extra="forbid")
 
         score: str = Field(default="max_force", description="picks the starting candidate")
-        standardise: bool = False
+        standardise: bool = Field(
+            default=False,
+            description="rescale each embedding feature to unit variance first (descriptors in "
+            "mixed units; inflates near-constant, noisy features)",
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params
@@ -81,10 +85,21 @@ class StratifiedSelector:
         model_config = ConfigDict(extra="forbid")
 
         score: str = Field(default="max_force", description="best of each cluster by this")
-        explained_variance: float = Field(default=0.9, gt=0, le=1)
-        standardise: bool = False
-        seed: int = 0
-        restarts: int = Field(default=10, ge=1)
+        explained_variance: float = Field(
+            default=0.9,
+            gt=0,
+            le=1,
+            description="PCA keeps the leading components that explain this share of variance",
+        )
+        standardise: bool = Field(
+            default=False,
+            description="rescale each embedding feature to unit variance first (descriptors in "
+            "mixed units; inflates near-constant, noisy features)",
+        )
+        seed: int = Field(default=0, description="random seed of the first k-means start")
+        restarts: int = Field(
+            default=10, ge=1, description="k-means++ starts; the tightest clustering is kept"
+        )
 
     def __init__(self, params: Params) -> None:
         self.params = params

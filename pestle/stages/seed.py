@@ -19,6 +19,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from pestle.config import ConfigError, LimitsSpec, SeedSpec
+from pestle.extras import MissingExtra, require
 from pestle.plugins import PluginSpec
 from pestle.samplers import Seed
 from pestle.samplers.validity import check_structure
@@ -56,6 +57,10 @@ def fetch_from_materials_project(
     """Structures matching ``query``, most stable first, and the MP database version."""
     from pymatgen.io.ase import AseAtomsAdaptor
 
+    try:
+        require("mp", "a Materials Project seed")
+    except MissingExtra as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if not os.environ.get("MP_API_KEY"):
         raise ConfigError(
             f"{where}: fetching from the Materials Project needs an API key in MP_API_KEY "

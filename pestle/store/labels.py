@@ -289,14 +289,18 @@ class LabelRepository:
                 "label_id": label.id,
                 "chemical_system": label.chemical_system,
                 "sampler": provenance.sampler or structure.kind,
-                "parent_id": provenance.parent_id or "",
-                "rng_seed": "" if provenance.rng_seed is None else str(provenance.rng_seed),
                 "sampler_params": json.dumps(provenance.params, sort_keys=True),
                 "labeller": label.labeller,
                 "lot_hash": label.lot_hash,
                 "level_of_theory": json.dumps(label.level_of_theory, sort_keys=True, default=str),
             }
         )
+        # Absent rather than empty when there is none (a seed), and rng_seed an int: an
+        # empty string garbles extxyz and a string of digits is refused by ase.db.
+        if provenance.parent_id:
+            atoms.info["parent_id"] = provenance.parent_id
+        if provenance.rng_seed is not None:
+            atoms.info["rng_seed"] = int(provenance.rng_seed)
         return StoredLabel(atoms, structure, label)
 
     def count(self, query: Mapping[str, Any] | None = None) -> int:

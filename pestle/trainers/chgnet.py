@@ -10,7 +10,7 @@ Unit conventions (checked against chgnet 0.4's model, dataset and trainer):
   convention (ASE Voigt eV/A^3 -> 3x3 -> divide by ``units.GPa``) so no sign juggling occurs.
 
 Energies from another DFT code (GPAW PBE) sit on a different absolute scale than the Materials
-Project VASP energies CHGNet learnt. With ``refit_atom_ref`` we first shift CHGNet's
+Project VASP energies CHGNet learnt. With ``refit_element_refs`` we first shift CHGNet's
 per-element reference energies (its ``AtomRef`` composition model) by a least-squares fit of
 the label-minus-model residuals, using chgnet's ``AtomRef.fit``; the graph network then only
 has to learn the interaction part. Elements absent from the labels keep their references.
@@ -47,8 +47,9 @@ import numpy as np
 from ase import units
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pestle.plugins import renamed_fields
 from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
     check_pretrained_name,
@@ -170,22 +171,52 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        base_model: str = "0.3.0"  # a pretrained name shipped in chgnet's wheel
-        base_checkpoint: Path | None = None  # takes precedence over base_model
-        epochs: int = Field(5, ge=1)
-        learning_rate: float = Field(1e-3, gt=0)
-        batch_size: int = Field(2, ge=1)  # structures per optimiser step
-        energy_weight: float = Field(1.0, ge=0)
-        force_weight: float = Field(1.0, ge=0)
-        stress_weight: float = Field(0.1, ge=0)
-        freeze: Literal["none", "embeddings", "all_but_readout"] = "embeddings"
-        refit_atom_ref: bool = True
-        seed: int = 0
+        # One spelling across trainers (and potentials): model, model_path,
+        # refit_element_refs; the old names are still read, with a warning.
+        model: str = Field(
+            "0.3.0",
+            validation_alias=AliasChoices("model", "base_model"),
+            description="the pretrained CHGNet to start from (shipped in chgnet's wheel); "
+            "formerly base_model",
+        )
+        model_path: Path | None = Field(
+            None,
+            validation_alias=AliasChoices("model_path", "base_checkpoint"),
+            description="a CHGNet checkpoint file to start from instead; formerly base_checkpoint",
+        )
+        epochs: int = Field(5, ge=1, description="passes over the training labels")
+        learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate")
+        batch_size: int = Field(2, ge=1, description="structures per optimiser step")
+        energy_weight: float = Field(
+            1.0, ge=0, description="weight of the energy per atom in the loss"
+        )
+        force_weight: float = Field(1.0, ge=0, description="weight of the forces in the loss")
+        stress_weight: float = Field(0.1, ge=0, description="weight of the stress in the loss")
+        freeze: Literal["none", "embeddings", "all_but_readout"] = Field(
+            "embeddings",
+            description="layers kept fixed: none; the input embeddings; or all but the last "
+            "atom convolution and the readout",
+        )
+        refit_element_refs: bool = Field(
+            True,
+            validation_alias=AliasChoices("refit_element_refs", "refit_atom_ref"),
+            description="refit the per-element reference energies to the labels first (a "
+            "new level of theory); false keeps the base model's; formerly refit_atom_ref",
+        )
+        seed: int = Field(
+            0, description="random seed of the fine-tune (shuffling, initial weights)"
+        )
         # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
         # recipes, which fill in the fields they fix (see FULL, modes.PAPER_LOSS_WEIGHTS).
-        mode: Mode = "custom"
+        mode: Mode = Field(
+            default="custom",
+            description="custom: the fields as given; full: Deng et al. (2025)'s full fine-tune "
+            "(fixes loss weights and learning rate, 100 epochs unless given); "
+            "linear_correction: their one energy scale, fitted in closed form",
+        )
 
-        _known_model = field_validator("base_model")(check_pretrained_name)
+        _known_model = field_validator("model")(check_pretrained_name)
+        _old_names = renamed_fields("trainer chgnet")
 
         @model_validator(mode="after")
         def _apply_mode(self) -> CHGNetTrainer.Params:
@@ -204,7 +235,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
 
     @property
     def refit_references(self) -> bool:
-        return self.params.refit_atom_ref
+        return self.params.refit_element_refs
 
     def _load_base(
         self,
@@ -214,10 +245,10 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
     ) -> CHGNet:
         p = self.params
         _seed_everything(p.seed)  # before the model is built: its construction draws weights
-        return load_chgnet(p.base_model, p.base_checkpoint, device="cpu")
+        return load_chgnet(p.model, p.model_path, device="cpu")
 
     def _potential_params(self, model: CHGNet) -> dict[str, Any]:
-        return {"model": self.params.base_model}
+        return {"model": self.params.model}
 
     def _save(
         self,
@@ -260,7 +291,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         from torch.utils.data import DataLoader
 
         p = self.params
-        atom_ref_shift = self._refit_atom_ref(model, train_set) if p.refit_atom_ref else {}
+        atom_ref_shift = self._refit_atom_ref(model, train_set) if p.refit_element_refs else {}
         _freeze(model, p.freeze)
 
         has_stress = any(reference_results(ls)[2] is not None for ls in train_set)

@@ -12,11 +12,11 @@ Units: the train/valid sets are extended XYZ files with ``REF_energy`` (total, e
 the labels go in unchanged.
 
 Safety: the foundation ``.model`` file is a full pickle. It is copied into ``workdir`` and
-the copy is verified against ``foundation_model_sha256`` (or accepted because
+the copy is verified against ``model_sha256`` (or accepted because
 ``trust_model_file`` says so) before mace or we unpickle it, so the file mace loads is the
 file we checked.
 
-Level of theory: with ``e0s: refit`` we shift the foundation's isolated-atom energies (E0s)
+Level of theory: with ``refit_element_refs`` we shift the foundation's isolated-atom energies (E0s)
 by a least-squares fit over compositions of the label-minus-foundation energy residuals on
 the training set, as mace's ``--E0s=estimated`` does, and pass them to mace as a dict. We
 fit them ourselves so that elements absent from the training set keep their foundation E0s
@@ -49,7 +49,7 @@ Modes of Deng et al. (2025) (``Params.mode``, see ``pestle.trainers.modes``):
 * ``linear_correction``: no run_train. The verified foundation is loaded, the scale on its
   interaction energy (everything but the E0s: ScaleShiftMACE's ``scale_shift`` block holds
   ``scale`` and ``shift`` of the per-atom interaction energy, and both are multiplied by s)
-  is fitted in closed form jointly with the E0 shift (``e0s: refit``), baked in and the
+  is fitted in closed form jointly with the E0 shift (``refit_element_refs``), baked in and the
   module saved with ``torch.save`` like mace saves it.
 
 What every family does alike (checks, mode dispatch, metrics, checkpoint and sha256) is
@@ -69,13 +69,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pestle.formats.mace_xyz import (
     REF_ENERGY,
@@ -84,6 +84,7 @@ from pestle.formats.mace_xyz import (
     read_mace_xyz,
     write_mace_xyz,
 )
+from pestle.plugins import renamed_fields
 from pestle.potentials.checkpoints import check_sha256
 from pestle.potentials.mace import MACEPotential, choose_head, load_mace_model, mace_version
 from pestle.trainers import TRAINERS, LabelledStructure
@@ -174,38 +175,87 @@ class MACETrainer(TrainerBase[_Foundation]):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        foundation_model: Path  # a MACE .model file (a MACE-MP download or your own)
-        foundation_model_sha256: str | None = None
+        # One spelling across trainers (and potentials): model_path, model_sha256,
+        # refit_element_refs; the old names are still read, with a warning.
+        model_path: Path = Field(
+            validation_alias=AliasChoices("model_path", "foundation_model"),
+            description="the MACE .model file to start from (a MACE-MP download or your own); "
+            "formerly foundation_model",
+        )
+        model_sha256: str | None = Field(
+            None,
+            validation_alias=AliasChoices("model_sha256", "foundation_model_sha256"),
+            description="the .model file's sha256, checked before it is unpickled; formerly "
+            "foundation_model_sha256",
+        )
         # .model files are pickles: without a sha256, using one needs this explicit opt-in.
-        trust_model_file: bool = False
-        foundation_head: str | None = None  # which head of a multi-head foundation to start from
-        finetuning: Literal["naive", "multihead"] = "naive"
-        replay_file: Path | None = None  # pretraining data for multihead replay (extxyz)
-        replay_max_structures: int | None = Field(None, ge=1)  # random subset of the replay
-        replay_weight: float = Field(1.0, ge=0)  # mace's --weight_pt_head
-        # refit: foundation E0s shifted by a least-squares fit to the labels (new level of
-        # theory); foundation: keep the foundation's E0s (same level of theory).
-        e0s: Literal["refit", "foundation"] = "refit"
-        # Keep every element of the foundation (else mace keeps only the training elements).
-        keep_foundation_elements: bool = True
-        epochs: int = Field(10, ge=1)
-        learning_rate: float = Field(1e-3, gt=0)
-        batch_size: int = Field(4, ge=1)
+        trust_model_file: bool = Field(
+            False,
+            description="use a .model file without model_sha256 (a pickle runs any code it names)",
+        )
+        foundation_head: str | None = Field(
+            None, description="which head of a multi-head model to start from"
+        )
+        finetuning: Literal["naive", "multihead"] = Field(
+            "naive",
+            description="naive: train on the labels alone; multihead: mace's replay of "
+            "pretraining data beside them (needs replay_file)",
+        )
+        replay_file: Path | None = Field(
+            None, description="pretraining data for multihead replay (extxyz)"
+        )
+        replay_max_structures: int | None = Field(
+            None, ge=1, description="a random subset of the replay file of this size"
+        )
+        replay_weight: float = Field(
+            1.0, ge=0, description="weight of the replay head in the loss (mace's --weight_pt_head)"
+        )
+        # True: foundation E0s shifted by a least-squares fit to the labels (new level of
+        # theory); False: keep the foundation's E0s (same level of theory).
+        refit_element_refs: bool = Field(
+            True,
+            validation_alias=AliasChoices("refit_element_refs", "e0s"),
+            description="refit the isolated-atom energies (E0s) to the labels first (a new level "
+            "of theory); false keeps the model's; formerly e0s: refit | foundation",
+        )
+        keep_foundation_elements: bool = Field(
+            True,
+            description="keep every element of the starting model (false: only the elements "
+            "of the training labels)",
+        )
+        epochs: int = Field(10, ge=1, description="passes over the training labels")
+        learning_rate: float = Field(1e-3, gt=0, description="the optimiser's learning rate")
+        batch_size: int = Field(4, ge=1, description="structures per optimiser step")
         # mace's own defaults: its loss weighs forces 100x the per-atom energy.
-        energy_weight: float = Field(1.0, ge=0)
-        force_weight: float = Field(100.0, ge=0)
-        stress_weight: float = Field(1.0, ge=0)
-        ema: bool = False  # exponential moving average of the weights (mace's --ema)
-        ema_decay: float = Field(0.99, gt=0, lt=1)
-        default_dtype: Literal["float32", "float64"] = "float64"
-        seed: int = 0
-        # Threads of mace's training process (OMP_NUM_THREADS; torch threads of the linear
-        # correction); None: torch's default. One thread is fastest for small models on a
-        # busy CPU.
-        cpu_threads: int | None = Field(None, ge=1)
+        energy_weight: float = Field(
+            1.0, ge=0, description="weight of the energy per atom in the loss"
+        )
+        force_weight: float = Field(100.0, ge=0, description="weight of the forces in the loss")
+        stress_weight: float = Field(1.0, ge=0, description="weight of the stress in the loss")
+        ema: bool = Field(
+            False, description="exponential moving average of the weights (mace's --ema)"
+        )
+        ema_decay: float = Field(0.99, gt=0, lt=1, description="decay of that average")
+        default_dtype: Literal["float32", "float64"] = Field(
+            "float64", description="precision mace trains in"
+        )
+        seed: int = Field(
+            0, description="random seed of the fine-tune (shuffling, initial weights)"
+        )
+        cpu_threads: int | None = Field(
+            None,
+            ge=1,
+            description="threads of mace's training process (OMP_NUM_THREADS); none: torch's "
+            "default. One is fastest for small models on a busy CPU",
+        )
         # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
         # recipes, which fill in the fields they fix (see FULL, modes.PAPER_LOSS_WEIGHTS).
-        mode: Mode = "custom"
+        mode: Mode = Field(
+            default="custom",
+            description="custom: the fields as given; full: Deng et al. (2025)'s full fine-tune "
+            "(fixes loss weights and learning rate, 100 epochs unless given); "
+            "linear_correction: their one energy scale, fitted in closed form",
+        )
 
         @model_validator(mode="before")
         @classmethod
@@ -221,7 +271,14 @@ class MACETrainer(TrainerBase[_Foundation]):
                     )
             return data
 
-        _hex_digest = field_validator("foundation_model_sha256")(check_sha256)
+        _hex_digest = field_validator("model_sha256")(check_sha256)
+        _old_names = renamed_fields("trainer mace")
+
+        @field_validator("refit_element_refs", mode="before")
+        @classmethod
+        def _e0s_values(cls, value: Any) -> Any:
+            """The old ``e0s`` took ``refit`` / ``foundation``."""
+            return {"refit": True, "foundation": False}.get(value, value)
 
         @model_validator(mode="after")
         def _replay_for_multihead(self) -> MACETrainer.Params:
@@ -245,6 +302,7 @@ class MACETrainer(TrainerBase[_Foundation]):
 
     family = "MACE"
     potential_name = "mace"
+    requires_extra: ClassVar[str] = "mace"  # pip install 'pestle[mace]'
     baked_into = "MACE model"
 
     def __init__(self, params: Params) -> None:
@@ -253,7 +311,7 @@ class MACETrainer(TrainerBase[_Foundation]):
 
     @property
     def refit_references(self) -> bool:
-        return self.params.e0s == "refit"
+        return self.params.refit_element_refs
 
     def _load_base(
         self,
@@ -368,7 +426,7 @@ class MACETrainer(TrainerBase[_Foundation]):
         model_zs = sorted(f.zs) if p.keep_foundation_elements else sorted(data_zs | replay_zs)
 
         e0_shift: dict[str, float] = {}
-        if p.e0s == "refit":
+        if p.refit_element_refs:
             structures = [ls.atoms for ls in train_set]
             assert f.potential is not None
             predicted = [pred.energy for pred in f.potential.predict(structures)]
@@ -467,22 +525,21 @@ class MACETrainer(TrainerBase[_Foundation]):
         """The foundation file copied into ``run_dir``, checked the way MACEPotential checks
         a model file (sha256 or an explicit trust)."""
         p = self.params
-        source = Path(p.foundation_model)
+        source = Path(p.model_path)
         if not source.is_file():
             raise FileNotFoundError(f"MACE foundation model {source} does not exist")
         copy = run_dir / "foundation.model"
         shutil.copyfile(source, copy)
-        if p.foundation_model_sha256 is not None:
+        if p.model_sha256 is not None:
             actual = sha256_file(copy)
-            if actual != p.foundation_model_sha256:
+            if actual != p.model_sha256:
                 raise ChecksumError(
-                    f"MACE foundation model {source} has sha256 {actual}, expected "
-                    f"{p.foundation_model_sha256}"
+                    f"MACE foundation model {source} has sha256 {actual}, expected {p.model_sha256}"
                 )
         elif not p.trust_model_file:
             raise ValueError(
                 f"MACE foundation model {source} is a full pickle of a torch module: loading it "
-                "runs any code it names. Set foundation_model_sha256 to the file's sha256 "
+                "runs any code it names. Set model_sha256 to the file's sha256 "
                 "(sha256sum prints it), or set trust_model_file: true if you trust its source"
             )
         else:

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from ase import units
@@ -145,26 +145,51 @@ class MatGLTrainer(TrainerBase[_Base]):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        model: str = DEFAULT_MODEL  # a pretrained name, found in matgl's cache
-        model_path: Path | None = None  # a folder written by Potential.save; takes precedence
-        model_sha256: str | None = None  # of the folder, as pestle.potentials.matgl computes it
-        epochs: int = Field(10, ge=1)
-        learning_rate: float = Field(1e-3, gt=0)
-        decay_alpha: float = Field(0.01, gt=0, le=1)  # cosine schedule ends at lr * decay_alpha
-        batch_size: int = Field(4, ge=1)
-        energy_weight: float = Field(1.0, ge=0)
-        force_weight: float = Field(1.0, ge=0)
-        stress_weight: float = Field(0.1, ge=0)
-        loss: Literal["mse_loss", "huber_loss", "smooth_l1_loss", "l1_loss"] = "mse_loss"
-        refit_element_refs: bool = True
-        seed: int = 0
-        # Torch threads while training (torch.set_num_threads, restored afterwards; it is
-        # process-wide). None: torch's default. One thread is fastest for small models on a
-        # busy CPU.
-        cpu_threads: int | None = Field(None, ge=1)
+        model: str = Field(
+            DEFAULT_MODEL, description="the pretrained matgl model to start from (matgl's cache)"
+        )
+        model_path: Path | None = Field(
+            None,
+            description="a folder written by matgl's Potential.save to start from instead",
+        )
+        model_sha256: str | None = Field(
+            None, description="that folder's sha256 (pestle's folder digest), checked first"
+        )
+        epochs: int = Field(10, ge=1, description="passes over the training labels")
+        learning_rate: float = Field(1e-3, gt=0, description="Adam's initial learning rate")
+        decay_alpha: float = Field(
+            0.01, gt=0, le=1, description="the cosine schedule ends at learning_rate x this"
+        )
+        batch_size: int = Field(4, ge=1, description="structures per optimiser step")
+        energy_weight: float = Field(1.0, ge=0, description="weight of the energy in the loss")
+        force_weight: float = Field(1.0, ge=0, description="weight of the forces in the loss")
+        stress_weight: float = Field(0.1, ge=0, description="weight of the stress in the loss")
+        loss: Literal["mse_loss", "huber_loss", "smooth_l1_loss", "l1_loss"] = Field(
+            "mse_loss", description="matgl's loss function"
+        )
+        refit_element_refs: bool = Field(
+            True,
+            description="refit the per-element reference energies to the labels first (a "
+            "new level of theory); false keeps the base model's",
+        )
+        seed: int = Field(
+            0, description="random seed of the fine-tune (shuffling, initial weights)"
+        )
+        # torch.set_num_threads is process-wide: restored afterwards.
+        cpu_threads: int | None = Field(
+            None,
+            ge=1,
+            description="torch threads while training; none: torch's default. One is fastest "
+            "for small models on a busy CPU",
+        )
         # custom: the fields above as given. full / linear_correction: Deng et al. (2025)'s
         # recipes, which fill in the fields they fix (see FULL, LINEAR).
-        mode: Mode = "custom"
+        mode: Mode = Field(
+            default="custom",
+            description="custom: the fields as given; full: Deng et al. (2025)'s full fine-tune "
+            "(fixes loss weights and learning rate, 100 epochs unless given); "
+            "linear_correction: their one energy scale, fitted in closed form",
+        )
 
         @model_validator(mode="after")
         def _apply_mode(self) -> MatGLTrainer.Params:
@@ -176,6 +201,7 @@ class MatGLTrainer(TrainerBase[_Base]):
 
     family = "matgl"
     potential_name = "matgl"
+    requires_extra: ClassVar[str] = "matgl"  # pip install 'pestle[matgl]'
     baked_into = "matgl Potential"
 
     def __init__(self, params: Params | None = None) -> None:
