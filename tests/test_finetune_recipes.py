@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -24,12 +25,14 @@ import torch
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
+from pydantic import BaseModel
 
+from pestle.plugins import Resources
 from pestle.potentials import POTENTIALS, from_checkpoint
 from pestle.potentials.calculator import PotentialCalculator
 from pestle.potentials.chgnet import CHGNetPotential, install_scales, load_chgnet
 from pestle.stages.evaluation_set import stopping_split
-from pestle.trainers import TRAINERS, LabelledStructure
+from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
 from pestle.trainers.base import BestEpoch
 from pestle.trainers.chgnet import _Criterion
 from pestle.trainers.linear import DisagreeingScales
@@ -227,8 +230,10 @@ def drift(base: CHGNetPotential, tmp_path_factory: pytest.TempPathFactory) -> di
         atoms = ideal.copy()
         atoms.rattle(0.1, seed=seed)
         train.append(label(base, atoms, f"si{seed}", factor=1 / 0.7))
+    # The last epoch kept, so every run is compared after the same number of steps.
     common = {"mode": "custom", "epochs": 3, "learning_rate": 2e-3, "freeze": "none",
-              "energy_weight": 0.1, "force_weight": 100.0, "stress_weight": 0.1}  # fmt: skip
+              "energy_weight": 0.1, "force_weight": 100.0, "stress_weight": 0.1,
+              "select_epoch": "last"}  # fmt: skip
     runs = {}
     for name, extra in (("plain", {}), ("replay", {"replay_weight": 20.0}),
                         ("l2sp", {"l2sp": 100.0})):  # fmt: skip
@@ -272,9 +277,11 @@ def test_l2sp_keeps_the_weights_closer_to_the_pretrained_ones(drift: dict) -> No
 
     plain_model, plain = drift["runs"]["plain"]
     l2sp_model, anchored = drift["runs"]["l2sp"]
-    assert plain["best_epoch"] == anchored["best_epoch"] == 2  # same epoch compared
-    assert anchored["l2sp"] == 100.0
-    assert all(e["l2sp_penalty"] > 0 for e in anchored["epochs"])
+    assert plain.metrics["best_epoch"] == anchored.metrics["best_epoch"] == 2
+    assert anchored.metrics["l2sp"] == 100.0
+    # Zero at the first step (the weights are the anchors), then it pulls.
+    penalties = [e["l2sp_penalty"] for e in anchored.metrics["epochs"]]
+    assert penalties[0] >= 0 and all(p > 0 for p in penalties[1:])
     assert distance(l2sp_model) < 0.5 * distance(plain_model)
 
 
@@ -287,6 +294,10 @@ def test_worst_system_selection_keeps_the_base_unless_every_system_improves() ->
     assert not best.offer(3, val_loss=0.1, val_force_mae=0.01, worst_system_ratio=0.95)
     assert best.epoch == 2 and "worst-system" in best.criterion
     assert BestEpoch("full").by == "val_force_mae" and BestEpoch("custom").by == "val_loss"
+    last = BestEpoch("custom", "last")
+    assert all(last.offer(e, val_loss=9.0 - e % 2, val_force_mae=None) for e in range(3))
+    assert last.epoch == 2
+    assert not last.offer(3, val_loss=float("nan"), val_force_mae=None) and last.epoch == 2
 
 
 # -- the pipeline's part -----------------------------------------------------------------------
@@ -332,3 +343,62 @@ def test_evaluation_figures_leave_out_the_stopping_part() -> None:
     ctx.config.finetune.stopping_fraction = 0.0
     assert evaluation_set_labels(ctx, part="stopping") == []
     assert {s.structure_id for s in evaluation_set_labels(ctx)} == set(members["Si"])
+
+
+class _Recording:
+    """A trainer that records what it was given and writes a one-byte checkpoint."""
+
+    class Params(BaseModel):
+        pass
+
+    seen: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params
+
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def _done(self, workdir: Path) -> TrainedModel:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "model.bin").write_bytes(b"x")
+        return TrainedModel(workdir / "model.bin", "emt", {}, {})
+
+
+@TRAINERS.register("test-recording-with-seeds")
+class _WithSeeds(_Recording):
+    def train(self, train_set, val_set, workdir, device="cpu", *, seeds=()) -> TrainedModel:
+        self.seen["with"] = {"seeds": list(seeds), "val": len(val_set)}
+        return self._done(Path(workdir))
+
+
+@TRAINERS.register("test-recording-without-seeds")
+class _WithoutSeeds(_Recording):
+    def train(self, train_set, val_set, workdir, device="cpu") -> TrainedModel:
+        self.seen["without"] = {"val": len(val_set)}
+        return self._done(Path(workdir))
+
+
+def test_the_training_job_passes_seeds_to_trainers_that_take_them(
+    store, mongo_uri: str, database_name: str, tmp_path: Path
+) -> None:
+    from pestle.dispatch.training import run_training_job
+    from pestle.store import label_id
+    from pestle.structures import atoms_to_dict
+
+    seed = bulk("Si", "diamond", a=5.47)
+    atoms = seed.copy()
+    atoms.rattle(0.05, seed=1)
+    sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": "rattle"})
+    store.labels.put(sid, labeller="test", level_of_theory={}, lot_hash="lot", energy=-10.0,
+                     forces=np.zeros((2, 3)), stress=None)  # fmt: skip
+    lid = label_id(sid, "lot")
+    for name in ("with", "without"):
+        run_training_job(
+            mongo_uri, database_name, f"model-{name}", {"name": f"test-recording-{name}-seeds"},
+            [lid], [lid], str(tmp_path / name), {}, seeds=[atoms_to_dict(seed)],
+        )  # fmt: skip
+    (given,) = _Recording.seen["with"]["seeds"]
+    assert isinstance(given, Atoms) and np.allclose(given.positions, seed.positions)
+    assert _Recording.seen["without"] == {"val": 1}  # called as before, without seeds
+    assert store.models.exists("model-with") and store.models.exists("model-without")

@@ -105,12 +105,13 @@ class BestEpoch:
     ``by="worst_system"``: the score is the largest, over the validation set's chemical
     systems, of the epoch's force MAE over the base model's on the same structures; it starts
     at 1 (the base model itself), so an epoch is kept only if it leaves every system better
-    than the base model, and ``epoch`` stays None (keep the base) otherwise."""
+    than the base model, and ``epoch`` stays None (keep the base) otherwise.
+    ``by="last"``: the last epoch with finite losses."""
 
     def __init__(self, mode: str, by: str = "auto") -> None:
         if by == "auto":
             by = "val_force_mae" if mode == "full" else "val_loss"
-        if by not in ("val_force_mae", "val_loss", "worst_system"):
+        if by not in ("val_force_mae", "val_loss", "worst_system", "last"):
             raise ValueError(f"unknown epoch selection {by!r}")
         self.by = by
         self.by_force = by == "val_force_mae"
@@ -123,6 +124,7 @@ class BestEpoch:
             "val_force_mae": SELECTED_BY_FORCE,
             "val_loss": SELECTED_BY_LOSS,
             "worst_system": SELECTED_BY_WORST_SYSTEM,
+            "last": "the last epoch",
         }[self.by]
 
     def offer(
@@ -139,6 +141,7 @@ class BestEpoch:
             "val_force_mae": val_force_mae,
             "val_loss": val_loss,
             "worst_system": worst_system_ratio,
+            "last": -float(epoch),
         }[self.by]
         if score is None or not math.isfinite(score):
             return False

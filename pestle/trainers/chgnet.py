@@ -287,12 +287,12 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         # select_epoch: auto = the mode's (full: validation force MAE, custom: loss);
         #   worst_system = the epoch whose worst chemical system has the lowest force MAE
         #   relative to the base model on the validation set (the base kept if none is
-        #   better everywhere).
+        #   better everywhere); last = the last epoch.
         # patience: stop after this many epochs without a better selected epoch.
         replay_weight: float = Field(0.0, ge=0)
         replay_per_structure: int = Field(2, ge=1)
         l2sp: float = Field(0.0, ge=0)
-        select_epoch: Literal["auto", "val_force_mae", "val_loss", "worst_system"] = "auto"
+        select_epoch: Literal["auto", "val_force_mae", "val_loss", "worst_system", "last"] = "auto"
         patience: int | None = Field(None, ge=1)
 
         _known_model = field_validator("base_model")(check_pretrained_name)
