@@ -271,6 +271,14 @@ class FinetuneSpec(_Strict):
         description="share of each system's training labels kept out of the gradient steps "
         "to choose the best epoch (0: choose on the training loss)",
     )
+    stopping_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="share of each system's evaluation set (a stable random part) the "
+        "fine-tune also chooses its epoch on; every figure that judges a model leaves those "
+        "structures out (0: none)",
+    )
 
 
 class EvaluationSetSpec(_Strict):

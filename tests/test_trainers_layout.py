@@ -19,7 +19,7 @@ import pestle
 
 ROOT = Path(pestle.__file__).parent
 FAMILIES = ("chgnet", "mace", "matgl")
-SHARED = ("base", "modes", "linear", "references")
+SHARED = ("base", "modes", "linear", "references", "replay")
 
 
 def is_module(name: str) -> bool:

@@ -29,13 +29,18 @@ def run_training_job(
     record: dict[str, Any],
     device_preference: str = "auto",
     leave_out: list[str] | None = None,
+    seeds: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train and store the model; returns ``{"model_id", "placement", "trained"}`` (where it
     ran, see ``pestle.dispatch.gpus.placement``, also stored with the model). ``leave_out``:
     reference quantities (``stress``) taken off every label before training (not converged at
-    the labels' settings)."""
+    the labels' settings). ``seeds``: the campaign's seed structures (``atoms_to_dict``),
+    passed to a trainer whose ``train`` takes ``seeds`` (replay)."""
+    import inspect
+
     from pestle.devices import pick_device
     from pestle.store import Store
+    from pestle.structures import atoms_from_dict
     from pestle.trainers import TRAINERS, LabelledStructure
 
     with Store(store_uri, database) as store:
@@ -54,9 +59,13 @@ def run_training_job(
         device = pick_device(device_preference)
         where = placement(device_preference, device)
         implementation = TRAINERS.build(trainer["name"], trainer.get("params", {}))
+        extra: dict[str, Any] = {}
+        if seeds and "seeds" in inspect.signature(implementation.train).parameters:
+            extra["seeds"] = [atoms_from_dict(seed) for seed in seeds]
         trained = implementation.train(
-            labelled(train_label_ids), labelled(val_label_ids), Path(workdir), device=device
-        )
+            labelled(train_label_ids), labelled(val_label_ids), Path(workdir), device=device,
+            **extra,
+        )  # fmt: skip
         store.models.put(
             model_id,
             trained.checkpoint,

@@ -12,7 +12,7 @@ import logging
 import pickle
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -33,6 +33,12 @@ log = logging.getLogger("pestle.potentials.chgnet")
 # Names CHGNet.load accepts; their weights ship inside chgnet's wheel (no download).
 PRETRAINED_MODELS = ("0.3.0", "0.2.0", "r2scan")
 CHECKPOINT_FORMAT = "pestle-chgnet-1"
+# A CHGNet with one scale per chemical system or element on its site energies: no stock
+# CHGNet layer knows a site's element or structure at the readout, so these scales cannot be
+# baked into the weights; the file keeps the model under its own key so that a plain CHGNet
+# loader refuses it instead of dropping the scales.
+SCALED_FORMAT = "pestle-chgnet-scaled-1"
+SCALED_KEY = "scaled_chgnet"
 
 
 # chgnet 0.4 builds cell volumes with torch.tensor(list of tensors); harmless, but torch
@@ -100,6 +106,12 @@ def load_chgnet(
             ) from exc
         log.warning("loading %s with full unpickling (its sha256 was verified)", path)
         state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and SCALED_KEY in state:
+        raise ValueError(
+            f"{path} is a CHGNet with per-{state[SCALED_KEY].get('scope', 'group')} scales "
+            "(a scoped linear correction): load it with potential chgnet_scaled, which applies "
+            "them; as a plain CHGNet it would silently drop the correction"
+        )
     model_dict = state.get("model", state)
     if not {"state_dict", "model_args"} <= set(model_dict):
         raise ValueError(f"{path} is not a CHGNet checkpoint (no model state_dict/model_args)")
@@ -262,3 +274,145 @@ class CHGNetPotential(LazyModel):
             "checkpoint_sha256": self.checkpoint_sha256(),
             "chgnet_version": chgnet_version(),
         }
+
+
+# -- CHGNet with per-system or per-element scales -----------------------------------------------
+
+
+def install_scales(model: CHGNet, scope: str, scales: Mapping[str, float]) -> CHGNet:
+    """Scale ``model``'s site energies (the network part, not the AtomRef references) in
+    place: by the site's element (``scope`` ``"element"``, keys element symbols) or by its
+    structure's chemical system (``"system"``, keys like ``F-Li``); 1 for keys not given.
+    Forces and stress are autograd derivatives of the scaled energy, so they stay exact.
+
+    How: ``_compute`` is wrapped to note each site's scale from the batch's atomic numbers
+    and owners; a forward hook on the readout MLP (``mlp_first``: it maps each site's
+    features to its energy) multiplies its output by them."""
+    import torch
+    from ase.data import atomic_numbers as numbers_of
+
+    if scope not in ("element", "system"):
+        raise ValueError(f"scope must be element or system, not {scope!r}")
+    if not model.mlp_first:
+        raise ValueError("per-site scales need a CHGNet whose readout is per site (mlp_first)")
+    if getattr(model, "_pestle_scales", None) is not None:
+        raise ValueError("this CHGNet already carries scales")
+    table = torch.ones(120, dtype=torch.float64)
+    if scope == "element":
+        for symbol, value in scales.items():
+            table[numbers_of[symbol]] = float(value)
+    state: dict[str, Any] = {"factor": None}
+    original = model._compute
+
+    def per_site(g: Any) -> Any:
+        z = g.atomic_numbers.detach().cpu()
+        if scope == "element":
+            return table[z]
+        owners = g.atom_owners.detach().cpu().long()
+        per_graph = []
+        for j in range(int(owners.max()) + 1 if owners.numel() else 0):
+            symbols = sorted({chemical_symbols_of(int(n)) for n in z[owners == j]})
+            per_graph.append(float(scales.get("-".join(symbols), 1.0)))
+        return torch.tensor(per_graph, dtype=torch.float64)[owners]
+
+    def _compute(g: Any, **options: Any) -> dict:
+        state["factor"] = per_site(g).view(-1, 1)
+        try:
+            return original(g, **options)
+        finally:
+            state["factor"] = None
+
+    def scale_sites(module: Any, inputs: Any, output: Any) -> Any:
+        factor = state["factor"]
+        if factor is None:
+            return output
+        return output * factor.to(dtype=output.dtype, device=output.device)
+
+    model._compute = _compute  # type: ignore[method-assign]
+    model.mlp.register_forward_hook(scale_sites)
+    model._pestle_scales = {"scope": scope, "scales": dict(scales)}  # type: ignore[attr-defined]
+    return model
+
+
+def chemical_symbols_of(number: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[number]
+
+
+def save_scaled_checkpoint(
+    model: CHGNet,
+    path: str | Path,
+    scope: str,
+    scales: Mapping[str, float],
+    metadata: dict[str, Any],
+) -> Path:
+    """``model`` (without scales installed) and its scales in one file that
+    ``ScaledCHGNetPotential`` loads (tensors and plain data only: ``weights_only`` loads
+    it)."""
+    import torch
+
+    if getattr(model, "_pestle_scales", None) is not None:
+        raise ValueError("save the CHGNet without its installed scales")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        SCALED_KEY: {
+            "model": model.as_dict(),
+            "scope": scope,
+            "scales": {str(k): float(v) for k, v in scales.items()},
+        },
+        "pestle": {"format": SCALED_FORMAT, "chgnet_version": chgnet_version(), **metadata},
+    }
+    torch.save(state, path)
+    return path
+
+
+def load_scaled_chgnet(
+    checkpoint: str | Path, checkpoint_sha256: str | None = None, device: str = "cpu"
+) -> CHGNet:
+    """The CHGNet of a scaled checkpoint with its scales installed."""
+    import torch
+    from chgnet.model.model import CHGNet
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"scaled CHGNet checkpoint {path} does not exist")
+    if checkpoint_sha256 is not None and sha256_file(path) != checkpoint_sha256.lower():
+        raise ChecksumError(f"scaled CHGNet checkpoint {path} is not the recorded one (sha256)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or SCALED_KEY not in state:
+        raise ValueError(f"{path} is not a scaled CHGNet checkpoint ({SCALED_FORMAT})")
+    entry = state[SCALED_KEY]
+    model = CHGNet.from_dict(entry["model"]).to(device)
+    return install_scales(model, entry["scope"], entry["scales"])
+
+
+@POTENTIALS.register("chgnet_scaled")
+class ScaledCHGNetPotential(CHGNetPotential):
+    """CHGNet with one scale per chemical system or per element on its site energies (the
+    scoped linear correction, ``linear_scope: system | element``), from the file the CHGNet
+    trainer writes. For ASE: ``pestle.potentials.calculator.PotentialCalculator(this)``, or
+    chgnet's own ``CHGNetCalculator(model=this.load_model())``."""
+
+    class Params(CHGNetPotential.Params):
+        checkpoint: Path  # required: the scales live in the file
+
+    def load_model(self) -> CHGNet:
+        with self._lock:
+            if self._model is None:
+                model = load_scaled_chgnet(
+                    self.params.checkpoint, self.params.checkpoint_sha256, self.device
+                )
+                model.requires_grad_(False)
+                model.eval()
+                model.graph_converter.set_isolated_atom_response("warn")
+                self._model = model
+            return self._model
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["family"] = "chgnet_scaled"
+        model = self.load_model()
+        out["scales"] = dict(model._pestle_scales)  # type: ignore[attr-defined]
+        return out

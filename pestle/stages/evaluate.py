@@ -21,10 +21,28 @@ if TYPE_CHECKING:
     from pestle.stages.context import RunContext
 
 
-def evaluation_set_labels(ctx: RunContext, systems: list[str] | None = None) -> list[StoredLabel]:
+def evaluation_set_labels(
+    ctx: RunContext, systems: list[str] | None = None, part: str = "judging"
+) -> list[StoredLabel]:
     """The stored labels of the campaign's evaluation set (each system at its level of
-    theory)."""
+    theory). With ``finetune.stopping_fraction``, a stable part of each system's set is
+    where fine-tuning also chooses its epoch: ``part`` ``"judging"`` (every figure and
+    decision) leaves it out, ``"stopping"`` is that part alone, ``"all"`` both."""
+    from pestle.stages.evaluation_set import stopping_split
+
+    if part not in ("judging", "stopping", "all"):
+        raise ValueError(f"part must be judging, stopping or all, not {part!r}")
     members = ctx.store.structures.evaluation_set(ctx.config.name, systems)
+    fraction = ctx.config.finetune.stopping_fraction
+    if part != "all" and fraction > 0:
+        split = stopping_split(members, fraction, ctx.config.seed)
+        stop = {i for ids in split.values() for i in ids}
+        members = {
+            system: [i for i in ids if (i in stop) == (part == "stopping")]
+            for system, ids in members.items()
+        }
+    elif part == "stopping":
+        return []
     out: list[StoredLabel] = []
     # A label's system is its structure's: the structure ids and the level of theory say it.
     for lot_hash, group in ctx.systems_by_lot_hash(members).items():

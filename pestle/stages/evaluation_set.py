@@ -141,3 +141,20 @@ class EvaluationSetStage:
             {"per_system": spec.per_system, "members": drawn, "strata": kinds},
         )
         return {"evaluation_set": drawn}
+
+
+def stopping_split(
+    members: Mapping[str, Sequence[str]], fraction: float, seed: int
+) -> dict[str, list[str]]:
+    """Per chemical system, the part of its evaluation set a fine-tune may choose its epoch
+    on: ``round(fraction * n)`` of its ``n`` members (never all), drawn by a stable hash of
+    campaign seed and id, so the same members always give the same part. Figures that judge
+    a model leave these out (a model tuned on them would look better there than it is)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"the stopping fraction must be in [0, 1), got {fraction}")
+    out: dict[str, list[str]] = {}
+    for system, ids in sorted(members.items()):
+        count = min(round(fraction * len(ids)), max(len(ids) - 1, 0))
+        order = sorted(ids, key=lambda i: stable_seed(seed, "stopping", i))
+        out[system] = sorted(order[:count])
+    return out

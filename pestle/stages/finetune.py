@@ -1,6 +1,8 @@
 """The fine-tune stage: the configured pretrained potential fine-tuned on the split's training
-labels (validation labels choose the epoch) as a Dask job that asks for a GPU when a worker
-offers one. A model with the same trainer, labels and parent is never trained twice."""
+labels (validation labels choose the epoch, with the stopping part of the evaluation set when
+``finetune.stopping_fraction`` is set) as a Dask job that asks for a GPU when a worker offers
+one; the campaign's seeds go with it (replay). A model with the same trainer, labels and
+parent is never trained twice."""
 
 from __future__ import annotations
 
@@ -20,14 +22,25 @@ def train_model(
 ) -> str:
     """Fine-tune on these labels and store the model version; returns its id."""
     from pestle.dispatch.training import train_model as dispatch
+    from pestle.stages.evaluate import evaluation_set_labels
+    from pestle.structures import atoms_to_dict
 
     spec = ctx.config.finetune.trainer
     parent = ctx.base_potential.describe()
     left_out = unconverged(ctx, ctx.store.labels.systems_of(train_ids + val_ids).values())
+    systems = sorted(set(ctx.store.labels.systems_of(train_ids).values()))
+    # The part of the evaluation set the epoch is also chosen on (never judged on).
+    stopping_ids = sorted(s.label_id for s in evaluation_set_labels(ctx, systems, "stopping"))
+    # The seeds go to the trainer for replay (near-equilibrium structures it labels itself).
+    seeds = list({seed.id: seed for seed in ctx.outputs.get("seeds") or []}.values())
     identity = {"trainer": spec.model_dump(), "train": train_ids, "validation": val_ids,
                 "parent": parent}  # fmt: skip
     if left_out:  # the same labels without their stress train another model
         identity["left_out"] = left_out
+    if stopping_ids:
+        identity["stopping"] = stopping_ids
+    if seeds and (spec.params.get("replay_weight") or 0) > 0:
+        identity["seeds"] = sorted(seed.id for seed in seeds)
     model_id = "model-" + settings_hash(identity)
     if not ctx.store.models.exists(model_id):
         record = {
@@ -39,6 +52,8 @@ def train_model(
                 "validation_label_ids": val_ids,
                 "query": {"_id": {"$in": train_ids}},
                 "holdout_label_ids": holdout_ids,
+                "stopping_label_ids": stopping_ids,
+                "seed_ids": sorted(seed.id for seed in seeds),
             },
             "level_of_theory_hash": ctx.lot_hash,
             "level_of_theory": ctx.level_of_theory,
@@ -58,10 +73,11 @@ def train_model(
             model_id=model_id,
             trainer=spec.model_dump(),
             train_label_ids=train_ids,
-            val_label_ids=val_ids,
+            val_label_ids=val_ids + stopping_ids,
             workdir=str(ctx.run_dir / "training" / model_id),
             record=record,
             leave_out=sorted(left_out),
+            seeds=[atoms_to_dict(seed.atoms) for seed in seeds],
         )
     return model_id
 

@@ -3,7 +3,9 @@
 Protocol: a registered class with a nested pydantic ``Params`` model,
 ``train(train_set, val_set, workdir, device) -> TrainedModel`` and ``resources() -> Resources``
 (``gpus=1``: runs in a Dask task that asks for a GPU and falls back to the CPU,
-``pestle.devices.pick_device``).
+``pestle.devices.pick_device``). A trainer whose ``train`` also takes the keyword ``seeds``
+(the campaign's seed structures, as ``TrainerBase`` does) gets them from the pipeline, for
+replay; the others are called as before.
 
 The built-in families (chgnet, mace, matgl) build on ``base.TrainerBase`` and the shared
 modules ``modes``, ``linear`` and ``references``; no trainer module imports another

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
+from ase import Atoms
 from pydantic import BaseModel
 
 # The checkpoint checksum and its error, for every family (one import to move when they get a
@@ -36,11 +37,23 @@ from pydantic import BaseModel
 from pestle.plugins import Resources
 from pestle.potentials.checkpoints import ChecksumError, sha256_file
 from pestle.trainers import LabelledStructure, TrainedModel, reference_results
-from pestle.trainers.linear import LinearTerms, check_baked, fit_linear_scale, linear_metrics
+from pestle.trainers.linear import (
+    LinearTerms,
+    ScaleFit,
+    ScaleTerms,
+    check_baked,
+    check_one_scale,
+    check_scaled,
+    fit_linear_scale,
+    fit_scales,
+    linear_metrics,
+    scale_metrics,
+)
 
 __all__ = [
     "SELECTED_BY_FORCE",
     "SELECTED_BY_LOSS",
+    "SELECTED_BY_WORST_SYSTEM",
     "BestEpoch",
     "ChecksumError",
     "FineTuned",
@@ -55,6 +68,10 @@ Base = TypeVar("Base")  # the family's loaded base model and what the run learns
 
 SELECTED_BY_FORCE = "lowest validation force MAE"
 SELECTED_BY_LOSS = "lowest validation loss"
+SELECTED_BY_WORST_SYSTEM = (
+    "lowest worst-system validation force MAE ratio to the base model (the base model kept "
+    "unless an epoch makes every system better)"
+)
 
 
 def check_sets(
@@ -80,24 +97,52 @@ def best_epoch(scores: Mapping[int, float]) -> int | None:
 
 
 class BestEpoch:
-    """The epoch a fine-tune keeps, chosen while it runs: the lowest validation force MAE in
-    ``full`` (Deng et al. 2025), the lowest validation loss otherwise; the earliest on ties,
-    and never one with a non-finite score or loss (a NaN step leaves no weights worth
-    keeping). ``epoch`` is None until one qualifies."""
+    """The epoch a fine-tune keeps, chosen while it runs: by default the lowest validation
+    force MAE in ``full`` (Deng et al. 2025), the lowest validation loss otherwise; the
+    earliest on ties, and never one with a non-finite score or loss (a NaN step leaves no
+    weights worth keeping). ``epoch`` is None until one qualifies.
 
-    def __init__(self, mode: str) -> None:
-        self.by_force = mode == "full"
+    ``by="worst_system"``: the score is the largest, over the validation set's chemical
+    systems, of the epoch's force MAE over the base model's on the same structures; it starts
+    at 1 (the base model itself), so an epoch is kept only if it leaves every system better
+    than the base model, and ``epoch`` stays None (keep the base) otherwise.
+    ``by="last"``: the last epoch with finite losses."""
+
+    def __init__(self, mode: str, by: str = "auto") -> None:
+        if by == "auto":
+            by = "val_force_mae" if mode == "full" else "val_loss"
+        if by not in ("val_force_mae", "val_loss", "worst_system", "last"):
+            raise ValueError(f"unknown epoch selection {by!r}")
+        self.by = by
+        self.by_force = by == "val_force_mae"
         self.epoch: int | None = None
-        self.score = math.inf
+        self.score = 1.0 if by == "worst_system" else math.inf
 
     @property
     def criterion(self) -> str:
-        return SELECTED_BY_FORCE if self.by_force else SELECTED_BY_LOSS
+        return {
+            "val_force_mae": SELECTED_BY_FORCE,
+            "val_loss": SELECTED_BY_LOSS,
+            "worst_system": SELECTED_BY_WORST_SYSTEM,
+            "last": "the last epoch",
+        }[self.by]
 
-    def offer(self, epoch: int, *, val_loss: float | None, val_force_mae: float | None) -> bool:
+    def offer(
+        self,
+        epoch: int,
+        *,
+        val_loss: float | None,
+        val_force_mae: float | None,
+        worst_system_ratio: float | None = None,
+    ) -> bool:
         """Weigh one epoch's validation results; True when it is the best so far (the caller
         keeps its weights then). ``val_loss`` None: the library reports no loss to check."""
-        score = val_force_mae if self.by_force else val_loss
+        score = {
+            "val_force_mae": val_force_mae,
+            "val_loss": val_loss,
+            "worst_system": worst_system_ratio,
+            "last": -float(epoch),
+        }[self.by]
         if score is None or not math.isfinite(score):
             return False
         if val_loss is not None and not math.isfinite(val_loss):
@@ -106,6 +151,10 @@ class BestEpoch:
             self.epoch, self.score = epoch, score
             return True
         return False
+
+    def waited(self, epoch: int) -> int:
+        """Epochs since the last improvement (since the start when none)."""
+        return epoch - (self.epoch if self.epoch is not None else -1)
 
 
 @contextlib.contextmanager
@@ -152,6 +201,8 @@ class TrainerBase(ABC, Generic[Base]):
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params: Any = params if params is not None else self.Params()
+        # The campaign's seed structures of the current ``train`` call (replay uses them).
+        self.seeds: list[Atoms] = []
 
     def resources(self) -> Resources:
         """One worker core, and a GPU when the cluster has one (else the CPU)."""
@@ -163,10 +214,15 @@ class TrainerBase(ABC, Generic[Base]):
         val_set: Sequence[LabelledStructure],
         workdir: Path,
         device: str = "cpu",
+        *,
+        seeds: Sequence[Atoms] = (),
     ) -> TrainedModel:
+        """``seeds``: the campaign's seed structures (near-equilibrium crystals), for the
+        families and options that use them (replay); ignored otherwise."""
         from pestle.devices import pick_device
 
         check_sets(train_set, val_set, self.family)
+        self.seeds = [atoms.copy() for atoms in seeds]
         # Resolved: libraries driven in a child process or with their own root see it too.
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -216,14 +272,33 @@ class TrainerBase(ABC, Generic[Base]):
     ) -> TrainedModel:
         """Deng et al.'s linear correction: one scale on the energy without the element
         references, fitted in closed form (with the references' shift when the family
-        refits them), baked into the model, saved, and the saved model checked."""
+        refits them), baked into the model, saved, and the saved model checked.
+
+        ``linear_scope`` (where the family offers it): ``model`` is the paper's one scale,
+        refused when the chemical systems' own scales disagree beyond their intervals;
+        ``system`` / ``element`` fit one scale per chemical system / per element jointly and
+        save a model that applies them (``_save_scaled``)."""
+        from pestle.structures import chemical_system
+
         p = self.params
+        scope = getattr(p, "linear_scope", "model")
+        ridge = float(getattr(p, "linear_ridge", 0.0))
         train, val = self._linear_terms(base, train_set, val_set)
         weights = {
             "e": p.energy_weight,
             "f": p.force_weight,
             "s": p.stress_weight if train.s_ref.size else 0.0,
         }
+        systems = [chemical_system(ls.atoms) for ls in train_set]
+        # Every scope fits each system's own scale first: the refusal of one model-wide
+        # scale rests on it, and every scope reports it.
+        per_system = fit_scales(ScaleTerms.by_system(train, systems), weights,
+                                refit_references=self.refit_references, scope="system")  # fmt: skip
+        if scope != "model":
+            return self._scoped_correction(base, train_set, val_set, workdir, scope, ridge,
+                                           train, val, weights, per_system)  # fmt: skip
+        if len(per_system.groups) > 1:
+            check_one_scale(per_system)
         scale, shift = fit_linear_scale(train, weights, refit_references=self.refit_references)
         baked = self._bake(base, scale, shift, train_set, val_set)
         checkpoint = self._save(base, workdir, linear_scale=scale)
@@ -232,6 +307,8 @@ class TrainerBase(ABC, Generic[Base]):
         check_baked(after, train, scale, shift, what=self.baked_into, rtol=self.baked_rtol)
         metrics: dict[str, Any] = {
             **linear_metrics(train, val, scale, shift, weights),
+            "linear_scope": "model",
+            "system_scales": per_system.as_dict(),
             "mode": p.mode,
             "val_source": "val_set" if val_set else "none (val_set was empty)",
             "n_train": len(train_set),
@@ -247,10 +324,58 @@ class TrainerBase(ABC, Generic[Base]):
         )
         return self._trained_model(base, checkpoint, metrics)
 
-    def _trained_model(self, base: Base, checkpoint: Path, metrics: dict[str, Any]) -> TrainedModel:
+    def _scoped_correction(
+        self,
+        base: Base,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        workdir: Path,
+        scope: str,
+        ridge: float,
+        train: LinearTerms,
+        val: LinearTerms | None,
+        weights: dict[str, float],
+        per_system: ScaleFit,
+    ) -> TrainedModel:
+        """One scale per chemical system or element, fitted jointly (with the reference
+        shift), saved by the family with the scales applied, and the saved model checked
+        against the fit on the first training structure."""
+        p = self.params
+        st_train, st_val = self._scale_terms(base, train_set, val_set, scope, train, val)
+        fit = fit_scales(st_train, weights, refit_references=self.refit_references,
+                         scope=scope, ridge=ridge)  # fmt: skip
+        checkpoint, potential, extra = self._save_scaled(base, workdir, fit, train_set)
+        checkpoint_sha256 = self._checksum(checkpoint)
+        after = self._scaled_terms(checkpoint, checkpoint_sha256, train_set[0])
+        check_scaled(after, st_train.structures([0]), fit, rtol=self.baked_rtol)
+        metrics: dict[str, Any] = {
+            **scale_metrics(fit, st_train, st_val, weights),
+            "system_scales": per_system.as_dict(),
+            "mode": p.mode,
+            "val_source": "val_set" if val_set else "none (val_set was empty)",
+            "n_train": len(train_set),
+            "n_val": len(val_set),
+            "targets": "efs" if weights["s"] > 0 else "ef",
+            **extra,
+            "device": "cpu",
+            "checkpoint_sha256": checkpoint_sha256,
+        }
+        logging.getLogger(type(self).__module__).info(
+            "%s linear correction per %s: %s", self.family, scope,
+            "; ".join(fit.text(g) for g in fit.groups),
+        )  # fmt: skip
+        return self._trained_model(base, checkpoint, metrics, potential=potential)
+
+    def _trained_model(
+        self,
+        base: Base,
+        checkpoint: Path,
+        metrics: dict[str, Any],
+        potential: str | None = None,
+    ) -> TrainedModel:
         return TrainedModel(
             checkpoint=checkpoint,
-            potential=self.potential_name,
+            potential=potential or self.potential_name,
             potential_params=self._potential_params(base),
             hyperparameters=self.params.model_dump(mode="json"),
             metrics=metrics,
@@ -300,6 +425,43 @@ class TrainerBase(ABC, Generic[Base]):
     ) -> LinearTerms:
         """The linear terms of the first training structure from the baked model (as saved,
         where the family can load it back)."""
+
+    def _scale_terms(
+        self,
+        base: Base,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        scope: str,
+        train: LinearTerms,
+        val: LinearTerms | None,
+    ) -> tuple[ScaleTerms, ScaleTerms | None]:
+        """The linear terms split per group: per chemical system from the totals (every
+        family); per element only where the family splits its energy into site energies."""
+        from pestle.structures import chemical_system
+
+        if scope != "system":
+            raise ValueError(f"{self.family} offers no linear correction per {scope}")
+        groups = sorted({chemical_system(ls.atoms) for ls in train_set})
+        st_train = ScaleTerms.by_system(train, [chemical_system(ls.atoms) for ls in train_set])
+        st_val = (
+            ScaleTerms.by_system(val, [chemical_system(ls.atoms) for ls in val_set], groups)
+            if val is not None
+            else None
+        )
+        return st_train, st_val
+
+    def _save_scaled(
+        self, base: Base, workdir: Path, fit: ScaleFit, train_set: Sequence[LabelledStructure]
+    ) -> tuple[Path, str, dict[str, Any]]:
+        """Save the base with the reference shift baked in and the scales applied by a
+        model that loads the file: (checkpoint, registered potential name, metrics)."""
+        raise ValueError(f"{self.family} offers no linear correction per {fit.scope}")
+
+    def _scaled_terms(
+        self, checkpoint: Path, checkpoint_sha256: str, first: LabelledStructure
+    ) -> LinearTerms:
+        """The saved scaled model's terms of the first training structure (totals)."""
+        raise NotImplementedError
 
     @abstractmethod
     def _train(

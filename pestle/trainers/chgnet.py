@@ -54,12 +54,15 @@ from pestle.potentials.chgnet import (
     TENSOR_TO_SCALAR_WARNING,
     check_pretrained_name,
     load_chgnet,
+    load_scaled_chgnet,
     pack_by_atom_count,
     save_checkpoint,
+    save_scaled_checkpoint,
 )
+from pestle.structures import chemical_system
 from pestle.trainers import TRAINERS, LabelledStructure, reference_results
 from pestle.trainers.base import BestEpoch, FineTuned, TrainerBase
-from pestle.trainers.linear import LinearTerms, joined_arrays
+from pestle.trainers.linear import LinearTerms, ScaleFit, ScaleTerms, joined_arrays
 from pestle.trainers.modes import (
     PAPER_FINAL_LEARNING_RATE,
     PAPER_FULL,
@@ -67,6 +70,7 @@ from pestle.trainers.modes import (
     Mode,
     apply_mode,
 )
+from pestle.trainers.replay import replay_structures, unreplayable_elements
 
 if TYPE_CHECKING:
     from chgnet.model.model import CHGNet
@@ -74,12 +78,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("pestle.trainers.chgnet")
 
 CHECKPOINT_NAME = "chgnet_finetuned.pth.tar"
+SCALED_CHECKPOINT_NAME = "chgnet_scaled.pth.tar"
 MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
 
 # Deng et al. (2025)'s full fine-tune trains every parameter.
 FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
-_UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze")
+_UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze", "replay_weight",
+                     "replay_per_structure", "l2sp", "select_epoch", "patience")  # fmt: skip
+_LINEAR_ONLY = ("linear_scope", "linear_ridge")
 
 # The input featurisation: atom/bond/angle embeddings and their basis expansions.
 _EMBEDDINGS = (
@@ -125,11 +132,16 @@ class _GraphDataset:
     def __getitem__(self, index: int) -> tuple[Any, dict]:
         return self.graphs[index], self.targets[index]
 
+    def joined(self, other: _GraphDataset) -> _GraphDataset:
+        return _GraphDataset(self.graphs + other.graphs, self.targets + other.targets)
+
 
 def _collate(batch: list[tuple[Any, dict]]) -> tuple[list, dict]:
     """The batch layout chgnet's Trainer consumes: a list of graphs, energies stacked,
-    forces and stresses as per-structure lists. (Not chgnet.data.dataset.collate_graphs:
-    importing that module runs ``warnings.filterwarnings("ignore")`` for the whole process.)"""
+    forces and stresses as per-structure lists; plus each structure's loss weight ``w`` and
+    index ``k`` in its data set, which only our criterion reads. (Not
+    chgnet.data.dataset.collate_graphs: importing that module runs
+    ``warnings.filterwarnings("ignore")`` for the whole process.)"""
     import torch
 
     graphs = [graph for graph, _ in batch]
@@ -137,33 +149,106 @@ def _collate(batch: list[tuple[Any, dict]]) -> tuple[list, dict]:
         "e": torch.stack([t["e"] for _, t in batch]),
         "f": [t["f"] for _, t in batch],
         "s": [t["s"] for _, t in batch],
+        "w": torch.stack([t["w"] for _, t in batch]),
+        "k": torch.stack([t["k"] for _, t in batch]),
     }
     return graphs, targets
 
 
-class _LossMeter:
-    """Stands in for the chgnet Trainer's criterion to record the combined loss per epoch;
-    the Trainer itself only reports MAEs."""
+class _Criterion:
+    """Stands in for the chgnet Trainer's criterion: records the loss per epoch (the Trainer
+    itself only reports MAEs) and each validation structure's force errors (for per-system
+    epoch selection); in training, with ``weighted``, replaces the loss by the same MSE loss
+    with per-structure weights (replayed structures), and adds the L2-SP penalty
+    ``l2sp * sum((w - w0)^2)`` over ``anchors``. chgnet's own criterion still gives the
+    MAEs it records."""
 
-    def __init__(self, criterion: Any, model: CHGNet) -> None:
+    def __init__(
+        self,
+        criterion: Any,
+        model: CHGNet,
+        *,
+        weighted: bool = False,
+        l2sp: float = 0.0,
+        anchors: list[tuple[Any, Any]] | None = None,
+    ) -> None:
         self.criterion = criterion
         self.model = model
+        self.weighted = weighted
+        self.l2sp = l2sp
+        self.anchors = anchors or []
         self.reset()
 
     def reset(self) -> None:
         self.sums = {"train": 0.0, "val": 0.0}
         self.counts = {"train": 0, "val": 0}
+        self.penalty = 0.0
+        self.steps = 0
+        self.force_errors: dict[int, tuple[float, int]] = {}
 
     def __call__(self, targets: dict, prediction: dict) -> dict:
         out = self.criterion(targets, prediction)
         phase = "train" if self.model.training else "val"
+        if phase == "train":
+            if self.weighted:
+                out["loss"] = self._weighted_loss(targets, prediction)
+            if self.l2sp > 0 and self.anchors:
+                penalty = self.l2sp * sum(
+                    ((w - w0.to(w.device)) ** 2).sum() for w, w0 in self.anchors
+                )
+                out["loss"] = out["loss"] + penalty
+                self.penalty += float(penalty.detach())
+                self.steps += 1
+        else:
+            for k, f_pred, f_ref in zip(targets["k"], prediction["f"], targets["f"], strict=True):
+                error = (f_pred.detach() - f_ref).abs()
+                self.force_errors[int(k)] = (float(error.sum()), int(error.numel()))
         n = int(targets["e"].shape[0])
         self.sums[phase] += float(out["loss"].detach()) * n
         self.counts[phase] += n
         return out
 
+    def _weighted_loss(self, targets: dict, prediction: dict) -> Any:
+        """chgnet's combined MSE loss with each structure's terms weighted by ``w`` (a force
+        or stress component carries its structure's weight); the same as chgnet's when every
+        weight is 1."""
+        import torch
+
+        c = self.criterion
+        w = targets["w"].to(prediction["e"].dtype)
+        loss = c.energy_loss_ratio * torch.mean(w * (prediction["e"] - targets["e"]) ** 2)
+        if "f" in prediction:
+            f_pred, f_ref = torch.cat(prediction["f"]), torch.cat(targets["f"])
+            wf = torch.cat([w[j].expand(f.shape[0], 3) for j, f in enumerate(targets["f"])])
+            loss = loss + c.force_loss_ratio * torch.mean(wf * (f_pred - f_ref) ** 2)
+        if "s" in prediction and c.stress_loss_ratio:
+            s_pred, s_ref = torch.cat(prediction["s"]), torch.cat(targets["s"])
+            ws = torch.cat([w[j].expand(s.shape) for j, s in enumerate(targets["s"])])
+            valid = ~torch.isnan(s_ref)
+            if valid.any():
+                loss = loss + c.stress_loss_ratio * torch.mean(
+                    ws[valid] * (s_pred[valid] - s_ref[valid]) ** 2
+                )
+        return loss
+
     def mean(self, phase: str) -> float:
         return self.sums[phase] / self.counts[phase] if self.counts[phase] else math.nan
+
+    def system_force_maes(self, systems: Sequence[str]) -> dict[str, float]:
+        """This epoch's validation force MAE per chemical system (``systems``: per
+        validation structure, by index)."""
+        return _pooled_by_system(self.force_errors, systems)
+
+
+def _pooled_by_system(
+    errors: dict[int, tuple[float, int]], systems: Sequence[str]
+) -> dict[str, float]:
+    sums: dict[str, list[float]] = {}
+    for k, (total, count) in errors.items():
+        entry = sums.setdefault(systems[k], [0.0, 0])
+        entry[0] += total
+        entry[1] += count
+    return {system: total / count for system, (total, count) in sorted(sums.items()) if count}
 
 
 @TRAINERS.register("chgnet")
@@ -215,6 +300,46 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             "linear_correction: their one energy scale, fitted in closed form",
         )
 
+        linear_scope: Literal["model", "system", "element"] = Field(
+            "model",
+            description="linear_correction: one scale for the whole model (the paper's; "
+            "refused when the systems' own scales disagree beyond their intervals), one per "
+            "chemical system, or one per element (then the checkpoint is a chgnet_scaled: no "
+            "CHGNet layer can hold them)",
+        )
+        linear_ridge: float = Field(
+            1e-3,
+            ge=0,
+            description="linear_correction: pull towards 1 of scales the labels barely "
+            "determine, relative to each scale's own curvature of the loss",
+        )
+        # custom / full, against drift where the labels say nothing:
+        replay_weight: float = Field(
+            0.0,
+            ge=0,
+            description="loss weight of each replayed structure (near-equilibrium seeds and "
+            "element crystals labelled by the model itself) relative to a label; 0: none",
+        )
+        replay_per_structure: int = Field(
+            2, ge=1, description="replayed copies of each seed and element crystal"
+        )
+        l2sp: float = Field(
+            0.0,
+            ge=0,
+            description="L2-SP: coefficient of sum((w - w_pretrained)^2) over the trained "
+            "network weights (element references excluded), in the loss's units",
+        )
+        select_epoch: Literal["auto", "val_force_mae", "val_loss", "worst_system", "last"] = Field(
+            "auto",
+            description="the epoch kept: auto, the mode's (full: validation force MAE, custom: "
+            "loss); worst_system, the epoch whose worst chemical system has the lowest force "
+            "MAE relative to the base model on the validation set (the base kept if none is "
+            "better everywhere); last, the last epoch",
+        )
+        patience: int | None = Field(
+            None, ge=1, description="stop after this many epochs without a better kept epoch"
+        )
+
         _known_model = field_validator("model")(check_pretrained_name)
         _old_names = renamed_fields("trainer chgnet")
 
@@ -222,6 +347,15 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         def _apply_mode(self) -> CHGNetTrainer.Params:
             apply_mode(self, full=FULL, linear=PAPER_LOSS_WEIGHTS,
                        unused_by_linear=_UNUSED_BY_LINEAR)  # fmt: skip
+            if self.mode != "linear_correction":
+                given = [
+                    name
+                    for name in _LINEAR_ONLY
+                    if name in self.model_fields_set
+                    and getattr(self, name) != type(self).model_fields[name].default
+                ]
+                if given:
+                    raise ValueError(f"{', '.join(given)} apply to mode linear_correction only")
             return self
 
     family = "CHGNet"
@@ -296,8 +430,13 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
 
         has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
         targets = "efs" if has_stress and p.stress_weight > 0 else "ef"
-        train_data = self._dataset(model, train_set)
-        val_data = self._dataset(model, val_set) if val_set else train_data
+        label_data = self._dataset(model, train_set)
+        # Replay labels come from the model as it is now (references refitted, nothing
+        # trained yet), so replayed and new energies share one zero.
+        replay, replay_info = self._replay(model, train_set) if p.replay_weight > 0 else (None, {})
+        train_data = label_data if replay is None else label_data.joined(replay)
+        val_data = self._dataset(model, val_set) if val_set else label_data
+        val_systems = [chemical_system(ls.atoms) for ls in (val_set or train_set)]
 
         # A seeded generator makes the shuffling order a function of the seed alone.
         generator = torch.Generator().manual_seed(p.seed)
@@ -349,16 +488,28 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 "learning_rate_end": PAPER_FINAL_LEARNING_RATE,
                 "scheduler_steps": steps,
             }
-        meter = _LossMeter(trainer.criterion, model)
+        # L2-SP anchors: the trainable network weights as they start (the element
+        # references are refitted and free to move: they absorb another code's zero).
+        anchors = [
+            (w, w.detach().clone())
+            for name, w in model.named_parameters()
+            if w.requires_grad and not name.startswith("composition_model")
+        ] if p.l2sp > 0 else []  # fmt: skip
+        meter = _Criterion(trainer.criterion, model, weighted=replay is not None, l2sp=p.l2sp,
+                           anchors=anchors)  # fmt: skip
         trainer.criterion = meter
 
         def snapshot() -> dict[str, Any]:
             return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
+        best = BestEpoch(p.mode, p.select_epoch)
+        # The base model's validation force errors per system: what worst_system compares
+        # each epoch with (and reported for every selection).
+        base_by_system = _pooled_by_system(_force_errors(model, val_data), val_systems)
         epochs: list[dict[str, Any]] = []
-        # If no epoch finishes with a finite loss we keep the (refit) base model, never
-        # weights a NaN step may have touched.
-        best, best_state = BestEpoch(p.mode), snapshot()
+        # If no epoch qualifies we keep the (refit) base model, never weights a NaN step
+        # may have touched.
+        best_state = snapshot()
         stopped = None
         for epoch in range(p.epochs):
             # One epoch per call so we can keep a copy of the best weights (chgnet's own
@@ -384,6 +535,12 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 log.warning("CHGNet fine-tuning stopped: %s", stopped)
                 break
             history = trainer.training_history
+            by_system = meter.system_force_maes(val_systems)
+            ratios = {
+                system: mae / base_by_system[system]
+                for system, mae in by_system.items()
+                if base_by_system.get(system, 0) > 0
+            }
             epochs.append(
                 {
                     "epoch": epoch,
@@ -391,11 +548,18 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                     "val_loss": val_loss,
                     "train_mae": {k: float(history[k]["train"][-1]) for k in targets},
                     "val_mae": {k: float(history[k]["val"][-1]) for k in targets},
+                    "val_force_mae_by_system": by_system,
+                    "worst_system_ratio": max(ratios.values()) if ratios else None,
                     "learning_rate": float(trainer.optimizer.param_groups[0]["lr"]),
+                    **({"l2sp_penalty": meter.penalty / max(meter.steps, 1)} if anchors else {}),
                 }
             )
-            if best.offer(epoch, val_loss=val_loss, val_force_mae=epochs[-1]["val_mae"]["f"]):
+            if best.offer(epoch, val_loss=val_loss, val_force_mae=epochs[-1]["val_mae"]["f"],
+                          worst_system_ratio=epochs[-1]["worst_system_ratio"]):  # fmt: skip
                 best_state = snapshot()
+            if p.patience is not None and best.waited(epoch) >= p.patience:
+                stopped = f"no better epoch in {p.patience} (patience) after epoch {epoch}"
+                break
 
         trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
         model.to("cpu")
@@ -406,17 +570,65 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             epochs=epochs,
             best_epoch=best.epoch if best.epoch is not None else -1,  # -1: none (the base)
             best_val_loss=kept["val_loss"] if kept else None,
-            selection=best.criterion if kept else "base model (no epoch)",
+            selection=best.criterion if kept else f"base model (no epoch: {best.criterion})",
             metrics={
                 "best_val_force_mae": kept["val_mae"]["f"] if kept else None,
+                "base_val_force_mae_by_system": base_by_system,
                 "stopped": stopped,
                 "targets": targets,
                 "mae_units": {k: MAE_UNITS[k] for k in targets},
                 "atom_ref_shift_eV_per_atom": atom_ref_shift,
                 "trainable_parameters": trainable,
                 "optimisation": schedule,
+                "replay": replay_info,
+                "l2sp": p.l2sp,
+                "select_epoch": best.by,
             },
         )
+
+    def _replay(
+        self, model: CHGNet, train_set: Sequence[LabelledStructure]
+    ) -> tuple[_GraphDataset, dict[str, Any]]:
+        """Near-equilibrium structures of the seeds and of the labels' elements, labelled by
+        ``model`` (energies per atom, forces, stresses in its units), weighted
+        ``replay_weight`` each."""
+        import torch
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        p = self.params
+        elements = sorted({s for ls in train_set for s in ls.atoms.get_chemical_symbols()})
+        structures = replay_structures(self.seeds, elements, per_structure=p.replay_per_structure,
+                                       rng_seed=p.seed)  # fmt: skip
+        if not self.seeds:
+            log.warning("replay without seeds: only the elements' crystals are replayed")
+        graphs = [
+            model.graph_converter(AseAtomsAdaptor.get_structure(atoms), graph_id=f"replay-{i}")
+            for i, atoms in enumerate(structures)
+        ]
+        targets = []
+        for batch in pack_by_atom_count([len(a) for a in structures], 128):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+                out = model.predict_graph([graphs[i] for i in batch], task="efs",
+                                          batch_size=len(batch))  # fmt: skip
+            out = [out] if isinstance(out, dict) else out
+            for o in out:
+                targets.append({
+                    "e": torch.tensor(float(o["e"]), dtype=torch.float32),
+                    "f": torch.tensor(np.asarray(o["f"]), dtype=torch.float32),
+                    "s": torch.tensor(np.asarray(o["s"]), dtype=torch.float32),
+                    "w": torch.tensor(p.replay_weight, dtype=torch.float32),
+                })  # fmt: skip
+        for k, t in enumerate(targets):
+            t["k"] = torch.tensor(k)
+        info = {
+            "n_structures": len(structures),
+            "weight": p.replay_weight,
+            "from_seeds": len(self.seeds),
+            "origins": sorted({a.info["replay"].split(" @ ")[0] for a in structures}),
+            "elements_without_crystal": unreplayable_elements(elements),
+        }
+        return _GraphDataset(graphs, targets), info
 
     # -- linear_correction -----------------------------------------------------------------
 
@@ -465,6 +677,83 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         # The model in memory is the one just saved (save_checkpoint leaves it as it is).
         return graph_linear_terms(model, self._dataset(model, [first]))
 
+    def _scale_terms(
+        self,
+        model: CHGNet,
+        train_set: Sequence[LabelledStructure],
+        val_set: Sequence[LabelledStructure],
+        scope: str,
+        train: LinearTerms,
+        val: LinearTerms | None,
+    ) -> tuple[ScaleTerms, ScaleTerms | None]:
+        """Per system from the totals (the base's); per element from CHGNet's site
+        energies: each element's share of the network energy and its exact derivatives."""
+        if scope != "element":
+            return super()._scale_terms(model, train_set, val_set, scope, train, val)
+        numbers = sorted({int(z) for ls in train_set for z in ls.atoms.numbers})
+        groups = [chemical_symbols[z] for z in numbers]
+
+        def split(labelled: Sequence[LabelledStructure], terms: LinearTerms) -> ScaleTerms:
+            present = sorted({int(z) for ls in labelled for z in ls.atoms.numbers})
+            every = sorted(set(present) | set(numbers))
+            e_by, f_by, s_by = graph_element_parts(model, self._dataset(model, labelled), every)
+            fitted = [every.index(z) for z in numbers]
+            rest = [every.index(z) for z in every if z not in numbers]
+            return ScaleTerms(
+                terms, groups, e_by[:, fitted], f_by[:, fitted], s_by[:, fitted],
+                [chemical_system(ls.atoms) for ls in labelled],
+                e_by[:, rest].sum(axis=1), f_by[:, rest].sum(axis=1), s_by[:, rest].sum(axis=1),
+            )  # fmt: skip
+
+        return split(train_set, train), split(val_set, val) if val is not None else None
+
+    def _save_scaled(
+        self,
+        model: CHGNet,
+        workdir: Path,
+        fit: ScaleFit,
+        train_set: Sequence[LabelledStructure],
+    ) -> tuple[Path, str, dict[str, Any]]:
+        """The AtomRef shift into the composition model, the model saved with the scales
+        beside it (a chgnet_scaled checkpoint)."""
+        import torch
+
+        atom_ref_shift: dict[str, float] = {}
+        if fit.shift is not None:
+            with torch.no_grad():
+                model.composition_model.fc.weight += torch.as_tensor(
+                    fit.shift, dtype=model.composition_model.fc.weight.dtype
+                ).view(1, -1)
+            numbers = sorted({int(z) for ls in train_set for z in ls.atoms.numbers})
+            atom_ref_shift = {chemical_symbols[z]: float(fit.shift[z - 1]) for z in numbers}
+        scales = {g: float(v) for g, v in zip(fit.groups, fit.scales, strict=True)}
+        self.model = model
+        path = save_scaled_checkpoint(
+            model,
+            workdir / SCALED_CHECKPOINT_NAME,
+            fit.scope,
+            scales,
+            {"trainer": "chgnet", "hyperparameters": self.params.model_dump(mode="json"),
+             "mode": self.params.mode, "linear_scales": fit.as_dict()},
+        )  # fmt: skip
+        return (
+            path,
+            "chgnet_scaled",
+            {
+                "stopped": None,
+                "mae_units": {k: MAE_UNITS[k] for k in "efs"},
+                "atom_ref_shift_eV_per_atom": atom_ref_shift,
+            },
+        )
+
+    def _scaled_terms(
+        self, checkpoint: Path, checkpoint_sha256: str, first: LabelledStructure
+    ) -> LinearTerms:
+        scaled = load_scaled_chgnet(checkpoint, checkpoint_sha256)
+        scaled.eval()
+        scaled.requires_grad_(False)
+        return graph_linear_terms(scaled, self._dataset(scaled, [first]))
+
     # -- data ------------------------------------------------------------------------------
 
     def _dataset(self, model: CHGNet, labelled: Sequence[LabelledStructure]) -> _GraphDataset:
@@ -499,6 +788,8 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                     ),
                     "f": torch.tensor(forces, dtype=torch.float32),
                     "s": torch.tensor(stress_gpa, dtype=torch.float32),
+                    "w": torch.tensor(1.0, dtype=torch.float32),
+                    "k": torch.tensor(len(targets)),
                 }
             )
         return _GraphDataset(graphs, targets)
@@ -596,6 +887,88 @@ def graph_linear_terms(model: CHGNet, data: _GraphDataset) -> LinearTerms:
         s_net=joined_arrays(s_net),
         n_forces=n_forces,
         n_stresses=n_stresses,
+    )
+
+
+def _force_errors(model: CHGNet, data: _GraphDataset) -> dict[int, tuple[float, int]]:
+    """Per structure of ``data`` (by index): the sum of |F_model - F_ref| over its
+    components and their number."""
+    errors: dict[int, tuple[float, int]] = {}
+    sizes = [g.atomic_number.shape[0] for g in data.graphs]
+    was_training = model.training
+    for batch in pack_by_atom_count(sizes, 128):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+            out = model.predict_graph([data.graphs[i] for i in batch], task="ef",
+                                      batch_size=len(batch))  # fmt: skip
+        out = [out] if isinstance(out, dict) else out
+        for i, o in zip(batch, out, strict=True):
+            error = np.abs(np.asarray(o["f"]) - data.targets[i]["f"].numpy())
+            errors[i] = (float(error.sum()), int(error.size))
+    model.train(was_training)
+    return errors
+
+
+def graph_element_parts(
+    model: CHGNet, data: _GraphDataset, numbers: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CHGNet's network energy split by element: per structure, the sum of the site
+    energies of each element's atoms (per atom of the structure when the model is
+    intensive, as its energy), and that sum's forces (-d/dr) and stress (GPa), columns in
+    ``numbers`` order. The columns add up to the model's network energy, forces and stress.
+    Stress rows are kept where the label has a stress, as ``graph_linear_terms`` keeps them."""
+    import torch
+    from chgnet.model.model import BatchedGraph
+
+    column = {int(z): k for k, z in enumerate(numbers)}
+    e_rows, f_rows, s_rows = [], [], []
+    sizes = [g.atomic_number.shape[0] for g in data.graphs]
+    model.eval()
+    for batch in pack_by_atom_count(sizes, 128):
+        graphs = [data.graphs[i] for i in batch]
+        for g in graphs:
+            g.atom_frac_coord.requires_grad_(True)
+        bg = BatchedGraph.from_graphs(
+            graphs,
+            bond_basis_expansion=model.bond_basis_expansion,
+            angle_basis_expansion=model.angle_basis_expansion,
+            compute_stress=True,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+            out = model._compute(bg, return_site_energies=True)
+        site = torch.cat(out["site_energies"])
+        z = bg.atomic_numbers
+        owners = bg.atom_owners.long()
+        n_graphs = len(graphs)
+        e_part = np.zeros((n_graphs, len(numbers)))
+        f_part = [np.zeros((g.atomic_number.shape[0] * 3, len(numbers))) for g in graphs]
+        s_part = [np.zeros((9, len(numbers))) for _ in graphs]
+        for number in sorted({int(v) for v in z}):
+            k = column[number]
+            mask = z == number
+            grads = torch.autograd.grad(
+                site[mask].sum(), [*bg.atom_positions, *bg.strains],
+                retain_graph=True, allow_unused=True,
+            )  # fmt: skip
+            for j in range(n_graphs):
+                e_part[j, k] = float(site[mask & (owners == j)].sum().detach())
+                if grads[j] is not None:
+                    f_part[j][:, k] = -grads[j].detach().cpu().numpy().ravel()
+                if grads[n_graphs + j] is not None:
+                    stress = grads[n_graphs + j].detach() * 160.21766208 / bg.volumes[j].detach()
+                    s_part[j][:, k] = stress.cpu().numpy().ravel()
+        for j, i in enumerate(batch):
+            n_atoms = sizes[i]
+            e_rows.append(e_part[j] / n_atoms if model.is_intensive else e_part[j])
+            f_rows.append(f_part[j])
+            valid = ~np.isnan(data.targets[i]["s"].numpy().ravel())
+            s_rows.append(s_part[j][valid])
+    width = len(numbers)
+    return (
+        np.asarray(e_rows).reshape(-1, width),
+        np.vstack(f_rows) if f_rows else np.empty((0, width)),
+        np.vstack(s_rows) if s_rows else np.empty((0, width)),
     )
 
 

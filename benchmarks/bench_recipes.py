@@ -1,0 +1,462 @@
+"""Which fine-tuning recipe fixes one system without breaking another: every recipe on the same
+training labels of a multi-system campaign, judged per chemical system on its evaluation set
+and per seed on its DFT equation of state.
+
+Input: a campaign's stored labels (default: the five-systems campaign at
+``/work/campaign/work``, database ``pestle``, opened read-only) or an extxyz file written by
+``--export`` (or by hand: ``info`` keys ``role`` train / validation / evaluation / check /
+seed, ``seed`` the seed's name, ``kind`` ``eos`` for the E-V scan). Per system it takes the
+training labels (at most 5), the validation pick(s), the evaluation set, the DFT E-V scan of
+each seed and the seed itself.
+
+The evaluation set is split once (``--stopping-fraction``, default 0.3, a stable hash of
+the structure id): the *stopping* part joins the validation picks for the recipes that choose
+their epoch per system, and every figure below is on the *reporting* rest, for every recipe
+alike, so no recipe is judged on structures it chose its epoch on.
+
+Per recipe and system: the evaluation-set force MAE change (paired, pooled over components:
+ratio with its structure-level CR2 interval), the softening scale before and after (CR2
+interval), and per seed the bulk modulus ratio B/B_DFT of a Birch-Murnaghan fit of the
+model's energies on the DFT scan's structures (interval from both fits). The last line is
+JSON with everything.
+
+    GPAW_SETUP_PATH=/usr/share/gpaw-setups nice -n 15 python benchmarks/bench_recipes.py \\
+        [--work-dir DIR --database NAME | --extxyz FILE] [--recipes a,b] [--epochs 100] \\
+        [--out results.json]
+
+``--out`` keeps each finished recipe, and a rerun skips them (a full fine-tune takes tens of
+minutes on a shared CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+
+from pestle.evaluation.eos import compare_eos, labelled_scan, potential_scan
+from pestle.evaluation.evaluate import evaluate
+from pestle.potentials import POTENTIALS, Potential, from_checkpoint
+from pestle.stages.evaluation_set import stopping_split
+from pestle.structures import LabelledStructure, chemical_system
+from pestle.trainers import TRAINERS
+from pestle.trainers.linear import DisagreeingScales
+
+DEFAULT_WORK_DIR = "/work/campaign/work"
+MAX_TRAIN_PER_SYSTEM = 5
+TOLERANCE = 0.10  # |B/B_DFT - 1| the issue asks for
+
+# name -> (trainer params, whether the recipe chooses its epoch on the stopping part too).
+# Constants not given are the trainer's (full: Deng et al. 2025's 0.1/100/0.1, Adam 1e-3 ->
+# 1e-5 cosine, every weight trained).
+RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
+    "linear-model": ({"mode": "linear_correction"}, False),
+    "linear-system": ({"mode": "linear_correction", "linear_scope": "system"}, False),
+    "linear-element": ({"mode": "linear_correction", "linear_scope": "element"}, False),
+    "full": ({"mode": "full"}, False),
+    "full-stop": ({"mode": "full", "select_epoch": "worst_system"}, True),
+    "full-replay": (
+        {"mode": "full", "select_epoch": "worst_system", "replay_weight": 1.0},
+        True,
+    ),
+    "full-l2sp": ({"mode": "full", "select_epoch": "worst_system", "l2sp": 1.0}, True),
+    "full-replay-l2sp": (
+        {"mode": "full", "select_epoch": "worst_system", "replay_weight": 1.0, "l2sp": 1.0},
+        True,
+    ),
+    "readout": (
+        {
+            "mode": "custom",
+            "energy_weight": 0.1,
+            "force_weight": 100.0,
+            "stress_weight": 0.1,
+            "learning_rate": 1e-3,
+            "freeze": "all_but_readout",
+            "select_epoch": "worst_system",
+        },
+        True,
+    ),
+}
+FULL_LIKE = {"full", "custom"}
+
+
+@dataclass
+class Campaign:
+    """A campaign's labels per chemical system, its seeds and their DFT E-V scans."""
+
+    train: dict[str, list[LabelledStructure]] = field(default_factory=lambda: defaultdict(list))
+    validation: dict[str, list[LabelledStructure]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    evaluation: dict[str, list[LabelledStructure]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    eos: dict[str, list[Atoms]] = field(default_factory=lambda: defaultdict(list))
+    seeds: dict[str, Atoms] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def systems(self) -> list[str]:
+        return sorted(self.train)
+
+    def export(self, path: Path) -> None:
+        from ase.io import write
+
+        frames = []
+        for role, sets in (("train", self.train), ("validation", self.validation),
+                           ("evaluation", self.evaluation)):  # fmt: skip
+            for labelled in sets.values():
+                for ls in labelled:
+                    atoms = ls.atoms.copy()
+                    atoms.calc = ls.atoms.calc
+                    atoms.info = {"role": role, "sid": ls.structure_id, "lid": ls.label_id,
+                                  "sampler": ls.atoms.info.get("sampler", "")}  # fmt: skip
+                    frames.append(atoms)
+        for name, scan in self.eos.items():
+            for k, atoms in enumerate(scan):
+                copy = atoms.copy()
+                copy.calc = atoms.calc
+                copy.info = {"role": "check", "kind": "eos", "seed": name, "sid": f"{name}-eos{k}"}
+                frames.append(copy)
+        for name, atoms in self.seeds.items():
+            copy = atoms.copy()
+            copy.info = {"role": "seed", "seed": name, "sid": name}
+            frames.append(copy)
+        write(path, frames, format="extxyz")
+
+
+def from_store(work_dir: str, database: str) -> Campaign:
+    """The campaign's labels, read only (the store is opened only when its schema is this
+    pestle's, so nothing migrates it)."""
+    from pestle.store import Store, resolve_uri
+
+    uri = resolve_uri(work_dir, start=False)
+    if not Store.exists(uri, database):
+        raise SystemExit(f"no pestle store {database!r} at {work_dir}")
+    with Store(uri, database) as store:
+        return _read(store, Campaign(source=f"store {work_dir} ({database})"))
+
+
+def _read(store: Any, campaign: Campaign) -> Campaign:
+    seeds = {d.id: d for d in store.structures.find({"kind": "seed"})}
+    for doc in seeds.values():
+        campaign.seeds[doc.name or doc.id] = store.structures.atoms_of(doc)
+    sets = {"train": campaign.train, "validation": campaign.validation,
+            "evaluation": campaign.evaluation}  # fmt: skip
+    for stored in store.labels.labelled({"role": {"$in": list(sets)}}):
+        ls = stored.labelled()
+        ls.atoms.info["sampler"] = stored.sampler
+        sets[stored.label.role][stored.chemical_system].append(ls)
+    lots = {ls.atoms.info["lot_hash"] for group in campaign.train.values() for ls in group}
+    for stored in store.labels.labelled({"role": "check"}):
+        if stored.structure.kind != "eos" or stored.label.lot_hash not in lots:
+            continue
+        parent = seeds.get(stored.structure.provenance.parent_id or "")
+        if parent is not None:
+            campaign.eos[parent.name or parent.id].append(stored.atoms)
+    return campaign
+
+
+def from_extxyz(path: str) -> Campaign:
+    from ase.io import read
+
+    campaign = Campaign(source=f"extxyz {path}")
+    sets = {"train": campaign.train, "validation": campaign.validation,
+            "evaluation": campaign.evaluation}  # fmt: skip
+    for atoms in read(path, ":"):
+        role = atoms.info.get("role")
+        sid = str(atoms.info.get("sid"))
+        if role in sets:
+            ls = LabelledStructure(atoms, sid, str(atoms.info.get("lid", sid)))
+            sets[role][chemical_system(atoms)].append(ls)
+        elif role == "check" and atoms.info.get("kind") == "eos":
+            campaign.eos[str(atoms.info["seed"])].append(atoms)
+        elif role == "seed":
+            atoms.calc = None
+            campaign.seeds[str(atoms.info["seed"])] = atoms
+    return campaign
+
+
+# -- judging ---------------------------------------------------------------------------------
+
+
+def loaded(trained: Any) -> Potential:
+    return from_checkpoint(trained.potential, {**trained.potential_params, "device": "cpu"},
+                           trained.checkpoint)  # fmt: skip
+
+
+def eos_ratios(potential: Potential, campaign: Campaign) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, scan in sorted(campaign.eos.items()):
+        reference = labelled_scan(scan)
+        fit = potential_scan(potential, scan)
+        comparison = compare_eos(fit, reference)
+        out[name] = {
+            "status": comparison.status,
+            "b0": fit.b0,
+            "b0_dft": reference.b0,
+            "ratio": comparison.b0_ratio,
+            "low": comparison.b0_ratio_interval[0],
+            "high": comparison.b0_ratio_interval[1],
+            "message": comparison.message,
+        }
+    return out
+
+
+def judge(
+    name: str, potential: Potential, pretrained: Potential, reporting: list[LabelledStructure]
+) -> dict[str, dict[str, Any]]:
+    """Per system: paired force MAE change and softening before/after on ``reporting``."""
+    ev = evaluate({"pretrained": pretrained, name: potential}, reporting,
+                  groups=("chemical_system",), stress=False)  # fmt: skip
+    out = {}
+    for system in sorted(ev.levels["chemical_system"]):
+        d = ev.paired(name, "force_mae", "chemical_system", system)
+        r = ev.paired(name, "force_mae_ratio", "chemical_system", system)
+        before = ev.metrics("pretrained", "chemical_system", system).softening
+        after = ev.metrics(name, "chemical_system", system).softening
+        out[system] = {
+            "n_structures": d.n_structures,
+            "force_mae_before": d.baseline,
+            "force_mae_after": d.candidate,
+            "mae_ratio": d.ratio,
+            "mae_ratio_low": d.ratio_low,
+            "mae_ratio_high": d.ratio_high,
+            "worse": d.worse(),
+            "improved": d.improved(),
+            "per_structure_ratio": r.ratio,
+            "per_structure_ratio_low": r.ratio_low,
+            "per_structure_ratio_high": r.ratio_high,
+            "softening_before": [before.value, before.low, before.high],
+            "softening_after": [after.value, after.low, after.high],
+        }
+    return out
+
+
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Systems worse beyond their interval, systems not improved (point), seeds whose bulk
+    modulus ratio lies outside 1 ± 10 % (point), and the geometric mean MAE ratio."""
+    systems = result.get("systems") or {}
+    eos = result.get("eos") or {}
+    ratios = [v["mae_ratio"] for v in systems.values() if _finite(v["mae_ratio"])]
+    return {
+        "worse": sorted(s for s, v in systems.items() if v["worse"]),
+        "not_improved": sorted(s for s, v in systems.items() if not v["mae_ratio"] < 1),
+        "eos_outside": sorted(
+            n
+            for n, v in eos.items()
+            if not (_finite(v["ratio"]) and abs(v["ratio"] - 1) <= TOLERANCE)
+        ),
+        "geometric_mean_mae_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios))
+        if ratios
+        else None,
+    }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def run_recipe(
+    name: str,
+    params: dict[str, Any],
+    uses_stopping: bool,
+    campaign: Campaign,
+    stopping: dict[str, list[LabelledStructure]],
+    args: argparse.Namespace,
+) -> tuple[Any, dict[str, Any]]:
+    train = [ls for s in campaign.systems for ls in campaign.train[s]]
+    val = [ls for s in campaign.systems for ls in campaign.validation[s]]
+    if uses_stopping:
+        val += [ls for s in campaign.systems for ls in stopping.get(s, [])]
+    params = dict(params)
+    if params.get("mode") in FULL_LIKE:
+        params.setdefault("epochs", args.epochs)
+        if uses_stopping and args.patience:
+            params.setdefault("patience", args.patience)
+    trainer = TRAINERS.build("chgnet", params)
+    seeds = list(campaign.seeds.values())
+    started = time.time()
+    trained = trainer.train(train, val, Path(args.workdir) / name, seeds=seeds)
+    return trained, {
+        "params": trainer.params.model_dump(mode="json"),
+        "n_train": len(train),
+        "n_val": len(val),
+        "seconds": time.time() - started,
+        "metrics": {
+            k: v
+            for k, v in trained.metrics.items()
+            if k
+            in (
+                "best_epoch",
+                "selection",
+                "stopped",
+                "linear_scale",
+                "linear_scales",
+                "system_scales",
+                "replay",
+                "atom_ref_shift_eV_per_atom",
+            )
+        },  # fmt: skip
+        "epochs_run": len(trained.metrics.get("epochs") or []),
+    }
+
+
+def fmt_ratio(v: dict[str, Any]) -> str:
+    return (
+        f"{100 * (v['mae_ratio'] - 1):+.0f}% [{100 * (v['mae_ratio_low'] - 1):+.0f}, "
+        f"{100 * (v['mae_ratio_high'] - 1):+.0f}]"
+    )
+
+
+def fmt_est(v: list[float]) -> str:
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def table(results: dict[str, Any], campaign: Campaign) -> str:
+    lines = [
+        "| recipe | system | force MAE change [95% CI] | softening before | softening after "
+        "| seed | B/B_DFT before | B/B_DFT after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    pre_eos = results["pretrained"]["eos"]
+    seed_of = {chemical_system(atoms): name for name, atoms in campaign.seeds.items()}
+    for name, result in results.items():
+        if name == "pretrained":
+            continue
+        if "refused" in result:
+            lines.append(f"| {name} | all | refused: {result['refused']} | | | | | |")
+            continue
+        for system, v in result["systems"].items():
+            seed = seed_of.get(system, "")
+            before = pre_eos.get(seed, {}).get("ratio", math.nan)
+            after = result["eos"].get(seed, {}).get("ratio", math.nan)
+            lines.append(
+                f"| {name} | {system} | {fmt_ratio(v)} | {fmt_est(v['softening_before'])} | "
+                f"{fmt_est(v['softening_after'])} | {seed} | {before:.3f} | {after:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default=DEFAULT_WORK_DIR)
+    parser.add_argument("--database", default="pestle")
+    parser.add_argument("--extxyz", help="read the campaign from this file instead")
+    parser.add_argument("--export", help="write the campaign's labels to this extxyz and stop")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=0,
+                        help="recipes that stop per system: stop after this many epochs "
+                             "without a better one (0: run every epoch)")  # fmt: skip
+    parser.add_argument("--stopping-fraction", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workdir", default="/tmp/pestle-bench-recipes")
+    parser.add_argument("--out", help="JSON of finished recipes (a rerun skips them)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    campaign = from_extxyz(args.extxyz) if args.extxyz else from_store(args.work_dir, args.database)
+    if args.export:
+        campaign.export(Path(args.export))
+        print(f"wrote {args.export}")
+        return 0
+    for system in campaign.systems:
+        n = len(campaign.train[system])
+        if n > MAX_TRAIN_PER_SYSTEM:
+            raise SystemExit(f"{system}: {n} training labels, above {MAX_TRAIN_PER_SYSTEM}")
+    split = stopping_split(
+        {s: [ls.structure_id for ls in campaign.evaluation[s]] for s in campaign.systems},
+        args.stopping_fraction,
+        args.seed,
+    )
+    stop_ids = {i for ids in split.values() for i in ids}
+    stopping = {
+        s: [ls for ls in campaign.evaluation[s] if ls.structure_id in stop_ids]
+        for s in campaign.systems
+    }
+    reporting = [
+        ls
+        for s in campaign.systems
+        for ls in campaign.evaluation[s]
+        if ls.structure_id not in stop_ids
+    ]
+    print(f"campaign: {campaign.source}")
+    for s in campaign.systems:
+        print(
+            f"  {s}: {len(campaign.train[s])} train, {len(campaign.validation[s])} validation, "
+            f"{len(stopping[s])} evaluation for stopping, "
+            f"{sum(ls.structure_id not in stop_ids for ls in campaign.evaluation[s])} for "
+            f"reporting; seeds' E-V scans: "
+            + ", ".join(
+                f"{n} ({len(v)})"
+                for n, v in campaign.eos.items()
+                if chemical_system(campaign.seeds[n]) == s
+            )  # fmt: skip
+        )
+
+    out = Path(args.out) if args.out else None
+    results: dict[str, Any] = json.loads(out.read_text()) if out and out.is_file() else {}
+    pretrained = POTENTIALS.build("chgnet", {"device": "cpu"})
+    if "pretrained" not in results:
+        results["pretrained"] = {"eos": eos_ratios(pretrained, campaign)}
+    for name in [r for r in args.recipes.split(",") if r]:
+        if name in results:
+            print(f"{name}: kept from {out}")
+            continue
+        params, uses_stopping = RECIPES[name]
+        print(f"{name}: training ...", flush=True)
+        try:
+            trained, info = run_recipe(name, params, uses_stopping, campaign, stopping, args)
+        except DisagreeingScales as exc:
+            results[name] = {"refused": str(exc)}
+        else:
+            potential = loaded(trained)
+            results[name] = {
+                **info,
+                "systems": judge(name, potential, pretrained, reporting),
+                "eos": eos_ratios(potential, campaign),
+            }
+            results[name]["verdict"] = verdict(results[name])
+            print(f"{name}: {results[name]['verdict']} ({info['seconds']:.0f} s)", flush=True)
+        if out:
+            out.write_text(json.dumps(results, indent=1, default=str))
+
+    print()
+    print(table(results, campaign))
+    # No system worse beyond its interval, and better on the whole (geometric mean < 1).
+    eligible = {
+        n: r["verdict"]
+        for n, r in results.items()
+        if n != "pretrained"
+        and "verdict" in r
+        and not r["verdict"]["worse"]
+        and (r["verdict"]["geometric_mean_mae_ratio"] or 1) < 1
+    }
+    best = min(eligible, key=lambda n: eligible[n]["geometric_mean_mae_ratio"], default=None)
+    print()
+    for n, r in results.items():
+        if n != "pretrained" and "verdict" in r:
+            print(f"{n}: {r['verdict']}")
+    print(f"no system worse and the largest improvement: {best}")
+    print(json.dumps({"source": campaign.source, "stopping": split, "results": results,
+                      "best": best}, default=str))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
