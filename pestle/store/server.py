@@ -275,7 +275,8 @@ class EmbeddedServer:
         """The running server (with its credentials), or None: stopped, never started, a
         start that did not get far enough, or a recorded pid that is no longer ours."""
         state = self._read_state()
-        if state is None or state.phase not in ADOPTABLE:
+        # Not while "starting": until its start is audited, the server is not handed out.
+        if state is None or state.phase != "ready":
             return None
         if not self._serves_our_data(state.pid):
             return None

@@ -509,7 +509,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         epochs: list[dict[str, Any]] = []
         # If no epoch qualifies we keep the (refit) base model, never weights a NaN step
         # may have touched.
-        best_state = snapshot()
+        best_state = start_state = snapshot()
         stopped = None
         for epoch in range(p.epochs):
             # One epoch per call so we can keep a copy of the best weights (chgnet's own
@@ -566,6 +566,12 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         model.load_state_dict(best_state)
         model.eval()
         kept = epochs[best.epoch] if best.epoch is not None else None
+        # How far the kept network weights moved (the element references left out).
+        moved = sum(
+            float(((best_state[k].float() - v.float()) ** 2).sum())
+            for k, v in start_state.items()
+            if v.is_floating_point() and not k.startswith("composition_model")
+        )
         return FineTuned(
             epochs=epochs,
             best_epoch=best.epoch if best.epoch is not None else -1,  # -1: none (the base)
@@ -582,6 +588,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 "optimisation": schedule,
                 "replay": replay_info,
                 "l2sp": p.l2sp,
+                "weight_distance_sq": moved,
                 "select_epoch": best.by,
             },
         )
