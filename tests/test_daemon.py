@@ -252,7 +252,8 @@ def test_daemon_survives_sigkill_mid_labelling(tmp_path, mongo_uri) -> None:
         settings.daemon.withdraw_below = 1e3  # eV/A: every candidate falls below it
         labelled = db["labels"].distinct("structure_id")
         spare = db["structures"].find_one({"kind": "candidate", "_id": {"$nin": labelled}})
-        store.jobs.enqueue("spare", "label", {"structure_id": spare["_id"]}, run_id="tiny-x-r9999")
+        # Under one of the campaign's rounds: a campaign's jobs are those of its filed runs.
+        store.jobs.enqueue("spare", "label", {"structure_id": spare["_id"]}, run_id=max(rounds))
         daemon.withdraw_unworthy(settings, promoted[0]["model_id"])
         spare_job = db["jobs"].find_one({"_id": "spare"})
         assert spare_job["state"] == "withdrawn"

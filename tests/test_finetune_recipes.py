@@ -324,16 +324,16 @@ def test_evaluation_figures_leave_out_the_stopping_part() -> None:
 
     class Labels:
         def labelled(self, query):
-            ids = query["$and"][0]["structure_id"]["$in"]
+            ids = query["structure_id"]["$in"]
             asked.append(ids)
-            return [SimpleNamespace(structure_id=i) for i in ids]
+            return [SimpleNamespace(structure_id=i, label_id=f"label-{i}") for i in ids]
 
     ctx = SimpleNamespace(
         config=SimpleNamespace(name="c", seed=11,
                                finetune=SimpleNamespace(stopping_fraction=0.3)),
         store=SimpleNamespace(structures=SimpleNamespace(evaluation_set=lambda name, s: members),
                               labels=Labels()),
-        labels_filter=lambda m: {},
+        systems_by_lot_hash=lambda systems: {"lot": sorted(systems)},
     )  # fmt: skip
     judging = {s.structure_id for s in evaluation_set_labels(ctx)}
     stopping = {s.structure_id for s in evaluation_set_labels(ctx, part="stopping")}

@@ -396,7 +396,10 @@ class ScaledCHGNetPotential(CHGNetPotential):
     chgnet's own ``CHGNetCalculator(model=this.load_model())``."""
 
     class Params(CHGNetPotential.Params):
-        checkpoint: Path  # required: the scales live in the file
+        checkpoint: Path = Field(
+            description="the scaled CHGNet file the CHGNet trainer wrote (linear_scope system "
+            "or element); required: the scales live in it"
+        )
 
     def load_model(self) -> CHGNet:
         with self._lock:
