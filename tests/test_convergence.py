@@ -201,6 +201,32 @@ def test_stress_alone_unconverged_leaves_energy_and_forces_usable(cu) -> None:
         ConvergenceTolerances(stress_max=-1)
 
 
+def test_auto_raise_does_not_climb_for_what_may_stay_unconverged(cu) -> None:
+    """convergence.leave_out: [stress] with auto-raise: a cutoff whose energy and forces agree
+    with the next rung is kept (stress reported unconverged); without leave_out it climbs."""
+    stress_only = CutoffErrorEMT(300.0, stress_only=True)
+    kept = check_convergence(stress_only, cu.structure, reference=cu.reference,
+                             auto_raise=True, may_stay_unconverged=["stress"])  # fmt: skip
+    [setting] = kept.settings
+    assert [(c.value, c.against) for c in setting.comparisons] == [(300.0, 390.0)]
+    assert kept.recommended == {"ecut": 300.0} and kept.recommended_fields == {}
+    assert kept.status == "not_converged" and kept.unconverged_quantities == ["stress"]
+    assert check_seed_gate_allows(kept)
+    climbed = check_convergence(stress_only, cu.structure, reference=cu.reference,
+                                auto_raise=True, max_raises=5)  # fmt: skip
+    assert climbed.status == "raised" and climbed.recommended == {"ecut": 510.0}
+    # Energy and forces wrong too: leave_out does not stop the climb.
+    full = check_convergence(CutoffErrorEMT(300.0), cu.structure, reference=cu.reference,
+                             auto_raise=True, max_raises=5, may_stay_unconverged=["stress"])  # fmt: skip
+    assert full.recommended["ecut"] > 300.0
+
+
+def check_seed_gate_allows(report) -> bool:
+    from pestle.stages.convergence import gate_allows
+
+    return gate_allows(report.as_dict(), ["stress"]) and not gate_allows(report.as_dict(), [])
+
+
 def test_gpaw_basis_error_blames_fluorine_not_lithium() -> None:
     """The estimate behind the culprit: F's setup is far harder than Li's or Si's."""
     errors = LABELLERS.build("gpaw", {}).basis_error(["Li", "F", "Si"], 350.0)

@@ -443,6 +443,7 @@ def check_convergence(
     auto_raise: bool = False,
     max_raises: int = 3,
     settings: Sequence[str] | None = None,
+    may_stay_unconverged: Sequence[str] = (),
 ) -> ConvergenceReport:
     """Check that ``labeller``'s labels of ``atoms`` are converged in its numerical settings.
 
@@ -453,6 +454,9 @@ def check_convergence(
     the labeller declares, in its order). ``auto_raise``: climb a failing setting's ladder
     until two neighbouring rungs agree, at most ``max_raises`` comparisons per setting;
     without it one comparison per setting (configured value against the next rung).
+    ``may_stay_unconverged``: quantities (``convergence.leave_out``) that are no reason to
+    climb: a setting stops at the rung where everything else agrees (reported unconverged in
+    them, not raised for them).
     """
     if tolerances is None:
         tolerances = ConvergenceTolerances()
@@ -503,6 +507,7 @@ def check_convergence(
     ):
         raise ValueError("reference must hold the same atoms as the structure, in order")
 
+    optional = {name for q in may_stay_unconverged for name in QUANTITY_CHECKS[q]}
     runner = _Runner(label_fn or default_label_fn(None if workdir is None else Path(workdir)),
                      atoms, reference)  # fmt: skip
     current = labeller  # carries the settings found so far (cutoff before k-points)
@@ -512,7 +517,7 @@ def check_convergence(
         rung = current
         calculations = [runner.calculation(rung, setting.name, value)]
         comparisons: list[Comparison] = []
-        converged, ceiling = False, ""
+        converged, settled, ceiling = False, False, ""
         while True:
             higher_value = setting.next_value(value)
             if higher_value is None:
@@ -534,6 +539,11 @@ def check_convergence(
             if passed:
                 converged = True
                 break
+            if optional and all(
+                c.passed is not False for n, c in checks.items() if n not in optional
+            ):
+                settled = True  # only what may stay unconverged differs: no reason to climb
+                break
             if not auto_raise:
                 break
             if len(comparisons) >= max_raises:
@@ -542,7 +552,7 @@ def check_convergence(
             value, rung = higher_value, higher
         # Converged: the lower rung of the passing pair. Not: the highest rung tested, a
         # floor to raise to (not vouched for).
-        recommended = value if converged else comparisons[-1].against
+        recommended = value if converged or settled else comparisons[-1].against
         # Later settings are checked at what this one recommends when pestle may raise it.
         if auto_raise and recommended != _configured(current, setting.name):
             current = current.with_setting(setting.name, recommended)
@@ -795,4 +805,5 @@ def check_seed(
         reference=rep.reference,
         auto_raise=options.auto_raise,
         max_raises=options.max_raises,
+        may_stay_unconverged=options.leave_out,
     )
