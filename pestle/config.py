@@ -92,6 +92,11 @@ class StoreSpec(_Strict):
         default=None, description="a file holding the URI, to keep passwords out of configs"
     )
     database: str = Field(default="pestle", description="database name in that MongoDB")
+    outage_seconds: float = Field(
+        default=120.0, ge=0, le=86_400,
+        description="how long labelling waits for an unreachable store to come back (retrying "
+        "with backoff) before the run stops",
+    )  # fmt: skip
 
     @field_validator("uri")
     @classmethod

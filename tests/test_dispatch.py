@@ -460,3 +460,83 @@ def test_fine_tuning_runs_on_a_detected_gpu_worker(
     [version] = model_versions(store)  # what `pestle models --json` prints
     assert version.placement == where
     assert trained_on(where) == f"cpu (GPU {where['worker']}, worker {where['worker']})"
+
+
+def test_a_store_call_waits_out_an_outage_then_gives_up_naming_it(caplog) -> None:
+    """Issue 15: an unreachable store is asked again with backoff, for a bounded time."""
+    from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeoutError
+
+    from pestle.store.errors import StoreUnreachable, is_store_outage
+    from pestle.store.retry import patiently
+
+    calls = []
+
+    def flaky(answer: str) -> str:
+        calls.append(answer)
+        if len(calls) < 3:
+            raise AutoReconnect("127.0.0.1:1: connection closed")
+        return answer
+
+    with caplog.at_level("WARNING", logger="pestle.store"):
+        assert patiently(flaky, "ok", outage_seconds=30, what="a test") == "ok"
+    assert len(calls) == 3
+    assert "unreachable" in caplog.text and "answers again" in caplog.text
+
+    def down() -> None:
+        raise ServerSelectionTimeoutError("127.0.0.1:1: [Errno 111] Connection refused")
+
+    with pytest.raises(StoreUnreachable, match="stayed unreachable .* during labelling"):
+        patiently(down, outage_seconds=0.3, what="labelling")
+
+    def refused() -> None:  # an answer, not an outage: not asked again
+        calls.append("refused")
+        raise OperationFailure("not authorized")
+
+    calls.clear()
+    with pytest.raises(OperationFailure):
+        patiently(refused, outage_seconds=30)
+    assert calls == ["refused"]
+    assert is_store_outage(AutoReconnect()) and not is_store_outage(OperationFailure("x"))
+
+
+def test_a_claim_asked_again_after_a_lost_reply_answers_what_it_took(store, raw_db) -> None:
+    """A take whose reply an outage lost is repeated with the same token: it holds the job
+    (once: one attempt), instead of finding it under its own live lease."""
+    _, job_id = enqueue(store, rattled_cu(21))
+    _, other = enqueue(store, rattled_cu(22))
+    assert store.jobs.take(job_id, "w:1", 60, claim="token-a")
+    assert store.jobs.take(job_id, "w:1", 60, claim="token-a")  # the repeat
+    assert not store.jobs.take(job_id, "w:1", 60, claim="token-b")  # another claim
+    assert not store.jobs.take(job_id, "w:2", 60)
+    assert raw_db["jobs"].find_one({"_id": job_id})["attempts"] == 1
+    assert store.jobs.take_many([other], "w:1", 60, claim="token-c") == {other}
+    assert store.jobs.take_many([other], "w:1", 60, claim="token-c") == {other}
+    assert store.jobs.take_many([other], "w:1", 60, claim="token-d") == set()
+    assert raw_db["jobs"].find_one({"_id": other})["attempts"] == 1
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """A server stopped by another command than the one that started it stays a zombie of
+    its parent until reaped: stopping it must not wait for it to vanish."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from pestle.store.server import pid_alive
+
+    # sh's background child exits; exec'd sleep, its parent now, never reaps it.
+    parent = subprocess.Popen(["sh", "-c", "sleep 0.1 & exec sleep 30"])
+    try:
+        deadline = time.monotonic() + 10
+        zombies = []
+        while time.monotonic() < deadline and not zombies:
+            time.sleep(0.1)
+            zombies = [c for c in psutil.Process(parent.pid).children()
+                       if c.status() == psutil.STATUS_ZOMBIE]  # fmt: skip
+        assert zombies, "no zombie appeared"
+        assert not pid_alive(zombies[0].pid)
+        assert pid_alive(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()

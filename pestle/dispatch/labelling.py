@@ -10,6 +10,13 @@ The driver learns that a job ended from its task's future (the task returns the 
 only jobs that came back unfinished (a retry's backoff, a lease held by another driver, a
 crashed worker) are looked up in the store again, every ``poll_seconds``. Each worker process
 keeps one pooled client to the store for all its tasks (``pestle.store.shared_store``).
+
+A store outage (the server stopped and restarted, say) costs retries, not the run: the
+driver's and the tasks' store calls wait for the store to come back, with backoff, for up to
+``outage_seconds`` (``store.outage_seconds``) before giving up with an error naming the
+outage. Each such call is safe to repeat (a claim carries its token, a job ends and a label
+is stored under conditions that make a repeat a no-op); a task that gives up leaves its
+jobs to the driver, which takes them again once their leases lapse.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import numpy as np
 
 from pestle.store import JOB_TERMINAL as TERMINAL
 from pestle.store.batches import batched
-from pestle.store.errors import as_utc
+from pestle.store.errors import as_utc, is_store_outage
+from pestle.store.retry import DEFAULT_OUTAGE_SECONDS, patiently
 
 log = logging.getLogger("pestle.dispatch")
 
@@ -136,29 +144,38 @@ def run_label_job(
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     timeout_seconds: float | None = None,
     prepared: Mapping[str, Any] | None = None,
+    outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
 ) -> dict[str, Any]:
     """Claim, compute and store one label. Runs on a Dask worker; returns the job's state.
 
     ``prepared``: what the driver read for this task beside the claim (the job's ``payload``
     and ``attempts``, the ``structure`` document), so the worker's store traffic is the
-    claim, the label and the job's end; without it the worker reads them itself."""
+    claim, the label and the job's end; without it the worker reads them itself.
+    ``outage_seconds``: how long each store call waits for an unreachable store."""
+    import uuid
+
     from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
     from pestle.store import StoreError, label_id, shared_store, worker_name
     from pestle.store.documents import StructureDoc
 
+    def patient(call, *args, **kwargs):
+        return patiently(call, *args, outage_seconds=outage_seconds,
+                         what=f"labelling job {job_id}", **kwargs)  # fmt: skip
+
     worker = worker_name()
-    store = shared_store(store_uri, database)
+    store = patient(shared_store, store_uri, database)
+    token = uuid.uuid4().hex  # the claim's, for its repeats: a repeat finds what it took
     if prepared is None:
-        job = store.jobs.claim(job_id, worker, lease_seconds)
+        job = patient(store.jobs.claim, job_id, worker, lease_seconds, token)
         claimed = job is not None
         payload, attempted = (job.payload, job.attempts > 1) if job is not None else ({}, True)
         structure = None
     else:
-        claimed = store.jobs.take(job_id, worker, lease_seconds)
+        claimed = patient(store.jobs.take, job_id, worker, lease_seconds, token)
         payload, attempted = prepared["payload"], prepared["attempts"] > 0
         structure = StructureDoc.model_validate(prepared["structure"])
     if not claimed:  # done, failed, not yet due, or running under someone's live lease
-        return {"job_id": job_id, "state": store.jobs.state(job_id) or "missing",
+        return {"job_id": job_id, "state": patient(store.jobs.state, job_id) or "missing",
                 "claimed": False}  # fmt: skip
     heartbeat = _Heartbeat(store, job_id, worker, lease_seconds, timeout_seconds)
     heartbeat.start()
@@ -178,22 +195,24 @@ def run_label_job(
         # Only this job writes this label (both are keyed by structure and level of theory):
         # it can exist already only if an earlier attempt stored it and died before closing
         # the job. (If it came from elsewhere, the insert below still stores nothing twice.)
-        if attempted and store.labels.exists(lid):
+        if attempted and patient(store.labels.exists, lid):
             heartbeat.stopped.set()
-            store.jobs.finish(job_id, worker, {"label_id": lid, "stored": False})
+            patient(store.jobs.finish, job_id, worker, {"label_id": lid, "stored": False})
             return {"job_id": job_id, "state": "done", "claimed": True}
         if structure is None or structure.id != structure_id:
-            structure = store.structures.get(structure_id)
+            structure = patient(store.structures.get, structure_id)
         if structure is None:
             raise StoreError(f"no structure {structure_id}")
-        atoms = store.structures.atoms_of(structure)
+        atoms = patient(store.structures.atoms_of, structure)
         started = time.perf_counter()
         result = labeller.label(atoms, Path(work_root) / job_id)
         seconds = time.perf_counter() - started
         if heartbeat.timed_out:  # already recorded as a failed attempt; not a label
-            return {"job_id": job_id, "state": store.jobs.state(job_id), "claimed": True,
-                    "error": "timeout"}  # fmt: skip
-        stored = store.labels.put(
+            return {"job_id": job_id, "state": patient(store.jobs.state, job_id),
+                    "claimed": True, "error": "timeout"}  # fmt: skip
+        # A label is keyed by structure and level of theory: a repeat stores nothing twice.
+        stored = patient(
+            store.labels.put,
             structure_id,
             labeller=labeller.name,
             level_of_theory=labeller.level_of_theory(),
@@ -212,7 +231,10 @@ def run_label_job(
             structure=structure,
         )
         heartbeat.stopped.set()
-        finished = store.jobs.finish(
+        # Done only under this worker's lease: a repeat finds it done and answers "lost",
+        # which the driver looks up.
+        finished = patient(
+            store.jobs.finish,
             job_id,
             worker,
             {"label_id": lid, "stored": stored, "seconds": seconds},
@@ -221,9 +243,12 @@ def run_label_job(
                 "seconds": seconds}  # fmt: skip
     except Exception as exc:
         heartbeat.stopped.set()
+        if is_store_outage(exc):  # waited out: the lease lapses and the job is taken again
+            raise
         # A LabelError is the calculation's verdict (e.g. no SCF convergence): running it
         # again gives the same. Anything else (a store hiccup, a killed process) may pass.
-        state = store.jobs.fail(
+        state = patient(
+            store.jobs.fail,
             job_id,
             worker,
             f"{type(exc).__name__}: {exc}",
@@ -267,6 +292,7 @@ def label_jobs(
     timeout_seconds: float | None = None,
     job_timeout_seconds: float | None = None,
     cpus_per_job: int = 1,
+    outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
 ) -> dict[str, str]:
     """Drive jobs to a terminal state on the Dask cluster; returns {job_id: state}.
 
@@ -279,8 +305,15 @@ def label_jobs(
     after a retryable failure, held by a live lease elsewhere, their worker crashed) are
     looked up every ``poll_seconds`` and submitted again once claimable; orphaned leases of
     dead processes on this host are expired at once.
+
+    A store that cannot be reached is waited for, at every store call of the driver and of
+    its tasks, up to ``outage_seconds`` (then a ``StoreUnreachable`` ends the labelling);
+    a task that errored on an outage is looked up and its jobs taken again.
     """
     from distributed import as_completed
+
+    def patient(call, *args):
+        return patiently(call, *args, outage_seconds=outage_seconds, what="labelling")
 
     progress = progress or (lambda done, total, job_id, state: None)
     total = len(set(job_ids))
@@ -296,7 +329,7 @@ def label_jobs(
     # A time limit ends a worker process, and a multi-core job fills a worker: one per task.
     per_task: int | None = 1 if job_timeout_seconds is not None or cpus_per_job > 1 else None
     threads = max(sum(client.nthreads().values()), 1)
-    store.jobs.expire_orphaned_leases()
+    patient(store.jobs.expire_orphaned_leases)
     done_tasks = as_completed(with_results=True, raise_errors=False)
 
     def settle(job_id: str, state: str) -> None:
@@ -309,7 +342,7 @@ def label_jobs(
         """Tasks of ``size`` jobs, their payloads and structures read here in batches
         (ended jobs are settled, jobs not claimable now wait)."""
         for part in batched(ids, SUBMIT_BATCH):
-            jobs = store.jobs.to_dispatch(part)
+            jobs = patient(store.jobs.to_dispatch, part)
             now = datetime.now(timezone.utc)
             ready = []
             for job_id in part:
@@ -322,8 +355,10 @@ def label_jobs(
                     ready.append(job)
                 else:
                     waiting.add(job_id)
-            structures = store.structures.raw_many(
-                [job.payload["structure_id"] for job in ready], STRUCTURE_FIELDS
+            structures = patient(
+                store.structures.raw_many,
+                [job.payload["structure_id"] for job in ready],
+                STRUCTURE_FIELDS,
             )
             items = []
             for job in ready:
@@ -344,7 +379,8 @@ def label_jobs(
             futures = client.map(
                 run_label_job, [common[0]] * n, [common[1]] * n, [j for j, _ in singles],
                 [work_root] * n, [lease_seconds] * n, [job_timeout_seconds] * n,
-                [p for _, p in singles], key=keys, pure=False, retries=0, resources=resources,
+                [p for _, p in singles], [outage_seconds] * n, key=keys, pure=False, retries=0,
+                resources=resources,
             )  # fmt: skip
             for future, (job_id, _) in zip(futures, singles, strict=True):
                 in_flight[future.key] = [job_id]
@@ -354,8 +390,8 @@ def label_jobs(
             n = len(groups)
             futures = client.map(
                 run_label_batch, [common[0]] * n, [common[1]] * n, [work_root] * n,
-                [lease_seconds] * n, groups, key=keys, pure=False, retries=0,
-                resources=resources,
+                [lease_seconds] * n, groups, [outage_seconds] * n, key=keys, pure=False,
+                retries=0, resources=resources,
             )  # fmt: skip
             for future, group in zip(futures, groups, strict=True):
                 in_flight[future.key] = [job_id for job_id, _ in group]
@@ -379,8 +415,8 @@ def label_jobs(
         for future, result in done_tasks.next_batch(block=False):
             ids = in_flight.pop(future.key)
             if future.status != "finished":
-                # The task itself crashed (e.g. the worker was killed): its leases lapse (at
-                # once if the process is gone) and the jobs are taken again.
+                # The task itself crashed (the worker was killed, the store stayed away): its
+                # leases lapse (at once if the process is gone) and the jobs are taken again.
                 log.warning("labelling task %s errored: %r", future.key, result[1])
                 waiting.update(ids)
                 continue
@@ -400,12 +436,12 @@ def label_jobs(
             log.info("labels take %.3g s: %d jobs per task", min(seconds, default=0), per_task)
             submit_queue(None, per_task)
         if waiting and time.monotonic() >= next_poll:
-            resubmit, held_elsewhere = _look_up(store, waiting, settle)
+            resubmit, held_elsewhere = _look_up(store, waiting, settle, patient)
             if resubmit:
                 waiting.difference_update(resubmit)
                 submit(resubmit, 1)
             if held_elsewhere:
-                store.jobs.expire_orphaned_leases()
+                patient(store.jobs.expire_orphaned_leases)
             next_poll = time.monotonic() + poll_seconds
         if pending and not done_tasks.has_ready():
             # Woken by the next finished task, or at the latest for the next look-up.
@@ -431,23 +467,33 @@ def run_label_batch(
     work_root: str,
     lease_seconds: float,
     items: Sequence[tuple[str, Mapping[str, Any]]],
+    outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
 ) -> list[dict[str, Any]]:
     """Several cheap labelling jobs in one task (``items``: job id and what the driver read
     for it): claimed together, their labels inserted in one write and the jobs closed in
     another, under one heartbeat renewing every lease still held. The same guarantees as
     ``run_label_job``: a job runs only under this worker's lease, a label is stored once, a
-    failed job backs off or fails on its own. Returns each job's outcome, in order."""
+    failed job backs off or fails on its own. Returns each job's outcome, in order.
+    ``outage_seconds``: how long each store call waits for an unreachable store."""
+    import uuid
+
     from pestle.labellers import LABELLERS, LabelError, level_of_theory_hash
     from pestle.store import label_id, shared_store, worker_name
     from pestle.store.documents import StructureDoc
 
+    def patient(call, *args, **kwargs):
+        return patiently(call, *args, outage_seconds=outage_seconds,
+                         what=f"a batch of {len(items)} labelling jobs", **kwargs)  # fmt: skip
+
     worker = worker_name()
-    store = shared_store(store_uri, database)
+    store = patient(shared_store, store_uri, database)
     ids = [job_id for job_id, _ in items]
-    held = store.jobs.take_many(ids, worker, lease_seconds)
+    # One token for the claim and its repeats: a repeat answers what the first took.
+    held = patient(store.jobs.take_many, ids, worker, lease_seconds, uuid.uuid4().hex)
     outcomes: dict[str, dict[str, Any]] = {}
     if len(held) < len(ids):
-        for job_id, state in store.jobs.states([i for i in ids if i not in held]).items():
+        unheld = [i for i in ids if i not in held]
+        for job_id, state in patient(store.jobs.states, unheld).items():
             outcomes[job_id] = {"job_id": job_id, "state": state, "claimed": False}
     heartbeat = _Heartbeat(store, sorted(held), worker, lease_seconds)
     heartbeat.start()
@@ -473,11 +519,11 @@ def run_label_batch(
                     )
                 structure_id = payload["structure_id"]
                 lid = label_id(structure_id, lot_hash)
-                if prepared["attempts"] > 0 and store.labels.exists(lid):
+                if prepared["attempts"] > 0 and patient(store.labels.exists, lid):
                     ends[job_id] = {"label_id": lid, "stored": False}
                     continue
                 structure = StructureDoc.model_validate(prepared["structure"])
-                atoms = store.structures.atoms_of(structure)
+                atoms = patient(store.structures.atoms_of, structure)
                 started = time.perf_counter()
                 result = labeller.label(atoms, Path(work_root) / job_id)
                 took = time.perf_counter() - started
@@ -491,23 +537,29 @@ def run_label_batch(
                 ))  # fmt: skip
                 ends[job_id] = {"label_id": lid, "stored": True, "seconds": took}
             except Exception as exc:
+                if is_store_outage(exc):  # waited out: every lease held lapses
+                    raise
                 heartbeat.release(job_id)
-                state = store.jobs.fail(job_id, worker, f"{type(exc).__name__}: {exc}",
-                                        traceback.format_exc(),
-                                        retryable=not isinstance(exc, LabelError))  # fmt: skip
+                state = patient(store.jobs.fail, job_id, worker, f"{type(exc).__name__}: {exc}",
+                                traceback.format_exc(),
+                                retryable=not isinstance(exc, LabelError))  # fmt: skip
                 outcomes[job_id] = {"job_id": job_id, "state": state, "claimed": True,
                                     "error": str(exc)}  # fmt: skip
-        stored = store.labels.insert_many(docs)
+        # Labels are keyed by structure and level of theory, and a job ends only under this
+        # worker's lease: repeats after an outage store and close nothing twice.
+        stored = patient(store.labels.insert_many, docs)
         for result in ends.values():
             if result["stored"]:
                 result["stored"] = result["label_id"] in stored
         heartbeat.stopped.set()
-        finished = store.jobs.finish_many(ends, worker)
+        finished = patient(store.jobs.finish_many, ends, worker)
     except Exception as exc:  # the bulk writes failed: what is still held goes back
         heartbeat.stopped.set()
+        if is_store_outage(exc):  # waited out: the leases lapse and the jobs are taken again
+            raise
         for job_id in held - set(outcomes):
-            state = store.jobs.fail(job_id, worker, f"{type(exc).__name__}: {exc}",
-                                    traceback.format_exc(), retryable=True)  # fmt: skip
+            state = patient(store.jobs.fail, job_id, worker, f"{type(exc).__name__}: {exc}",
+                            traceback.format_exc(), retryable=True)  # fmt: skip
             outcomes[job_id] = {"job_id": job_id, "state": state, "claimed": True,
                                 "error": str(exc)}  # fmt: skip
         finished = set()
@@ -528,10 +580,11 @@ def _claimable(job, now: datetime) -> bool:
     )
 
 
-def _look_up(store, waiting: set[str], settle) -> tuple[list[str], bool]:
+def _look_up(store, waiting: set[str], settle, patient=None) -> tuple[list[str], bool]:
     """Jobs that came back unfinished: settle the ended ones; returns those claimable now
-    and whether some run under a live lease elsewhere."""
-    docs = store.jobs.progress(waiting)
+    and whether some run under a live lease elsewhere. ``patient``: how store calls are
+    made (``patiently``, waiting out an outage)."""
+    docs = (patient or (lambda call, *args: call(*args)))(store.jobs.progress, waiting)
     now = datetime.now(timezone.utc)
     claimable, held_elsewhere = [], False
     for job_id in sorted(waiting):

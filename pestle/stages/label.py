@@ -50,6 +50,7 @@ def drive_label_jobs(
         progress=lambda done, total, job_id, state: ctx.progress("label", done, total),
         job_timeout_seconds=ctx.config.dask.job_timeout_seconds,
         cpus_per_job=ctx.labeller.resources().cpus,
+        outage_seconds=ctx.config.store.outage_seconds,
     )
 
 

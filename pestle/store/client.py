@@ -28,7 +28,7 @@ import pymongo
 from pestle.store import batches
 from pestle.store.arrays import ArrayCodec
 from pestle.store.checks import CheckRepository
-from pestle.store.errors import StoreError
+from pestle.store.errors import StoreError, StoreUnreachable
 from pestle.store.jobs import JobRepository
 from pestle.store.labels import LabelRepository
 from pestle.store.meta import SCHEMA, MetaRepository
@@ -69,7 +69,10 @@ def connect(uri: str, timeout_ms: int = 10_000) -> pymongo.MongoClient:
             final = isinstance(exc, pymongo.errors.OperationFailure) or "refused" in text.lower()
             if final or time.monotonic() >= deadline:
                 client.close()
-                raise StoreError(f"cannot reach MongoDB at {mask_uri(uri)}: {text}") from None
+                # Refused credentials are an answer; no answer at all is an outage.
+                kind = (StoreError if isinstance(exc, pymongo.errors.OperationFailure)
+                        else StoreUnreachable)  # fmt: skip
+                raise kind(f"cannot reach MongoDB at {mask_uri(uri)}: {text}") from None
 
 
 class Store:

@@ -9,6 +9,11 @@ class StoreError(RuntimeError):
     """The store cannot do what was asked (unreachable, missing or corrupt document)."""
 
 
+class StoreUnreachable(StoreError):
+    """No answer from the store's server (refused, closed or timed-out connections): an
+    outage that may pass, unlike refused credentials or a bad request."""
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -28,3 +33,13 @@ def is_store_failure(exc: BaseException) -> bool:
     import pymongo.errors
 
     return isinstance(exc, (StoreError, pymongo.errors.PyMongoError, gridfs.errors.GridFSError))
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store cannot be reached for now (the server stopped,
+    restarts, or the network dropped): worth waiting for and trying again, unlike a refused
+    request. pymongo's ``AutoReconnect`` covers closed connections, network timeouts and
+    ``ServerSelectionTimeoutError``."""
+    import pymongo.errors
+
+    return isinstance(exc, (StoreUnreachable, pymongo.errors.ConnectionFailure))

@@ -105,26 +105,34 @@ class JobRepository:
         result = self._c.bulk_write(operations, ordered=False)
         return [ids[index] for index in sorted(result.upserted_ids)]
 
-    def claim(self, job_id: str, worker: str, lease_seconds: float) -> JobDoc | None:
+    def claim(
+        self, job_id: str, worker: str, lease_seconds: float, token: str | None = None
+    ) -> JobDoc | None:
         """Atomically take a job that is queued (and due) or whose lease has expired.
 
         Each attempt is one conditional update of the job's document (atomic per document),
         so of several claimers exactly one matches. Not one ``findAndModify`` with an
         ``$or``: the embedded server plans both as collection scans (~0.3 s per claim at
-        10⁴ jobs); these updates are ``_id`` lookups."""
-        if not self.take(job_id, worker, lease_seconds):
+        10⁴ jobs); these updates are ``_id`` lookups. ``token``: as ``take``'s ``claim``."""
+        if not self.take(job_id, worker, lease_seconds, token):
             return None
         doc = self._c.find_one({"_id": job_id, "state": JOB_RUNNING, "worker": worker})
         return None if doc is None else JobDoc.model_validate(doc)
 
-    def take(self, job_id: str, worker: str, lease_seconds: float) -> bool:
+    def take(
+        self, job_id: str, worker: str, lease_seconds: float, claim: str | None = None
+    ) -> bool:
         """``claim`` without reading the job back (for a caller that read its payload
-        before): True if this worker now holds the job."""
+        before): True if this worker now holds the job.
+
+        ``claim``: a token naming this take. Asked again with the same token (a store outage
+        lost the first reply), a take that was applied answers True instead of finding the
+        job running under a live lease."""
         now = utcnow()
         lease = now + timedelta(seconds=lease_seconds)
         update = {
             "$set": {"state": JOB_RUNNING, "worker": worker, "lease_expires": lease,
-                     "started_at": now, "heartbeat_at": now},
+                     "started_at": now, "heartbeat_at": now, "claim": claim or uuid.uuid4().hex},
             "$inc": {"attempts": 1},
         }  # fmt: skip
         for condition in (
@@ -133,7 +141,10 @@ class JobRepository:
         ):
             if self._c.update_one({"_id": job_id, **condition}, update).modified_count:
                 return True
-        return False
+        if claim is None:
+            return False
+        held = {"_id": job_id, "state": JOB_RUNNING, "worker": worker, "claim": claim}
+        return bool(self._c.count_documents(held, limit=1))
 
     def renew_lease(self, job_id: str, worker: str, lease_seconds: float) -> bool:
         now = utcnow()
@@ -144,13 +155,16 @@ class JobRepository:
         )  # fmt: skip
         return result.modified_count == 1
 
-    def take_many(self, job_ids: Iterable[str], worker: str, lease_seconds: float) -> set[str]:
+    def take_many(
+        self, job_ids: Iterable[str], worker: str, lease_seconds: float, claim: str | None = None
+    ) -> set[str]:
         """``take`` for a batch of jobs (a task of cheap labels): which this worker now holds.
         Two conditional updates per slice of ids and a read of what they took: the claim's
         random token (``claim``) tells this batch's claims from any other's, even of the
-        same process in the same millisecond."""
+        same process in the same millisecond. Asked again with the same ``claim`` (after a
+        store outage), it answers what the first call took as well."""
         now = utcnow()
-        token = uuid.uuid4().hex
+        token = claim or uuid.uuid4().hex
         update = {
             "$set": {"state": JOB_RUNNING, "worker": worker, "started_at": now,
                      "lease_expires": now + timedelta(seconds=lease_seconds),

@@ -139,18 +139,30 @@ def ping(uri: str, timeout_ms: int = 1000) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie (exited, not yet reaped by its parent) does
+    not: this process reaps its own children; another's (a server that ``pestle run``
+    started and ``pestle db stop`` stopped) is told by its state in /proc."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child (started by this very process, not yet reaped) is not alive.
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone meanwhile, or no /proc: kill(0) has answered
+        return not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists()
+    # "pid (command) state ...": the command may hold spaces and parentheses.
+    fields = stat[stat.rfind(")") + 1 :].split()
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _command_line(pid: int) -> list[str] | None:
