@@ -206,3 +206,33 @@ def test_a_trained_chgnet_version_loads_as_tensors_without_its_signature(
     potential = load_stored_model(store, "model-plain", tmp_path / "fetched")
     assert "checkpoint_sha256" not in potential.params.model_fields_set
     assert len(potential.predict([bulk("Si", "diamond", a=5.43)])) == 1
+
+
+def test_a_checkpoint_missing_a_chunk_is_a_message(
+    store: Store, raw_db, tmp_path: Path, mongo_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GridFS chunk lost from the store (CorruptGridFile) ends `pestle evaluate` with a
+    message naming the model, not a traceback; the model document stays."""
+    checkpoint = tmp_path / "big.model"
+    checkpoint.write_bytes(os.urandom(600_000))  # three GridFS chunks of 255 kB
+    store.models.put("model-torn", checkpoint, {"family": "chgnet", "potential": "chgnet"})
+    assert raw_db["fs.chunks"].delete_one({"n": 1}).deleted_count == 1
+    data = tmp_path / "data.extxyz"
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = __import__("ase.calculators.emt", fromlist=["EMT"]).EMT()
+    atoms.get_forces()
+    write(data, [atoms])
+    monkeypatch.setenv("PESTLE_MONGODB_URI", mongo_uri)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"name: t\nseeds: [{{bulk: Cu}}]\nsamplers: [{{name: rattle}}]\n"
+        f"store: {{database: {store.database}}}\n"
+    )
+    result = CliRunner().invoke(app, ["evaluate", "model-torn", "-d", str(data),
+                                      "-c", str(config)])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    text = " ".join(result.output.split())
+    assert "checkpoint of model model-torn is missing or incomplete in the store" in text
+    assert "Traceback" not in result.output
+    assert raw_db["models"].count_documents({"_id": "model-torn"}) == 1
