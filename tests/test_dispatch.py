@@ -3,6 +3,7 @@ leases, orphaned jobs, races, non-retryable failures, and GPU-resource routing o
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from datetime import timedelta
@@ -328,6 +329,7 @@ def test_job_over_its_time_limit_restarts_the_worker_and_is_retried(
     params = {"ecut": 250, "kpoint_density": 1.5}
     job_id = enqueue_gpaw(store, atoms, params)
     raw_db["jobs"].update_one({"_id": job_id}, {"$set": {"max_attempts": 2}})
+    before = set(client.run(os.getpid).values())
     states = label_jobs(
         client, store, [job_id], store_uri=mongo_uri, work_root=str(tmp_path),
         job_timeout_seconds=0.5, timeout_seconds=240,
@@ -337,9 +339,10 @@ def test_job_over_its_time_limit_restarts_the_worker_and_is_retried(
     assert job["attempts"] == 2 and job["error"].startswith("timeout: still running after 0.5 s")
     assert [h["event"] for h in job["history"]] == ["failed", "failed"]
     assert raw_db["labels"].count_documents({}) == 0
-    # The workers came back and still work.
+    # The workers came back and still work: fresh processes in place of the timed-out ones.
     client.wait_for_workers(2, timeout=60)
     assert client.submit(sum, [1, 1]).result() == 2
+    assert set(client.run(os.getpid).values()) != before
 
 
 def test_labelling_tasks_declare_their_cores(client) -> None:

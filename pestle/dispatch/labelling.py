@@ -95,6 +95,8 @@ class _Heartbeat(threading.Thread):
         self.lost = False
         self.timed_out = False
         self._lock = threading.Lock()
+        # Asked here, in the task's thread: Dask's worker context does not reach new threads.
+        self.on_dask_worker = _inside_dask_worker()
 
     def release(self, job_id: str) -> None:
         """Stop renewing one job's lease (it ended)."""
@@ -131,7 +133,7 @@ class _Heartbeat(threading.Thread):
             f"timeout: still running after {self.timeout_seconds:g} s",
             retryable=True,
         )
-        if _inside_dask_worker():
+        if self.on_dask_worker:
             log.error("labelling job %s timed out: restarting this worker", self.job_id)
             os._exit(75)
 
