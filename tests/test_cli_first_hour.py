@@ -467,6 +467,15 @@ def test_plugin_summaries_are_whole_sentences() -> None:
     assert _summary(Wrapped) == (
         "A summary that is long enough to wrap onto a second line of the docstring."
     )
+    # Every built-in: a sentence of its own, not a lead-in to a list ("...:") nor a sibling's.
+    listed = [json.loads(line) for line in cli("plugins", "--json").stdout.splitlines()]
+    built_in = [p for p in listed if p["origin"] == "pestle"]
+    assert len(built_in) >= 20
+    for plugin in built_in:
+        assert plugin["summary"].endswith((".", ")")), plugin
+    for kind in {p["kind"] for p in built_in}:
+        summaries = [p["summary"] for p in built_in if p["kind"] == kind]
+        assert len(summaries) == len(set(summaries)), kind
 
 
 def test_a_second_daemon_exits_with_its_own_code(config: Path, store: Store) -> None:

@@ -47,6 +47,9 @@ def farthest_points(x: np.ndarray, start: int, count: int) -> list[tuple[int, fl
 
 @SELECTORS.register("fps")
 class FarthestPointSelector:
+    """Farthest-point sampling in the embedding space, per chemical system, seeded with the
+    best-scoring candidate."""
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
@@ -81,6 +84,9 @@ class FarthestPointSelector:
 
 @SELECTORS.register("direct")
 class StratifiedSelector:
+    """DIRECT-style stratification, per chemical system: PCA of the embeddings, k-means into as
+    many clusters as the budget, the best-scoring candidate of each cluster."""
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
