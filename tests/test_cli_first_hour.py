@@ -360,6 +360,15 @@ def test_jobs_show_and_retry(config: Path, store: Store) -> None:
     retried = cli("jobs", "retry", job_id, "-c", config)
     assert retried.exit_code == 0 and "re-queued 1 job" in retried.output
     assert store.jobs.state(job_id) == "queued"
+    assert [h.event for h in store.jobs.get(job_id).history][-1] == "requeued"
+    assert "requeued" in cli("jobs", "show", job_id, "-c", config).output
+    # Done at last: the failed attempt's error stays in the history, not on the job.
+    assert store.jobs.claim(job_id, "node7:2", 60)
+    store.jobs.finish(job_id, "node7:2", {"label_id": "abc123-lot"})
+    done = store.jobs.get(job_id)
+    assert done.error is None and [h.event for h in done.history][-3:] == [
+        "failed", "requeued", "done"
+    ]  # fmt: skip
     assert cli("jobs", "retry", "-c", config).exit_code == 2  # which jobs?
     assert "re-queued 0 failed jobs" in cli("jobs", "retry", "--failed", "-c", config).output
 

@@ -201,9 +201,7 @@ class JobRepository:
         now = utcnow()
         outcome = self._c.bulk_write(
             [UpdateOne({"_id": job_id, "state": JOB_RUNNING, "worker": worker},
-                       {"$set": {"state": JOB_DONE, "result": dict(result), "finished_at": now},
-                        "$unset": {"lease_expires": ""},
-                        "$push": {"history": {"at": now, "worker": worker, "event": "done"}}})
+                       _done(result, worker, now))
              for job_id, result in results.items()],
             ordered=False,
         )  # fmt: skip
@@ -219,12 +217,7 @@ class JobRepository:
         """Mark done; False if this worker no longer holds the job (its lease was taken)."""
         now = utcnow()
         updated = self._c.update_one(
-            {"_id": job_id, "state": JOB_RUNNING, "worker": worker},
-            {
-                "$set": {"state": JOB_DONE, "result": dict(result), "finished_at": now},
-                "$unset": {"lease_expires": ""},
-                "$push": {"history": {"at": now, "worker": worker, "event": "done"}},
-            },
+            {"_id": job_id, "state": JOB_RUNNING, "worker": worker}, _done(result, worker, now)
         )
         return updated.modified_count == 1
 
@@ -303,10 +296,12 @@ class JobRepository:
                                               {"_id": 1}, sort=None)]  # fmt: skip
         modified = 0
         for part in batches.batched(ids):
+            now = utcnow()
             modified += self._c.update_many(
                 {"_id": {"$in": part}, "state": JOB_FAILED},
-                {"$set": {"state": JOB_QUEUED, "attempts": 0, "not_before": utcnow()}},
-            ).modified_count
+                {"$set": {"state": JOB_QUEUED, "attempts": 0, "not_before": now},
+                 "$push": {"history": {"at": now, "event": "requeued"}}},
+            ).modified_count  # fmt: skip
         return modified
 
     # -- reading ------------------------------------------------------------------------
@@ -384,3 +379,13 @@ class JobRepository:
                 "finished_at", 1
             )
         ]
+
+
+def _done(result: Mapping[str, Any], worker: str, now) -> dict[str, Any]:
+    """The update that marks a job done: its result in, the lease and the last failed
+    attempt's error out (every attempt's error stays in the history)."""
+    return {
+        "$set": {"state": JOB_DONE, "result": dict(result), "finished_at": now},
+        "$unset": {"lease_expires": "", "error": "", "traceback": ""},
+        "$push": {"history": {"at": now, "worker": worker, "event": "done"}},
+    }
