@@ -423,7 +423,9 @@ class LimitsSpec(_Strict):
     (a 40x40x40 supercell, a 10^6 A cell, a billion candidates) is a message, not a week of
     DFT. Raise them here when a campaign really needs more."""
 
-    max_atoms: int = Field(default=2000, ge=1, description="atoms in a seed (after its supercell)")
+    max_atoms: int = Field(
+        default=2000, ge=1, description="atoms in a seed (after its supercell) or a candidate"
+    )
     max_cell_length: float = Field(
         default=200.0, gt=0, description="length of a seed's cell vectors (Å)"
     )
@@ -431,8 +433,8 @@ class LimitsSpec(_Strict):
         default=0.5,
         gt=0,
         le=1,
-        description="atoms of a seed closer than this fraction of the sum of their covalent "
-        "radii are a broken structure (overlapping atoms)",
+        description="atoms of a seed or candidate closer than this fraction of the sum of their "
+        "covalent radii are a broken structure (overlapping atoms)",
     )
     max_count: int = Field(
         default=1_000_000,

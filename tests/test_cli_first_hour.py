@@ -504,3 +504,21 @@ def test_the_executable_runs_the_package() -> None:
         timeout=120,
     )
     assert done.returncode == 3 and "no such config file" in done.stderr
+
+
+def test_candidates_obey_the_configured_limits_and_refusals_are_explained(
+    tmp_path: Path, uri_env: str, database_name: str
+) -> None:
+    """The validity check of candidates takes `limits` (as the seeds' does), and a dry run
+    says why candidates were refused."""
+    plain = json.loads(cli("run", "--dry-run", "--json", "-c",
+                           write_config(tmp_path / "a.yaml", database_name)).stdout)  # fmt: skip
+    assert plain["rejected"] == {}
+    # Cu's nearest neighbours sit at 0.966 of two covalent radii: rattles push some below 0.95.
+    strict = write_config(tmp_path / "b.yaml", database_name,
+                          limits={"min_distance_fraction": 0.95})  # fmt: skip
+    planned = json.loads(cli("run", "--dry-run", "--json", "-c", strict).stdout)
+    refused = planned["rejected"]["rattle"]
+    assert 0 < refused < 12
+    (note,) = [n for n in planned["notes"] if "refused by the validity check, e.g." in n]
+    assert note.startswith(f"{refused} rattle candidates") and "below 0.95 x the sum" in note

@@ -127,13 +127,17 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
     candidates: dict[str, PlannedCandidate] = {}
     per_sampler: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
+    first_reason: dict[str, str] = {}
     for index, spec in enumerate(config.samplers):
         sampler = SAMPLERS.build(spec.name, spec.params)
         for seed in seeds:
             rng_seed = sampler_stream(config.seed, None, index, spec.name, seed.id)
             for candidate in sampler.sample(seed, rng_seed):
-                if check_structure(candidate.atoms) is not None:
+                reason = check_structure(candidate.atoms, config.limits.min_distance_fraction,
+                                         config.limits.max_atoms)  # fmt: skip
+                if reason is not None:
                     rejected[spec.name] += 1
+                    first_reason.setdefault(spec.name, reason)
                     continue
                 per_sampler[spec.name] += 1
                 sid = fingerprint(candidate.atoms)
@@ -147,6 +151,10 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
         "ones are picked is not known: each system is assumed to use its whole budget "
         f"({config.selection.per_system} per system)",
         "a labelling job can still fail, or be refused by the validity check before dispatch",
+    ]
+    notes += [
+        f"{rejected[name]} {name} candidates refused by the validity check, e.g. {reason}"
+        for name, reason in first_reason.items()
     ]
     level_of_theory = None
     try:

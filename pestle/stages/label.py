@@ -96,7 +96,9 @@ class LabelStage:
                     raise StoreError(f"no structure {sid}")
                 # Checked again before paying for DFT: structures may come from other runs,
                 # imports or older, laxer versions of the checks.
-                reason = check_structure(geometries[sid])
+                limits = ctx.config.limits
+                reason = check_structure(geometries[sid], limits.min_distance_fraction,
+                                         limits.max_atoms)  # fmt: skip
                 if reason is not None:
                     rejected[sid] = reason
                     continue

@@ -3,6 +3,7 @@ stored with their provenance (deduplicated by fingerprint)."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ from pestle.store import NewStructure
 
 if TYPE_CHECKING:
     from pestle.stages.context import RunContext
+
+log = logging.getLogger("pestle.stages")
 
 
 def sampler_stream(
@@ -41,6 +44,7 @@ class SampleStage:
         specs = self.samplers if self.samplers is not None else ctx.config.samplers
         counts: dict[str, int] = defaultdict(int)
         rejected: dict[str, list[str]] = defaultdict(list)
+        limits = ctx.config.limits
         for index, spec in enumerate(specs):
             sampler = SAMPLERS.build(spec.name, spec.params)
             for seed in seeds:
@@ -48,7 +52,8 @@ class SampleStage:
                 rng_seed = sampler_stream(ctx.config.seed, round_index, index, spec.name, seed.id)
                 batch = []
                 for candidate in sampler.sample(seed, rng_seed):
-                    reason = check_structure(candidate.atoms)
+                    reason = check_structure(candidate.atoms, limits.min_distance_fraction,
+                                             limits.max_atoms)  # fmt: skip
                     if reason is not None:
                         rejected[spec.name].append(reason)
                         counts["rejected"] += 1
@@ -67,6 +72,9 @@ class SampleStage:
                     counts["new" if new else "already_stored"] += 1
                     counts[f"sampler:{spec.name}"] += 1
             ctx.progress("sample", index + 1, len(specs))
+        for name, reasons in rejected.items():
+            log.warning("%s: %d candidates refused by the validity check, e.g. %s", name,
+                        len(reasons), reasons[0])  # fmt: skip
         outcome = {"counts": dict(counts), "rejected": {k: v[:20] for k, v in rejected.items()}}
         ctx.record("sample", outcome)
         return {"sampled": outcome}
