@@ -196,6 +196,18 @@ def test_ase_db_export_that_fails_leaves_no_file(campaign_like: Store, tmp_path,
     assert not (tmp_path / "x.db").exists()
 
 
+def test_ase_db_export_onto_a_file_of_another_kind_is_refused_untouched(
+    campaign_like: Store, tmp_path
+) -> None:
+    """An existing file that is not an ASE database: an OSError naming it (the CLI's
+    `cannot write ...`, exit 3), and the file is left as it was."""
+    other = tmp_path / "notes.db"
+    other.write_text("not a database")
+    with pytest.raises(OSError, match="notes.db exists and is not an ASE database"):
+        EXPORTERS["ase-db"](campaign_like, other)
+    assert other.read_text() == "not a database"
+
+
 @pytest.mark.parametrize("fmt", ["extxyz", "mace"])
 def test_extxyz_exports_keep_every_key_after_a_seed(campaign_like: Store, fmt, tmp_path) -> None:
     """A seed's empty parent_id was written as ``parent_id=`` and ASE's reader then took the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,8 +58,10 @@ def write_ase_db(path: str | os.PathLike, images: Sequence[Atoms]) -> int:
                 # The results come from atoms.calc; ase.db does not store info itself.
                 database.write(atoms, key_value_pairs=pairs, data=data)
                 written += 1
-    except BaseException:
+    except BaseException as exc:
         if created:
             path.unlink(missing_ok=True)
+        if isinstance(exc, sqlite3.DatabaseError):  # a file of another kind in the way
+            raise OSError(f"{path} exists and is not an ASE database ({exc})") from None
         raise
     return written
