@@ -122,7 +122,7 @@ class StoreSpec(_Strict):
 class JobqueueSpec(_Strict):
     """A batch-system cluster through dask-jobqueue: each batch job runs Dask workers."""
 
-    system: Literal["slurm", "pbs"]
+    system: Literal["slurm", "pbs"] = Field(description="the batch system")
     cores: int = Field(ge=1, description="cores per batch job")
     memory: str = Field(description='memory per batch job, e.g. "16GB"')
     walltime: str = Field(default="01:00:00", description="per batch job, HH:MM:SS")

@@ -95,8 +95,15 @@ class ConvergenceOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    tolerances: ConvergenceTolerances = Field(default_factory=ConvergenceTolerances)
+    enabled: bool = Field(
+        default=True,
+        description="check each system's labelling settings before its first labels at a "
+        "level of theory (false: labels are trusted unchecked)",
+    )
+    tolerances: ConvergenceTolerances = Field(
+        default_factory=ConvergenceTolerances,
+        description="how close a rung's labels must be to the next rung's",
+    )
     auto_raise: bool = Field(
         default=False, description="climb a failing setting's ladder instead of stopping"
     )
@@ -108,7 +115,7 @@ class ConvergenceOptions(BaseModel):
     )
     rattle: float = Field(default=0.05, gt=0, le=0.3, description="Å, representative structure")
     max_strain: float = Field(default=0.02, gt=0, le=0.1, description="representative structure")
-    rng_seed: int = 0
+    rng_seed: int = Field(default=0, description="random seed of the representative structure")
 
 
 # ---------------------------------------------------------------------------------------------
