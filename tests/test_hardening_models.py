@@ -138,24 +138,29 @@ def test_a_matgl_folder_naming_foreign_classes_is_refused(
     assert not marker.exists()
 
 
-def test_evaluate_refuses_a_planted_model_with_a_message(
-    store: Store, raw_db, tmp_path: Path, mongo_uri: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    marker = tmp_path / "ran"
-    plant(raw_db, "model-evil-mace", evil_checkpoint(tmp_path / "evil.model", marker), "mace")
+def evaluate_on_one_structure(model_id: str, store: Store, tmp_path: Path):
+    """`pestle evaluate MODEL -d data.extxyz` on one EMT-labelled Cu cell, with a config
+    naming the test's database (the store's URI in PESTLE_MONGODB_URI)."""
     data = tmp_path / "data.extxyz"
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.calc = __import__("ase.calculators.emt", fromlist=["EMT"]).EMT()
     atoms.get_forces()
     write(data, [atoms])
-    monkeypatch.setenv("PESTLE_MONGODB_URI", mongo_uri)
     config = tmp_path / "c.yaml"
     config.write_text(
         f"name: t\nseeds: [{{bulk: Cu}}]\nsamplers: [{{name: rattle}}]\n"
         f"store: {{database: {store.database}}}\n"
     )
-    result = CliRunner().invoke(app, ["evaluate", "model-evil-mace", "-d", str(data),
-                                      "-c", str(config)])  # fmt: skip
+    return CliRunner().invoke(app, ["evaluate", model_id, "-d", str(data), "-c", str(config)])
+
+
+def test_evaluate_refuses_a_planted_model_with_a_message(
+    store: Store, raw_db, tmp_path: Path, mongo_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "ran"
+    plant(raw_db, "model-evil-mace", evil_checkpoint(tmp_path / "evil.model", marker), "mace")
+    monkeypatch.setenv("PESTLE_MONGODB_URI", mongo_uri)
+    result = evaluate_on_one_structure("model-evil-mace", store, tmp_path)
     assert result.exit_code == 3, result.output
     assert "is refused" in result.output and "pestle models trust" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -217,19 +222,8 @@ def test_a_checkpoint_missing_a_chunk_is_a_message(
     checkpoint.write_bytes(os.urandom(600_000))  # three GridFS chunks of 255 kB
     store.models.put("model-torn", checkpoint, {"family": "chgnet", "potential": "chgnet"})
     assert raw_db["fs.chunks"].delete_one({"n": 1}).deleted_count == 1
-    data = tmp_path / "data.extxyz"
-    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-    atoms.calc = __import__("ase.calculators.emt", fromlist=["EMT"]).EMT()
-    atoms.get_forces()
-    write(data, [atoms])
     monkeypatch.setenv("PESTLE_MONGODB_URI", mongo_uri)
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"name: t\nseeds: [{{bulk: Cu}}]\nsamplers: [{{name: rattle}}]\n"
-        f"store: {{database: {store.database}}}\n"
-    )
-    result = CliRunner().invoke(app, ["evaluate", "model-torn", "-d", str(data),
-                                      "-c", str(config)])  # fmt: skip
+    result = evaluate_on_one_structure("model-torn", store, tmp_path)
     assert result.exit_code == 3, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     text = " ".join(result.output.split())
