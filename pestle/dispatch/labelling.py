@@ -21,6 +21,7 @@ jobs to the driver, which takes them again once their leases lapse.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -160,9 +161,8 @@ def run_label_job(
     from pestle.store import StoreError, label_id, shared_store, worker_name
     from pestle.store.documents import StructureDoc
 
-    def patient(call, *args, **kwargs):
-        return patiently(call, *args, outage_seconds=outage_seconds,
-                         what=f"labelling job {job_id}", **kwargs)  # fmt: skip
+    patient = functools.partial(patiently, outage_seconds=outage_seconds,
+                                what=f"labelling job {job_id}")  # fmt: skip
 
     worker = worker_name()
     store = patient(shared_store, store_uri, database)
@@ -314,8 +314,7 @@ def label_jobs(
     """
     from distributed import as_completed
 
-    def patient(call, *args):
-        return patiently(call, *args, outage_seconds=outage_seconds, what="labelling")
+    patient = functools.partial(patiently, outage_seconds=outage_seconds, what="labelling")
 
     progress = progress or (lambda done, total, job_id, state: None)
     total = len(set(job_ids))
@@ -483,9 +482,8 @@ def run_label_batch(
     from pestle.store import label_id, shared_store, worker_name
     from pestle.store.documents import StructureDoc
 
-    def patient(call, *args, **kwargs):
-        return patiently(call, *args, outage_seconds=outage_seconds,
-                         what=f"a batch of {len(items)} labelling jobs", **kwargs)  # fmt: skip
+    patient = functools.partial(patiently, outage_seconds=outage_seconds,
+                                what=f"a batch of {len(items)} labelling jobs")  # fmt: skip
 
     worker = worker_name()
     store = patient(shared_store, store_uri, database)

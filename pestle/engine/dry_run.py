@@ -119,7 +119,7 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
     already stored and labelled."""
     from pestle.labellers import LABELLERS
     from pestle.samplers import SAMPLERS
-    from pestle.samplers.validity import check_structure
+    from pestle.samplers.validity import check_within_limits
     from pestle.stages.context import run_id_for
     from pestle.stages.sample import sampler_stream
 
@@ -133,8 +133,7 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
         for seed in seeds:
             rng_seed = sampler_stream(config.seed, None, index, spec.name, seed.id)
             for candidate in sampler.sample(seed, rng_seed):
-                reason = check_structure(candidate.atoms, config.limits.min_distance_fraction,
-                                         config.limits.max_atoms)  # fmt: skip
+                reason = check_within_limits(candidate.atoms, config.limits)
                 if reason is not None:
                     rejected[spec.name] += 1
                     first_reason.setdefault(spec.name, reason)

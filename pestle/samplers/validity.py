@@ -6,6 +6,8 @@ structure costs a DFT calculation that will not converge and teaches the model n
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from ase import Atoms
 from ase.data import covalent_radii
@@ -44,3 +46,9 @@ def check_structure(
                 f"{min_distance_fraction} x the sum of covalent radii ({allowed[k]:.2f} A)"
             )
     return None
+
+
+def check_within_limits(atoms: Atoms, limits: Any) -> str | None:
+    """``check_structure`` with a campaign's ``limits`` (``LimitsSpec``: ``max_atoms``,
+    ``min_distance_fraction``): the one check seeds and candidates pass."""
+    return check_structure(atoms, limits.min_distance_fraction, limits.max_atoms)

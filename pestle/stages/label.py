@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ase import Atoms
 
 from pestle.plugins import PluginSpec
-from pestle.samplers.validity import check_structure
+from pestle.samplers.validity import check_within_limits
 from pestle.store import (
     JOB_DONE,
     JOB_WITHDRAWN,
@@ -96,9 +96,7 @@ class LabelStage:
                     raise StoreError(f"no structure {sid}")
                 # Checked again before paying for DFT: structures may come from other runs,
                 # imports or older, laxer versions of the checks.
-                limits = ctx.config.limits
-                reason = check_structure(geometries[sid], limits.min_distance_fraction,
-                                         limits.max_atoms)  # fmt: skip
+                reason = check_within_limits(geometries[sid], ctx.config.limits)
                 if reason is not None:
                     rejected[sid] = reason
                     continue

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pestle.plugins import PluginSpec
 from pestle.samplers import SAMPLERS, Seed
-from pestle.samplers.validity import check_structure
+from pestle.samplers.validity import check_within_limits
 from pestle.stages.context import stable_seed
 from pestle.store import NewStructure
 
@@ -52,8 +52,7 @@ class SampleStage:
                 rng_seed = sampler_stream(ctx.config.seed, round_index, index, spec.name, seed.id)
                 batch = []
                 for candidate in sampler.sample(seed, rng_seed):
-                    reason = check_structure(candidate.atoms, limits.min_distance_fraction,
-                                             limits.max_atoms)  # fmt: skip
+                    reason = check_within_limits(candidate.atoms, limits)
                     if reason is not None:
                         rejected[spec.name].append(reason)
                         counts["rejected"] += 1

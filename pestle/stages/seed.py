@@ -22,7 +22,7 @@ from pestle.config import ConfigError, LimitsSpec, SeedSpec
 from pestle.extras import MissingExtra, require
 from pestle.plugins import PluginSpec
 from pestle.samplers import Seed
-from pestle.samplers.validity import check_structure
+from pestle.samplers.validity import check_within_limits
 from pestle.structures import chemical_system
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def check_seed(seed: SeedStructure, limits: LimitsSpec, where: str) -> None:
         )
     if atoms.pbc.any() and atoms.cell.rank < 3:
         raise ConfigError(f"{what}: periodic, but its cell has no volume")
-    reason = check_structure(atoms, limits.min_distance_fraction, limits.max_atoms)
+    reason = check_within_limits(atoms, limits)
     if reason is not None:
         raise ConfigError(f"{what}: {reason}")
 

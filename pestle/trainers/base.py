@@ -309,11 +309,7 @@ class TrainerBase(ABC, Generic[Base]):
             **linear_metrics(train, val, scale, shift, weights),
             "linear_scope": "model",
             "system_scales": per_system.as_dict(),
-            "mode": p.mode,
-            "val_source": "val_set" if val_set else "none (val_set was empty)",
-            "n_train": len(train_set),
-            "n_val": len(val_set),
-            "targets": "efs" if weights["s"] > 0 else "ef",
+            **linear_facts(p.mode, train_set, val_set, weights),
             **baked,
             **self._after_save(base, checkpoint, checkpoint_sha256),
             "device": "cpu",
@@ -351,11 +347,7 @@ class TrainerBase(ABC, Generic[Base]):
         metrics: dict[str, Any] = {
             **scale_metrics(fit, st_train, st_val, weights),
             "system_scales": per_system.as_dict(),
-            "mode": p.mode,
-            "val_source": "val_set" if val_set else "none (val_set was empty)",
-            "n_train": len(train_set),
-            "n_val": len(val_set),
-            "targets": "efs" if weights["s"] > 0 else "ef",
+            **linear_facts(p.mode, train_set, val_set, weights),
             **extra,
             "device": "cpu",
             "checkpoint_sha256": checkpoint_sha256,
@@ -496,3 +488,19 @@ class TrainerBase(ABC, Generic[Base]):
     @abstractmethod
     def _potential_params(self, base: Base) -> dict[str, Any]:
         """Params of ``potential_name`` that load the checkpoint (besides its path)."""
+
+
+def linear_facts(
+    mode: str,
+    train_set: Sequence[LabelledStructure],
+    val_set: Sequence[LabelledStructure],
+    weights: dict[str, float],
+) -> dict[str, Any]:
+    """What every linear correction records of its data, whatever its scope."""
+    return {
+        "mode": mode,
+        "val_source": "val_set" if val_set else "none (val_set was empty)",
+        "n_train": len(train_set),
+        "n_val": len(val_set),
+        "targets": "efs" if weights["s"] > 0 else "ef",
+    }
