@@ -54,7 +54,9 @@ def test_committee_descriptors_and_fps_selection(
     docs = {d["_id"]: d for d in raw_db["structures"].find({"kind": "candidate"})}
     key = campaign.model_key
     for doc in docs.values():
-        assert {"committee_force", "committee_energy", "max_force"} <= set(doc["scores"][key])
+        assert {"committee_force", "committee_energy", "max_force", "pressure"} <= set(
+            doc["scores"][key]
+        )
         assert len(doc["embeddings"][key]) == 64
     # The committee disagrees more on the strongly rattled structures, and FPS starts there.
     first = next(

@@ -74,6 +74,7 @@ def score_chunks(
     committee: Sequence[ModelRef],
     key: str,
     embeddings: bool,
+    pressure: bool = True,
 ) -> int:
     """Score these chunks of candidates (each chunk one batch: the committee's energy
     spread is relative to its batch) and store the scores under ``key``; returns how many
@@ -86,12 +87,22 @@ def score_chunks(
     members = [model_for(ref, store) for ref in committee]
     done = 0
     for ids in chunks:
-        done += score_and_store(store, list(ids), potential, members, key, embeddings, score_batch)
+        done += score_and_store(
+            store, list(ids), potential, members, key, embeddings, score_batch, pressure=pressure
+        )
     return done
 
 
 def score_and_store(
-    store, ids: list[str], potential, committee, key: str, embeddings: bool, score: Callable
+    store,
+    ids: list[str],
+    potential,
+    committee,
+    key: str,
+    embeddings: bool,
+    score: Callable,
+    *,
+    pressure: bool = True,
 ) -> int:
     """One batch: geometry read, scored, scores (and descriptors) written in bulk."""
     atoms = store.structures.atoms_many(ids)
@@ -99,7 +110,7 @@ def score_and_store(
     if not ids:
         return 0
     batch = [atoms[i] for i in ids]
-    scores, vectors = score(batch, potential, committee, embeddings)
+    scores, vectors = score(batch, potential, committee, embeddings, pressure=pressure)
     store.structures.set_scores(dict(zip(ids, scores, strict=True)), key)
     if vectors is not None:
         store.structures.set_embeddings(dict(zip(ids, vectors, strict=True)), key)
@@ -138,6 +149,7 @@ def score_on_workers(
     key: str,
     embeddings: bool,
     *,
+    pressure: bool = True,
     per_task: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> int:
@@ -152,7 +164,7 @@ def score_on_workers(
     n = len(tasks)
     futures = client.map(
         score_chunks, [store_uri] * n, [database] * n, tasks, [dict(main)] * n,
-        [[dict(c) for c in committee]] * n, [key] * n, [embeddings] * n,
+        [[dict(c) for c in committee]] * n, [key] * n, [embeddings] * n, [pressure] * n,
         pure=False, resources=resources,
     )  # fmt: skip
     done = 0

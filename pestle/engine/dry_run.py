@@ -122,6 +122,7 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
     from pestle.samplers.validity import check_within_limits
     from pestle.stages.context import run_id_for
     from pestle.stages.sample import sampler_stream
+    from pestle.stages.select import effective_selector
 
     seeds = plan_seeds(config, store)
     candidates: dict[str, PlannedCandidate] = {}
@@ -181,6 +182,9 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
         plan.already_stored += candidate.id in stored
         plan.already_labelled += candidate.id in labelled
     per_system = config.selection.per_system
+    selector, ranking_note = effective_selector(config, per_system)
+    if ranking_note:
+        notes.append(ranking_note)
     gate = _gate_calculations(config, store, level_of_theory)
     for system, plan in systems.items():
         plan.picks = min(per_system, plan.candidates)
@@ -226,7 +230,7 @@ def plan_campaign(config: CampaignConfig, store: Store | None = None) -> Campaig
         potential=config.potential.name,
         committee=[c.name for c in config.scoring.committee],
         weights=dict(config.scoring.weights),
-        selector=config.selection.selector.model_dump(),
+        selector=selector.model_dump(),
         per_system=per_system,
         labeller=config.labeller.name,
         level_of_theory=level_of_theory,

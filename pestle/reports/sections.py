@@ -516,12 +516,12 @@ class LabelValues:
 class Predicted:
     energy_per_atom: list[float] = field(default_factory=list)
     max_force: list[float] = field(default_factory=list)
+    pressure: list[float] = field(default_factory=list)
 
     def add(self, scores: Mapping[str, float]) -> None:
-        if "max_force" in scores:
-            self.max_force.append(scores["max_force"])
-        if "energy_per_atom" in scores:
-            self.energy_per_atom.append(scores["energy_per_atom"])
+        for name in ("max_force", "energy_per_atom", "pressure"):
+            if name in scores:
+                getattr(self, name).append(scores[name])
 
 
 def _relative(values: Sequence[float], reference: Sequence[float]) -> list[float]:
@@ -545,7 +545,7 @@ def distribution_blocks(
 
     ``predicted[system][set]``: the scoring model's predictions (sets "candidates",
     "evaluation set", "picks"); ``labelled[system][set]``: reference labels ("evaluation
-    set", "picks"). Candidates have only predictions (no stress is predicted when scoring);
+    set", "picks"). Candidates have only predictions (pressure among them);
     picks and the evaluation set have reference labels."""
     colours = {"candidates": "0.55", "evaluation set": "C0", "picks": "C1"}
     out = []
@@ -575,8 +575,9 @@ def distribution_blocks(
                                                          pred_zero if r[3] else ref_zero),
                                          colours[r[1]]) for r in rows]),
             figures.Panel("pressure", "−trace(σ)/3 (GPa)",
-                          [figures.Strip(r[0], [] if r[3] else list(r[2].pressure), colours[r[1]],
-                                         missing="no stress predicted when scoring" if r[3]
+                          [figures.Strip(r[0], list(r[2].pressure), colours[r[1]],
+                                         missing="no stress predicted when scoring (scored "
+                                         "before pestle stored it)" if r[3]
                                          else "no stress in the labels") for r in rows]),
         ]  # fmt: skip
         path = figures.distributions_plot(f"{system}: candidates, picks and evaluation set",

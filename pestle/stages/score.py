@@ -96,7 +96,8 @@ class Placement:
         ctx = self.ctx
         for ids in chunks:
             count = score_and_store(ctx.store, ids, ctx.potential, ctx.committee, self.key,
-                                    ctx.config.scoring.embeddings, score_batch)  # fmt: skip
+                                    ctx.config.scoring.embeddings, score_batch,
+                                    pressure=ctx.config.scoring.pressure)  # fmt: skip
             advance(count)
 
     def on_workers(self, chunks: list[list[str]], advance, per_task: int = PER_TASK) -> None:
@@ -105,7 +106,8 @@ class Placement:
         ctx = self.ctx
         main, committee = model_refs(ctx)
         score_on_workers(ctx.client, ctx.store_uri, ctx.store.database, chunks, main, committee,
-                         self.key, ctx.config.scoring.embeddings, per_task=per_task,
+                         self.key, ctx.config.scoring.embeddings,
+                         pressure=ctx.config.scoring.pressure, per_task=per_task,
                          progress=advance)  # fmt: skip
 
     # -- the choice -----------------------------------------------------------------------

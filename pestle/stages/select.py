@@ -10,13 +10,40 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pestle.plugins import PluginSpec
 from pestle.selectors import SELECTORS, ScoredCandidate
 from pestle.stages.evaluation_set import stratum_key
 from pestle.store.documents import Selection, StructureDoc
 
 if TYPE_CHECKING:
+    from pestle.config import CampaignConfig
     from pestle.scoring import SofteningModel
     from pestle.stages.context import RunContext
+
+LINEAR_MODES = ("linear_correction",)
+
+
+def effective_selector(config: CampaignConfig, per_system: int) -> tuple[PluginSpec, str | None]:
+    """The selector as it will rank, and why when that is not as configured: a linear
+    correction or a budget of ``selection.rank_by_softening_up_to`` labels per system or
+    fewer ranks by the expected softening error unless the selector's score is set. The
+    largest force is a poor guide for a few labels: a structure with large forces that the
+    model barely softens teaches a correction the wrong way."""
+    spec = config.selection.selector
+    params_model = getattr(SELECTORS.get(spec.name), "Params", None)
+    ranks_by_score = params_model is not None and "score" in params_model.model_fields
+    if not ranks_by_score or "score" in spec.params:
+        return spec, None
+    mode = config.finetune.trainer.params.get("mode") if config.finetune.enabled else None
+    if mode in LINEAR_MODES:
+        why = f"finetune.trainer.params.mode is {mode}"
+    elif per_system <= config.selection.rank_by_softening_up_to:
+        why = (f"{per_system} label(s) per system, at most "
+               f"selection.rank_by_softening_up_to = {config.selection.rank_by_softening_up_to}")  # fmt: skip
+    else:
+        return spec, None
+    params = {**spec.params, "score": "expected_softening_error"}
+    return PluginSpec(name=spec.name, params=params), f"ranked by expected softening error: {why}"
 
 
 def softening_model(ctx: RunContext, systems: Iterable[str]) -> SofteningModel:
@@ -69,11 +96,12 @@ class SelectStage:
         key = ctx.model_key
         scoring = ctx.config.scoring
         table = ScoreTable.read(ctx, key)
+        spec, ranking_note = effective_selector(ctx.config, ctx.per_system)
         estimates: dict[str, dict] = {}
-        if "expected_softening_error" in scoring.weights:
+        if ("expected_softening_error" in scoring.weights
+                or spec.params.get("score") == "expected_softening_error"):  # fmt: skip
             estimates = table.add_softening(softening_model(ctx, table.systems_present()))
         table.combine(scoring.weights)
-        spec = ctx.config.selection.selector
         selector = SELECTORS.build(spec.name, spec.params)
         picks: list[Any] = []
         scores_of: dict[str, dict[str, float]] = {}
@@ -93,6 +121,7 @@ class SelectStage:
             "select",
             {
                 "selector": spec.model_dump(),
+                "ranking_note": ranking_note,
                 "per_system": ctx.per_system,
                 "weights": scoring.weights,
                 "softening_estimates": estimates,
