@@ -94,5 +94,10 @@ def test_committee_descriptors_and_fps_selection(
         app, ["explain", unpicked_id, "-c", str(config_file)], env={"COLUMNS": "200"}
     )
     assert "not selected" in unpicked.output and "fps" in unpicked.output
+    member = runner.invoke(
+        app, ["explain", evaluation[0], "-c", str(config_file)], env={"COLUMNS": "200"}
+    )
+    assert "in the evaluation set of scoring" in member.output
+    assert "not a candidate for picking (evaluation set)" in member.output
     missing = runner.invoke(app, ["explain", "zzzz", "-c", str(config_file)])
     assert missing.exit_code == 3 and "no structures match" in missing.output

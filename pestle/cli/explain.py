@@ -42,6 +42,11 @@ def explain(
         f"[bold]{doc.id}[/] {doc.formula} ({doc.chemical_system}, {doc.natoms} atoms), "
         f"{doc.kind} from sampler {prov.sampler} {json.dumps(jsonable(prov.params))}"
     )
+    if doc.evaluation_for:
+        console.print(
+            f"[cyan]in the evaluation set[/] of {', '.join(doc.evaluation_for)}: drawn at random "
+            "(stratified by sampler and amplitude), judges every model, never picked or trained on"
+        )
     for verdict in found.runs:
         run_id = verdict.run_id
         if not verdict.reached_selection:
@@ -51,6 +56,8 @@ def explain(
             console.print(
                 f"run {run_id}: [green]selected[/], rank {verdict.rank}: {verdict.reason}"
             )
+        elif doc.evaluation_for:
+            console.print(f"run {run_id}: not a candidate for picking (evaluation set)")
         else:
             console.print(
                 f"run {run_id}: [yellow]not selected[/]: {verdict.selector['name']} "
