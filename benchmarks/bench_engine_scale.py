@@ -232,7 +232,7 @@ def child(args: argparse.Namespace) -> None:
             profiler.enable()
         start = time.perf_counter()
         out["stages"], out["labels"], out["placement"] = timed_campaign(
-            args.child, args.uri, client, work
+            args.child, os.environ["PESTLE_MONGODB_URI"], client, work
         )
         out["wall"] = time.perf_counter() - start
         if profiler is not None:
@@ -243,14 +243,19 @@ def child(args: argparse.Namespace) -> None:
             out["profile"] = str(path)
         out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if args.dispatch:
-            out["dispatch"] = dispatch_ratio(args.uri, client, work, args.dispatch)
+            out["dispatch"] = dispatch_ratio(
+                os.environ["PESTLE_MONGODB_URI"], client, work, args.dispatch
+            )
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def run_child(n: int, uri: str, work: Path, dispatch: int, profile: str | None) -> dict:
-    command = [sys.executable, str(HERE), "--child", str(n), "--uri", uri, "--work", str(work),
+    command = [sys.executable, str(HERE), "--child", str(n), "--work", str(work),
                "--dispatch", str(dispatch)] + (["--profile", profile] if profile else [])  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+    # The URI carries the store's password: through the environment, never the command line
+    # (which every user of the machine can read in ps).
+    env = {**os.environ, "PESTLE_MONGODB_URI": uri}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"size {n} failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -273,7 +278,6 @@ def main() -> None:
     parser.add_argument("--no-scoring", action="store_true", help="skip the CHGNet comparison")
     parser.add_argument("--profile", help="folder for cProfile output of each driver")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--dispatch", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
