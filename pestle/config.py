@@ -546,20 +546,28 @@ def _is_path_field(annotation: Any) -> bool:
     return annotation is Path or any(_is_path_field(a) for a in typing.get_args(annotation))
 
 
-def _resolve_plugin_paths(registry: Registry, spec: PluginSpec, base: Path) -> None:
-    """Path-valued params of a plugin (a checkpoint, a model file) given relative in the
-    config are relative to the config file; they are stored as absolute strings."""
+def _resolve_plugin_paths(
+    registry: Registry, spec: PluginSpec, base: Path, where: str
+) -> list[str]:
+    """Path-valued params of a plugin (a checkpoint, a model file or folder) given relative
+    in the config are relative to the config file; they are stored as absolute strings.
+    Every one of them is an input, so one that does not exist is an error (returned)."""
     params = registry.get(spec.name).Params
     fields, renamed = params.model_fields, old_names(params)
+    missing = []
     for key, value in list(spec.params.items()):
         info = fields.get(renamed.get(key, key))  # an old spelling names the same field
         if info is None or not isinstance(value, str) or not _is_path_field(info.annotation):
             continue
         if value and not Path(value).expanduser().is_absolute():
             spec.params[key] = str((base / value).resolve())
+        resolved = Path(spec.params[key]).expanduser()
+        if value and not resolved.exists():
+            missing.append(f"{where}.params.{key}: {resolved} does not exist")
+    return missing
 
 
-def _resolve_paths(config: CampaignConfig, base: Path) -> None:
+def _resolve_paths(config: CampaignConfig, base: Path) -> list[str]:
     from pestle.labellers import LABELLERS
     from pestle.potentials import POTENTIALS
     from pestle.samplers import SAMPLERS
@@ -580,15 +588,20 @@ def _resolve_paths(config: CampaignConfig, base: Path) -> None:
         value = getattr(config.dask, field)
         if value is not None:
             setattr(config.dask, field, resolve(value))
-    for registry, spec in (
-        *((SAMPLERS, s) for s in config.samplers),
-        (POTENTIALS, config.potential),
-        *((POTENTIALS, s) for s in config.scoring.committee),
-        (SELECTORS, config.selection.selector),
-        (LABELLERS, config.labeller),
-        (TRAINERS, config.finetune.trainer),
+    missing: list[str] = []
+    for registry, spec, where in (
+        *((SAMPLERS, s, f"samplers.{i}") for i, s in enumerate(config.samplers)),
+        (POTENTIALS, config.potential, "potential"),
+        *(
+            (POTENTIALS, s, f"scoring.committee.{i}")
+            for i, s in enumerate(config.scoring.committee)
+        ),
+        (SELECTORS, config.selection.selector, "selection.selector"),
+        (LABELLERS, config.labeller, "labeller"),
+        (TRAINERS, config.finetune.trainer, "finetune.trainer"),
     ):
-        _resolve_plugin_paths(registry, spec, base)
+        missing += _resolve_plugin_paths(registry, spec, base, where)
+    return missing
 
 
 class _WithFactoryDefaults(GenerateJsonSchema):
@@ -710,7 +723,9 @@ def load_config(path: str | os.PathLike) -> CampaignConfig:
     config.source = path.resolve()
     # Relative paths are relative to the config file, so a campaign folder can move as a
     # whole and every command finds the same work directory from anywhere.
-    _resolve_paths(config, config.source.parent)
+    missing = _resolve_paths(config, config.source.parent)
+    if missing:
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(missing))
     if config.work_dir.exists() and not config.work_dir.is_dir():
         raise ConfigError(f"{path}: work_dir: {config.work_dir} exists and is not a folder")
     for index, seed in enumerate(config.seeds):

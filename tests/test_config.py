@@ -70,6 +70,18 @@ def test_bad_budget_and_seed(tmp_path: Path) -> None:
         load_config(write(tmp_path, data))
 
 
+def test_a_model_file_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    data = {**minimal(), "finetune": {"trainer": {"name": "mace",
+                                                  "params": {"model_path": "no/such.model"}}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"finetune\.trainer\.params\.model_path: .*no/such\.model "
+                                          "does not exist"):  # fmt: skip
+        load_config(write(tmp_path, data))
+    (tmp_path / "here.model").write_bytes(b"x")
+    data["finetune"]["trainer"]["params"]["model_path"] = "here.model"
+    config = load_config(write(tmp_path, data))
+    assert config.finetune.trainer.params["model_path"] == str(tmp_path / "here.model")
+
+
 def test_missing_seed_file_and_bad_yaml(tmp_path: Path) -> None:
     data = minimal()
     data["seeds"] = [{"file": "missing.cif"}]
