@@ -27,16 +27,19 @@ if TYPE_CHECKING:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float, dpi: int = 120) -> Figure:
+    """A figure on its own Agg canvas: no pyplot, no global state, headless. (The
+    reports' figures use it too.)"""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
+    """The figure as a PNG at ``path`` (its folder made); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -65,7 +68,7 @@ def parity_plot(
         if y.shape != x.shape:
             raise ValueError(f"{name}: {y.size} predictions for {x.size} reference values")
 
-    fig = _figure(5.5, 5.5)
+    fig = new_figure(5.5, 5.5)
     ax = fig.add_subplot()
     values = np.concatenate([x, *series.values()]) if x.size else np.zeros(1)
     finite = values[np.isfinite(values)]
@@ -97,7 +100,7 @@ def parity_plot(
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", markerscale=1.5)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def force_error_plot(
@@ -110,7 +113,7 @@ def force_error_plot(
     """Per-atom force error |F_model - F_ref| against |F_ref| (eV/A), every model on one
     plot, with each model's mean error per bin of |F_ref| as larger points."""
     x = np.asarray(atom_force_norm, dtype=float).ravel()
-    fig = _figure(6.5, 4.5)
+    fig = new_figure(6.5, 4.5)
     ax = fig.add_subplot()
     top = float(x.max()) if x.size else 1.0
     if edges is None:
@@ -145,7 +148,7 @@ def force_error_plot(
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _as_estimate(value: Estimate | Mapping[str, Any] | None) -> Estimate | None:
@@ -172,7 +175,7 @@ def softening_points_plot(
     for per_model in points.values():
         models += [m for m in per_model if m not in models]
     width = max(5.0, 1.1 * len(categories) * max(1, len(models)) ** 0.5 + 2.0)
-    fig = _figure(min(width, 16.0), 4.8)
+    fig = new_figure(min(width, 16.0), 4.8)
     ax = fig.add_subplot()
     ax.axhline(1.0, color="black", linewidth=1, label="1 = no softening")
     if band is not None:
@@ -219,7 +222,7 @@ def softening_points_plot(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def softening_summary_plot(

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pestle.evaluation import plots
 from pestle.evaluation.intervals import Estimate
+from pestle.evaluation.plots import save
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,19 +32,7 @@ FONT = 10.5
 
 
 def new_figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return plots.new_figure(width, height, dpi=110)
 
 
 def _finite(values: Sequence[float | None]) -> np.ndarray:
