@@ -99,3 +99,56 @@ def test_the_set_is_labelled_once_never_picked_never_trained_on(store, mongo_uri
     assert not set(trainable) & set(evaluation_labels) and len(trainable) == 3
     # Kept once drawn: a later round draws nothing new (its set is full).
     assert store.structures.evaluation_set("evalset") == {"Cu": sorted(members)}
+
+
+def test_a_run_that_differs_downstream_picks_the_same_structures(
+    store, mongo_uri, tmp_path
+) -> None:
+    """Changing only the fine-tuning recipe makes a new run (its science differs), but its
+    picks, guided by softening fitted on the campaign's evaluation set alone, are the same:
+    the labels the first run paid for are reused and nothing new is computed. (Fitted on
+    every stored label, the second run would see the first run's picks and choose anew.)"""
+    from pestle.dispatch.cluster import make_client
+    from pestle.stages import ScoreStage
+
+    def config(trainer: dict) -> CampaignConfig:
+        return CampaignConfig.model_validate(
+            {
+                "name": "downstream", "seed": 3, "work_dir": str(tmp_path),
+                "seeds": [{"bulk": "Cu", "crystalstructure": "fcc", "a": 3.61, "cubic": True}],
+                "samplers": [{"name": "rattle", "params": {"amplitudes": [0.03, 0.1, 0.3],
+                                                           "per_amplitude": 5}}],
+                "potential": {"name": "chgnet", "params": {"model": "0.3.0"}},
+                "scoring": {"weights": {"expected_softening_error": 1.0},
+                            "softening_min_components": 12},
+                "selection": {"selector": {"name": "topk", "params": {"score": "combined"}},
+                              "per_system": 3},
+                "labeller": {"name": "emt"},
+                "evaluation": {"evaluation_set": {"per_system": 6}, "holdout_fraction": 0},
+                "finetune": {"trainer": trainer},
+                "dask": {"n_workers": 1},
+            }
+        )  # fmt: skip
+
+    def picks_of(cfg: CampaignConfig) -> tuple[str, list[str], dict]:
+        stages = [SeedStage(), SampleStage(), ScoreStage(), EvaluationSetStage(),
+                  LabelStage("evaluation"), SelectStage(), LabelStage("picks")]  # fmt: skip
+        with make_client(cfg.dask) as client:
+            run = RunContext(cfg, store, mongo_uri, client=client)
+            run.start()
+            outputs = run_stages(run, stages)
+        estimates = store.runs.require(run.run_id).stages["select"]["softening_estimates"]
+        return run.run_id, sorted(outputs["selected"]), estimates
+
+    first_run, first, first_estimates = picks_of(
+        config({"name": "chgnet", "params": {"mode": "full"}})
+    )
+    labels_before = store.labels.count()
+    second_run, second, second_estimates = picks_of(
+        config({"name": "chgnet", "params": {"mode": "full", "l2sp": 1.0}})
+    )
+    assert first_run != second_run
+    assert second == first and second_estimates == first_estimates
+    # Fitted per amplitude on the evaluation set, not the prior.
+    assert any(e["source"].startswith("system+") for e in first_estimates.values())
+    assert store.labels.count() == labels_before == 6 + 3

@@ -52,9 +52,17 @@ def softening_model(ctx: RunContext, systems: Iterable[str]) -> SofteningModel:
     from pestle.scoring import SofteningModel
 
     scoring = ctx.config.scoring
+    where = ctx.labels_filter(systems)
+    if ctx.round is None:
+        # A run fits on its evaluation set alone when it has one: labelled before selection,
+        # the same for every run of the campaign, so a run that differs only downstream (a
+        # fine-tuning recipe) picks the same structures and needs no new labels.
+        evaluation = {"$and": [where, {"role": "evaluation"}]}
+        if ctx.store.labels.count(evaluation):
+            where = evaluation
     labelled = [
         (stored.atoms, stored.chemical_system, groups_of(stored.structure))
-        for stored in ctx.store.labels.labelled(ctx.labels_filter(systems))
+        for stored in ctx.store.labels.labelled(where)
     ]
     if not labelled:
         return SofteningModel({}, scoring.softening_prior, scoring.softening_min_components)
