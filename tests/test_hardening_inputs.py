@@ -648,6 +648,55 @@ def test_sigterm_records_the_run_as_interrupted(
         store.close()
 
 
+def test_sigterm_during_the_convergence_gate_does_not_wait_for_it(
+    tmp_path: Path, mongo_uri: str, database_name: str
+) -> None:
+    """The gate's calculations (one thread per chemical system, each waiting on the Dask
+    workers) must not hold ``pestle run`` after SIGTERM: it exits at once, interrupted, with
+    no worker left computing. (It used to wait for every gate calculation to finish.)"""
+    import psutil
+
+    config = tmp_path / "c.yaml"
+    # Two systems (two gate threads), each a GPAW calculation of minutes on one core.
+    gated = {**BASE, "seeds": [{"name": "Si", "bulk": "Si", "crystalstructure": "diamond",
+                                "a": 5.43, "cubic": True},
+                               {"name": "C", "bulk": "C", "crystalstructure": "diamond",
+                                "a": 3.57, "cubic": True}],
+             "labeller": {"name": "gpaw", "params": {"ecut": 700, "kpoint_density": 4.0}},
+             "convergence": {"enabled": True},
+             "dask": {"n_workers": 2}, "store": {"database": database_name}}  # fmt: skip
+    config.write_text(yaml.safe_dump(gated))
+    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
+    pestle = str(Path(sys.executable).with_name("pestle"))
+    run = subprocess.Popen([pestle, "run", str(config)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    store = Store(mongo_uri, database_name)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and run.poll() is None:
+            if store.jobs.counts().get("running", 0) >= 2:  # both gates computing
+                break
+            time.sleep(0.2)
+        assert run.poll() is None, run.communicate()[0]
+        time.sleep(2)
+        children = psutil.Process(run.pid).children(recursive=True)
+        signalled = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=90)
+        assert time.monotonic() - signalled < 60, output
+        assert run.returncode == 143, output
+        assert "interrupted by SIGTERM" in output and "Traceback" not in output
+        assert [r.state for r in store.runs.recent()] == ["interrupted"]
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left behind: {[p.pid for p in alive]}"
+        assert store.labels.count({}) == 0  # nothing finished: the calculations were cut
+    finally:
+        if run.poll() is None:
+            run.kill()
+        store.drop()
+        store.close()
+
+
 def test_a_refused_port_fails_at_once(tmp_path: Path) -> None:
     from pestle.store.server import free_port
 

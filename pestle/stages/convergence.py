@@ -56,9 +56,15 @@ class ConvergenceStage:
         todo = {s: seed for s, seed in first.items() if ctx.gate(s) is None}
         if todo:
             # Systems in parallel: each gate's calculations follow one another.
-            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            pool = ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="gate")
+            try:
                 done = dict(zip(todo, pool.map(lambda s: self._check(ctx, s, todo[s]), todo),
                                 strict=True))  # fmt: skip
+            finally:
+                # Never wait here: on SIGTERM or Ctrl-C the run must unwind now, not after
+                # the gates' calculations (hours); closing the Dask client on the way out
+                # cancels their futures and the threads end.
+                pool.shutdown(wait=False, cancel_futures=True)
             for system, report in done.items():
                 record = {**report, "system": system, "lot_hash": ctx.lot_hash,
                           "labeller": ctx.config.labeller.model_dump()}  # fmt: skip
