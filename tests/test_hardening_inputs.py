@@ -658,10 +658,10 @@ def test_sigterm_during_the_convergence_gate_does_not_wait_for_it(
 
     config = tmp_path / "c.yaml"
     # Two systems (two gate threads), each a GPAW calculation of minutes on one core.
-    gated = {**BASE, "seeds": [{"name": "Si", "bulk": "Si", "crystalstructure": "diamond",
-                                "a": 5.43, "cubic": True},
-                               {"name": "C", "bulk": "C", "crystalstructure": "diamond",
-                                "a": 3.57, "cubic": True}],
+    gated = {**BASE, "seeds": [{"name": "Cu", "bulk": "Cu", "crystalstructure": "fcc",
+                                "a": 3.61, "cubic": True},
+                               {"name": "Al", "bulk": "Al", "crystalstructure": "fcc",
+                                "a": 4.04, "cubic": True}],
              "labeller": {"name": "gpaw", "params": {"ecut": 700, "kpoint_density": 4.0}},
              "convergence": {"enabled": True},
              "dask": {"n_workers": 2}, "store": {"database": database_name}}  # fmt: skip
