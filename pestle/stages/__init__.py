@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pestle.stages.context import Round, RunContext
 from pestle.stages.convergence import ConvergenceStage
-from pestle.stages.eos import EOSStage
+from pestle.stages.eos import EOSReferenceStage, EOSStage
 from pestle.stages.evaluate import EvaluateStage
 from pestle.stages.evaluation_set import EvaluationSetStage
 from pestle.stages.finetune import FinetuneStage
@@ -52,16 +52,18 @@ def run_stages(ctx: RunContext, stages: Sequence[Stage]) -> dict[str, Any]:
 def campaign_stages() -> list[Stage]:
     """A campaign run: the labeller's settings checked per system, candidates sampled and
     scored, the evaluation set drawn and labelled first (its labels measure the softening
-    that guides the picks), the picks selected and labelled, split, fine-tuned, judged on
-    the evaluation set and by the equation of state, reported."""
+    that guides the picks), the picks selected and labelled with the seeds' reference E-V
+    scans, split, fine-tuned, judged on the evaluation set and by the equation of state,
+    reported."""
     return [SeedStage(), ConvergenceStage(), SampleStage(), ScoreStage(), EvaluationSetStage(),
-            LabelStage("evaluation"), SelectStage(), LabelStage("picks"), SplitStage(),
-            FinetuneStage(), EvaluateStage("pretrained"), EOSStage("pretrained"),
+            LabelStage("evaluation"), SelectStage(), LabelStage("picks"), EOSReferenceStage(),
+            SplitStage(), FinetuneStage(), EvaluateStage("pretrained"), EOSStage("pretrained"),
             ReportStage()]  # fmt: skip
 
 
 __all__ = [
     "ConvergenceStage",
+    "EOSReferenceStage",
     "EOSStage",
     "EvaluateStage",
     "EvaluationSetStage",

@@ -14,9 +14,12 @@ from pestle.stages.label import compute_labels
 from pestle.structures import chemical_system
 
 if TYPE_CHECKING:
+    from ase import Atoms
+
     from pestle.potentials import Potential
     from pestle.samplers import Seed
     from pestle.stages.context import RunContext
+    from pestle.store.labels import StoredLabel
 
 
 def _estimate(value: float, interval: Any, n: int, ok: bool) -> dict[str, Any]:
@@ -40,12 +43,45 @@ def verdict(comparison: dict[str, Any], tolerance: float) -> str:
     return "undecided"
 
 
+def reference_scan(ctx: RunContext, seed: Seed) -> tuple[list[Atoms], list[StoredLabel]]:
+    """The seed's E-V scan and its reference labels at its system's level of theory
+    (computed on the workers the first time, read back after)."""
+    from pestle.evaluation.eos import eos_structures
+
+    spec = ctx.config.eos
+    system = chemical_system(seed.atoms)
+    scan = eos_structures(seed.atoms, volume_range=spec.volume_range, points=spec.points)
+    stored = compute_labels(ctx, scan, ctx.labelling(system).spec, kind="eos",
+                            provenance={"purpose": "equation of state", "parent_id": seed.id,
+                                        "parent_name": seed.name})  # fmt: skip
+    return scan, stored
+
+
+class EOSReferenceStage:
+    """The reference E-V scans, labelled with the picks, before fine-tuning: a fine-tune
+    then never holds the labellers up, and the scans are stored for anyone comparing
+    recipes on the campaign's labels (benchmarks/bench_recipes.py) while it trains."""
+
+    name = "eos_reference"
+    requires = ("seeds",)
+    provides = ("eos_reference",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        if not ctx.config.eos.enabled:
+            return {"eos_reference": {}}
+        labelled = {}
+        for seed in {s.id: s for s in ctx.outputs["seeds"]}.values():
+            if ctx.blocked(chemical_system(seed.atoms)) is None:
+                labelled[seed.name] = len(reference_scan(ctx, seed)[1])
+        return {"eos_reference": labelled}
+
+
 def eos_checks(
     ctx: RunContext, seeds: list[Seed], models: dict[str, Potential]
 ) -> dict[str, dict[str, Any]]:
     """Per seed (by name): the reference fit, each model's fit and comparison, and the
     verdict per model."""
-    from pestle.evaluation.eos import compare_eos, eos_structures, labelled_scan, potential_scan
+    from pestle.evaluation.eos import compare_eos, labelled_scan, potential_scan
 
     spec = ctx.config.eos
     out: dict[str, dict[str, Any]] = {}
@@ -55,10 +91,7 @@ def eos_checks(
         if ctx.blocked(system) is not None:
             out[seed.name] = {**entry, "skipped": "the system's labels are blocked by its gate"}
             continue
-        scan = eos_structures(seed.atoms, volume_range=spec.volume_range, points=spec.points)
-        stored = compute_labels(ctx, scan, ctx.labelling(system).spec, kind="eos",
-                                provenance={"purpose": "equation of state", "parent_id": seed.id,
-                                            "parent_name": seed.name})  # fmt: skip
+        scan, stored = reference_scan(ctx, seed)
         reference = labelled_scan([s.atoms for s in stored])
         entry["reference"] = {
             **reference.as_dict(),
