@@ -603,6 +603,15 @@ def test_bad_inputs_are_messages_and_change_nothing(
 
 
 # -- beside the table ---------------------------------------------------------------------
+def start_run(config: Path, mongo_uri: str, database_name: str) -> tuple[subprocess.Popen, Store]:
+    """``pestle run CONFIG`` as a user starts it (its output captured), and the store."""
+    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
+    pestle = str(Path(sys.executable).with_name("pestle"))
+    run = subprocess.Popen([pestle, "run", str(config)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return run, Store(mongo_uri, database_name)
+
+
 def test_sigterm_records_the_run_as_interrupted(
     tmp_path: Path, mongo_uri: str, database_name: str
 ) -> None:
@@ -618,11 +627,9 @@ def test_sigterm_records_the_run_as_interrupted(
                        "supercell": [3, 3, 3]}],
             "dask": {"n_workers": 2}, "store": {"database": database_name}}  # fmt: skip
     config.write_text(yaml.safe_dump(slow))
-    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
+    run, store = start_run(config, mongo_uri, database_name)
     pestle = str(Path(sys.executable).with_name("pestle"))
-    run = subprocess.Popen([pestle, "run", str(config)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    store = Store(mongo_uri, database_name)
+    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and run.poll() is None:
@@ -666,11 +673,7 @@ def test_sigterm_during_the_convergence_gate_does_not_wait_for_it(
              "convergence": {"enabled": True},
              "dask": {"n_workers": 2}, "store": {"database": database_name}}  # fmt: skip
     config.write_text(yaml.safe_dump(gated))
-    env = {**os.environ, "PESTLE_MONGODB_URI": mongo_uri}
-    pestle = str(Path(sys.executable).with_name("pestle"))
-    run = subprocess.Popen([pestle, "run", str(config)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    store = Store(mongo_uri, database_name)
+    run, store = start_run(config, mongo_uri, database_name)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and run.poll() is None:
