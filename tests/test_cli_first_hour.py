@@ -192,6 +192,8 @@ def test_relative_paths_resolve_against_the_config_file(
     folder = tmp_path / "campaign"
     (folder / "secrets").mkdir(parents=True)
     (folder / "secrets" / "uri.txt").write_text(mongo_uri + "\n")
+    (folder / "models").mkdir()
+    (folder / "models" / "tuned.pth").write_bytes(b"")  # a model file must exist to be named
     write_config(
         folder / "c.yaml",
         store.database,
