@@ -76,6 +76,8 @@ def test_an_old_spelling_in_a_config_resolves_its_path_and_warns(tmp_path: Path,
     }  # fmt: skip
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(config))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "f.model").write_bytes(b"")  # a model file must exist to be named
     with caplog.at_level(logging.WARNING, logger="pestle.plugins"):
         loaded = load_config(path)
     params = TRAINERS.get("mace").Params.model_validate(loaded.finetune.trainer.params)
