@@ -517,13 +517,28 @@ def _check_plugin(registry: Registry, spec: PluginSpec, where: str, errors: list
         errors.append(format_validation_error(exc, prefix=f"{where}.params"))
 
 
-def validate_plugins(config: CampaignConfig) -> list[str]:
+def _plugin_specs(config: CampaignConfig) -> list[tuple[Registry, PluginSpec, str]]:
+    """Every plugin the config names: (its registry, its spec, where it sits in the config)."""
     from pestle.labellers import LABELLERS
     from pestle.potentials import POTENTIALS
     from pestle.samplers import SAMPLERS
     from pestle.selectors import SELECTORS
     from pestle.trainers import TRAINERS
 
+    return [
+        *((SAMPLERS, s, f"samplers.{i}") for i, s in enumerate(config.samplers)),
+        (POTENTIALS, config.potential, "potential"),
+        *(
+            (POTENTIALS, s, f"scoring.committee.{i}")
+            for i, s in enumerate(config.scoring.committee)
+        ),
+        (SELECTORS, config.selection.selector, "selection.selector"),
+        (LABELLERS, config.labeller, "labeller"),
+        (TRAINERS, config.finetune.trainer, "finetune.trainer"),
+    ]
+
+
+def validate_plugins(config: CampaignConfig) -> list[str]:
     errors: list[str] = []
     for i, seed in enumerate(config.seeds):
         if seed.mp is not None:
@@ -531,14 +546,8 @@ def validate_plugins(config: CampaignConfig) -> list[str]:
                 require("mp", "a Materials Project seed")
             except MissingExtra as exc:
                 errors.append(f"seeds.{i}.mp: {exc}")
-    for i, spec in enumerate(config.samplers):
-        _check_plugin(SAMPLERS, spec, f"samplers.{i}", errors)
-    _check_plugin(POTENTIALS, config.potential, "potential", errors)
-    for i, spec in enumerate(config.scoring.committee):
-        _check_plugin(POTENTIALS, spec, f"scoring.committee.{i}", errors)
-    _check_plugin(SELECTORS, config.selection.selector, "selection.selector", errors)
-    _check_plugin(LABELLERS, config.labeller, "labeller", errors)
-    _check_plugin(TRAINERS, config.finetune.trainer, "finetune.trainer", errors)
+    for registry, spec, where in _plugin_specs(config):
+        _check_plugin(registry, spec, where, errors)
     return errors
 
 
@@ -568,12 +577,6 @@ def _resolve_plugin_paths(
 
 
 def _resolve_paths(config: CampaignConfig, base: Path) -> list[str]:
-    from pestle.labellers import LABELLERS
-    from pestle.potentials import POTENTIALS
-    from pestle.samplers import SAMPLERS
-    from pestle.selectors import SELECTORS
-    from pestle.trainers import TRAINERS
-
     def resolve(value: Path) -> Path:
         value = value.expanduser()
         return value if value.is_absolute() else (base / value).resolve()
@@ -589,17 +592,7 @@ def _resolve_paths(config: CampaignConfig, base: Path) -> list[str]:
         if value is not None:
             setattr(config.dask, field, resolve(value))
     missing: list[str] = []
-    for registry, spec, where in (
-        *((SAMPLERS, s, f"samplers.{i}") for i, s in enumerate(config.samplers)),
-        (POTENTIALS, config.potential, "potential"),
-        *(
-            (POTENTIALS, s, f"scoring.committee.{i}")
-            for i, s in enumerate(config.scoring.committee)
-        ),
-        (SELECTORS, config.selection.selector, "selection.selector"),
-        (LABELLERS, config.labeller, "labeller"),
-        (TRAINERS, config.finetune.trainer, "finetune.trainer"),
-    ):
+    for registry, spec, where in _plugin_specs(config):
         missing += _resolve_plugin_paths(registry, spec, base, where)
     return missing
 
