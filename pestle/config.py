@@ -286,7 +286,8 @@ class FinetuneSpec(_Strict):
         ge=0,
         lt=1,
         description="share of each system's training labels kept out of the gradient steps "
-        "to choose the best epoch (0: choose on the training loss)",
+        "to choose the best epoch (0: choose on the training loss); a sampler's last label "
+        "stays in training while another can go",
     )
     stopping_fraction: float = Field(
         default=0.0,

@@ -391,6 +391,16 @@ def test_status_ends_with_the_next_useful_command(
     checkpoint.write_bytes(b"weights")
     store.models.put("model-new", checkpoint, {"family": "emt", "potential": "emt"})
     assert "pestle models promote model-new" in cli("status", "-c", config).output
+    # Once evaluated, the hint quotes its softening with the interval (status crashed on
+    # the stored estimate, a dict, before).
+    from pestle.evaluation.intervals import Estimate
+
+    scale = Estimate(0.912, 0.85, 0.97, n_structures=6, n_values=144).as_dict()
+    metrics = {"levels": {"chemical_system": {"Cu": {"softening": scale}}}}
+    store.models.record_evaluation("model-new", "test", ["a-lot"], metrics)
+    evaluated = cli("status", "-c", config)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "held-out softening Cu 0.912 [0.850, 0.970]" in evaluated.output
 
 
 # -- run --dry-run ------------------------------------------------------------------------

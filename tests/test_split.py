@@ -120,3 +120,55 @@ def test_share_takes_at_least_one_and_never_all() -> None:
     policy = SplitPolicy(seed=1, holdout_fraction=0.5, validation_fraction=0.0)
     roles = policy.assign({"X": ["a", "b", "c", "d"]}, {})
     assert sorted(roles.values()) == ["holdout", "holdout", "train", "train"]
+
+
+def test_a_samplers_last_label_trains_while_another_can_go() -> None:
+    """Three rattled picks and one strained: the strained cell is the only one whose stress
+    says anything of the bulk modulus, so validation takes a rattled one, whatever the hash
+    order; with no sampler known the hash order alone decides, as before."""
+    policy = SplitPolicy(seed=11, holdout_fraction=0.0, validation_fraction=0.25)
+    ids = ["r1", "r2", "r3", "s1"]
+    samplers = {"r1": "rattle", "r2": "rattle", "r3": "rattle", "s1": "strain"}
+    blind = {seed: SplitPolicy(seed, 0.0, 0.25).assign({"X": ids}, {}) for seed in range(40)}
+    assert any(roles["s1"] == "validation" for roles in blind.values()), "the case never arises"
+    for seed in range(40):
+        roles = SplitPolicy(seed, 0.0, 0.25).assign({"X": ids}, {}, samplers)
+        assert roles["s1"] == "train"
+        assert sorted(roles.values()) == ["train", "train", "train", "validation"]
+        # A sampler with a single label each: someone must go, and one does.
+        single = {"r1": "a", "r2": "b", "r3": "c", "s1": "d"}
+        assert sorted(SplitPolicy(seed, 0.0, 0.25).assign({"X": ids}, {}, single).values()) == [
+            "train", "train", "train", "validation"]  # fmt: skip
+    # Held-out and validation shares together still leave every sampler a training label.
+    policy = SplitPolicy(seed=3, holdout_fraction=0.3, validation_fraction=0.25)
+    many = [f"r{i}" for i in range(6)] + ["s1", "s2"]
+    kinds = {i: ("strain" if i.startswith("s") else "rattle") for i in many}
+    roles = policy.assign({"X": many}, {}, kinds)
+    assert sum(roles[i] == "train" for i in ("s1", "s2")) >= 1
+    assert sorted(roles.values()).count("train") == 3  # 8 - ceil(2.4) - ceil(1.25)
+
+
+def test_the_split_stage_reads_each_labels_sampler(store: Store, tmp_path) -> None:
+    """Through the stage: the sampler recorded with each label keeps the one strained label
+    training in every seed's order."""
+    labeller = LABELLERS.build("emt", {})
+    lot, lot_hash = labeller.level_of_theory(), level_of_theory_hash(labeller)
+    for i in range(4):
+        atoms = bulk("Cu", "fcc", a=3.61 * (1.02 if i == 3 else 1.0), cubic=True)
+        atoms.rattle(0.05, seed=i)
+        sampler = "strain" if i == 3 else "rattle"
+        sid, _ = store.structures.add(atoms, kind="candidate", provenance={"sampler": sampler})
+        result = labeller.label(atoms, Path("."))
+        store.labels.put(sid, labeller="emt", level_of_theory=lot, lot_hash=lot_hash,
+                         energy=result.energy, forces=result.forces, stress=result.stress)  # fmt: skip
+    by_system = store.labels.ids_by_system(lot_hash)
+    ids = by_system["Cu"]
+    samplers = store.labels.samplers_of(ids)
+    assert sorted(samplers.values()) == ["rattle", "rattle", "rattle", "strain"]
+    config = load_config(config_file(tmp_path, store.database))
+    config.evaluation.holdout_fraction = 0.0
+    run = RunContext(config, store, "unused", suffix="s", outputs={"labels_by_system": by_system})
+    run.start()
+    split = run_stages(run, [SplitStage()])["split"]["Cu"]
+    strained = next(i for i, s in samplers.items() if s == "strain")
+    assert strained in split["train"] and len(split["validation"]) == 1

@@ -377,7 +377,9 @@ class Daemon:
             by_system.update(self.store.labels.ids_by_system(
                 ctx.labelling(system).lot_hash, [system], trainable=True))  # fmt: skip
         ids = [i for members in by_system.values() for i in members]
-        roles = SplitPolicy.from_config(config).assign(by_system, self.store.labels.roles(ids))
+        roles = SplitPolicy.from_config(config).assign(
+            by_system, self.store.labels.roles(ids), self.store.labels.samplers_of(ids)
+        )
         return by_system, split_by_role(by_system, roles)
 
     def maybe_retrain(self, config: CampaignConfig, client) -> bool:

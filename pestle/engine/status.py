@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pestle.evaluation.evaluate import stored_softening
+from pestle.evaluation.intervals import format_estimate
 from pestle.store import Store
 from pestle.store.documents import RunDoc
 
@@ -120,7 +121,7 @@ def next_steps(
     for family, version in sorted(newest.items()):
         doc = store.models.get(version.id)
         if promoted.get(family) != version.id and doc is not None and not doc.promotions:
-            softening = ", ".join(f"{s} {v:.3f}" for s, v in version.softening.items())
+            softening = ", ".join(f"{s} {format_estimate(v)}" for s, v in version.softening.items())
             steps.append(
                 NextStep(
                     f"pestle models promote {version.id}{at}",

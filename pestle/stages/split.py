@@ -8,11 +8,17 @@ system, labels without a role, taken in the order of a stable hash of their id, 
 the held-out share of the system's labels (at least one, never all), then the validation
 share of the rest; the remainder trains. Given the same labels and fractions, a campaign and
 the daemon hold out the same labels.
+
+Labels made by different samplers teach different things (a strained cell's stress carries
+the bulk modulus; a rattled one at the seed's volume does not), so a label is not taken out
+of training when it is its sampler's last one and another label can go instead: with three
+rattled picks and one strained, the strained one trains.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,28 +60,57 @@ class SplitPolicy:
         return sorted(label_ids, key=lambda i: stable_seed(self.seed, "holdout", i))
 
     def assign(
-        self, by_system: Mapping[str, list[str]], existing: Mapping[str, str]
+        self,
+        by_system: Mapping[str, list[str]],
+        existing: Mapping[str, str],
+        samplers: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
-        """Roles of every label in ``by_system``: ``existing`` roles kept, new ones decided."""
+        """Roles of every label in ``by_system``: ``existing`` roles kept, new ones decided.
+        ``samplers`` (label id -> sampler) keeps each sampler's last label training."""
+        samplers = samplers or {}
         roles: dict[str, str] = {}
         for ids in by_system.values():
             kept = {i: existing[i] for i in ids if i in existing}
             roles.update(kept)
             new = self.order([i for i in ids if i not in existing])
+            # Labels per sampler that would train if nothing more were taken out.
+            training = Counter(
+                samplers.get(i) for i in ids if kept.get(i, ROLE_TRAIN) == ROLE_TRAIN
+            )
             held = sum(r == ROLE_HOLDOUT for r in kept.values())
             n_hold = max(0, share(self.holdout_fraction, len(ids)) - held)
-            rest = new[n_hold:]
-            n_rest = len(ids) - held - min(n_hold, len(new))
+            holdout = _take_out(new, n_hold, samplers, training)
+            rest = [i for i in new if i not in holdout]
+            n_rest = len(ids) - held - len(holdout)
             validating = sum(r == ROLE_VALIDATION for r in kept.values())
             n_val = (
                 max(0, share(self.validation_fraction, n_rest) - validating)
                 if self.validation_fraction
                 else 0
             )
-            roles.update(dict.fromkeys(new[:n_hold], ROLE_HOLDOUT))
-            roles.update(dict.fromkeys(rest[:n_val], ROLE_VALIDATION))
-            roles.update(dict.fromkeys(rest[n_val:], ROLE_TRAIN))
+            validation = _take_out(rest, n_val, samplers, training)
+            roles.update(dict.fromkeys(holdout, ROLE_HOLDOUT))
+            roles.update(dict.fromkeys(validation, ROLE_VALIDATION))
+            roles.update(dict.fromkeys((i for i in rest if i not in validation), ROLE_TRAIN))
         return roles
+
+
+def _take_out(
+    ordered: list[str], n: int, samplers: Mapping[str, str], training: Counter[str | None]
+) -> list[str]:
+    """``n`` of ``ordered`` (in order) to take out of training, passing over a label that is
+    the last of its sampler to train while another can go; ``training`` is updated."""
+    taken: list[str] = []
+    for spare_only in (True, False):
+        for i in ordered:
+            if len(taken) == n:
+                return taken
+            sampler = samplers.get(i)
+            if i in taken or (spare_only and sampler is not None and training[sampler] <= 1):
+                continue
+            taken.append(i)
+            training[sampler] -= 1
+    return taken
 
 
 def split_by_role(
@@ -106,7 +141,7 @@ class SplitStage:
         policy = SplitPolicy.from_config(ctx.config)
         ids = [i for members in by_system.values() for i in members]
         existing = ctx.store.labels.roles(ids)
-        decided = policy.assign(by_system, existing)
+        decided = policy.assign(by_system, existing, ctx.store.labels.samplers_of(ids))
         ctx.store.labels.set_roles(
             {i: r for i, r in decided.items() if i not in existing}, policy.as_dict()
         )

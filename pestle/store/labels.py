@@ -235,6 +235,13 @@ class LabelRepository:
             for d in batches.by_ids(self._c, list(label_ids), {"chemical_system": 1})
         }
 
+    def samplers_of(self, label_ids: Iterable[str]) -> dict[str, str]:
+        """The sampler that made each of these labels' structures (labels without one left
+        out)."""
+        extra = {"sampler": {"$ne": None}}
+        return {d["_id"]: d["sampler"]
+                for d in batches.by_ids(self._c, list(label_ids), {"sampler": 1}, extra=extra)}  # fmt: skip
+
     def structures_with_roles(
         self, structure_ids: Iterable[str], exclude: Iterable[str] = ()
     ) -> set[str]:
