@@ -44,7 +44,7 @@ from typing import Any
 
 from ase import Atoms
 
-from pestle.evaluation.eos import compare_eos, labelled_scan, potential_scan
+from pestle.evaluation.eos import compare_eos, labelled_scan, potential_scan, stress_consistency
 from pestle.evaluation.evaluate import evaluate
 from pestle.potentials import POTENTIALS, Potential, from_checkpoint
 from pestle.stages.evaluation_set import stopping_split
@@ -100,6 +100,20 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
     ),
     # The last epoch (of a cosine decay to 1e-5), no epoch chosen on one validation pick
     # per system: every pick can train (``--resplit 0``).
+    "full-last": ({"mode": "full", "select_epoch": "last"}, False),
+    "full-l2sp-last": ({"mode": "full", "select_epoch": "last", "l2sp": 1.0}, False),
+    "readout-last": (
+        {
+            "mode": "custom",
+            "energy_weight": 0.1,
+            "force_weight": 100.0,
+            "stress_weight": 0.1,
+            "learning_rate": 1e-3,
+            "freeze": "all_but_readout",
+            "select_epoch": "last",
+        },
+        False,
+    ),
     "full-replay-last": (
         {"mode": "full", "select_epoch": "last", "replay_weight": 1.0},
         False,
@@ -119,6 +133,87 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
             "replay_weight": 1.0,
             "select_epoch": "last",
             "seed": 1,
+        },
+        False,
+    ),
+    # Relative loss: labels above 1 eV/Å RMS force weighted (1 / RMS)^2.
+    "full-rel-last": ({"mode": "full", "select_epoch": "last", "relative_loss_above": 1.0}, False),
+    "full-replay-rel-last": (
+        {"mode": "full", "select_epoch": "last", "replay_weight": 1.0, "relative_loss_above": 1.0},
+        False,
+    ),
+    "full-replay-rel-last-seed1": (
+        {
+            "mode": "full",
+            "select_epoch": "last",
+            "replay_weight": 1.0,
+            "relative_loss_above": 1.0,
+            "seed": 1,
+        },
+        False,
+    ),
+    "replay-stress1-rel-last": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+        },
+        False,
+    ),
+    "replay-stress10-rel-last": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 10.0,
+            "replay_weight": 1.0,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+        },
+        False,
+    ),
+    # Replay without its stresses: the volume dependence left to the labels' stresses.
+    "replay-nostress-stress10-rel-last": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 10.0,
+            "replay_weight": 1.0,
+            "replay_stress": False,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+        },
+        False,
+    ),
+    "replay-nostress-stress10-rel-last-seed1": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 10.0,
+            "replay_weight": 1.0,
+            "replay_stress": False,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+            "seed": 1,
+        },
+        False,
+    ),
+    "replay-nostress-stress1-rel-last": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "replay_stress": False,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+        },
+        False,
+    ),
+    "replay-nostress-stress1-last": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "replay_stress": False,
+            "select_epoch": "last",
         },
         False,
     ),
@@ -205,11 +300,19 @@ def _read(store: Any, campaign: Campaign) -> Campaign:
         ls = stored.labelled()
         ls.atoms.info["sampler"] = stored.sampler
         sets[stored.label.role][stored.chemical_system].append(ls)
-    lots = {ls.atoms.info["lot_hash"] for group in campaign.train.values() for ls in group}
+    # Each system's level of theory is its training labels' (the gate may raise it per system).
+    lots = {system: {ls.atoms.info["lot_hash"] for ls in group}
+            for system, group in campaign.train.items()}  # fmt: skip
     for stored in store.labels.labelled({"role": "check"}):
-        if stored.structure.kind != "eos" or stored.label.lot_hash not in lots:
+        if stored.label.lot_hash not in lots.get(stored.chemical_system, ()):
             continue
-        parent = seeds.get(stored.structure.provenance.parent_id or "")
+        if stored.structure.kind == "seed":
+            # The scan's middle point is the seed itself (the same structure, stored once).
+            parent = seeds.get(stored.structure.id)
+        elif stored.structure.kind == "eos":
+            parent = seeds.get(stored.structure.provenance.parent_id or "")
+        else:
+            continue
         if parent is not None:
             campaign.eos[parent.name or parent.id].append(stored.atoms)
     return campaign
@@ -266,6 +369,7 @@ def eos_ratios(potential: Potential, campaign: Campaign) -> dict[str, dict[str, 
         fit = potential_scan(potential, scan)
         comparison = compare_eos(fit, reference)
         out[name] = {
+            "reference_stress_consistency": stress_consistency(scan, reference, TOLERANCE / 2),
             "status": comparison.status,
             "b0": fit.b0,
             "b0_dft": reference.b0,
@@ -507,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = POTENTIALS.build("chgnet", {"device": "cpu"})
     if "pretrained" not in results:
         results["pretrained"] = {"eos": eos_ratios(pretrained, campaign)}
+    for name, entry in sorted(results["pretrained"]["eos"].items()):
+        consistency = entry.get("reference_stress_consistency") or {}
+        print(f"  {name} DFT scan: {consistency.get('message', '')}")
     for name in [r for r in args.recipes.split(",") if r]:
         if name in results:
             print(f"{name}: kept from {out}")

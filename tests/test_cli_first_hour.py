@@ -403,6 +403,25 @@ def test_status_ends_with_the_next_useful_command(
     assert "held-out softening Cu 0.912 [0.850, 0.970]" in evaluated.output
 
 
+def test_status_tells_a_killed_run_from_a_running_one(config: Path, store: Store) -> None:
+    """A run whose process died without a word (SIGKILL, a crash of the machine) stays
+    ``running`` in the store; status checks the recorded process and says it is gone."""
+    import subprocess
+    import sys
+
+    store.runs.start("run-alive", {"campaign": "c"})  # this process: alive
+    out = cli("status", "-c", config).output
+    assert "run run-alive: running" in out and "process is gone" not in out
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    store.runs.start("run-killed", {"campaign": "c"})
+    store.runs.update("run-killed", {"owner.pid": int(dead.stdout)})
+    out = cli("status", "-c", config).output
+    assert "run run-killed: stopped unfinished (its process is gone: killed?)" in out
+    assert "run run-killed stopped unfinished (its process is gone): running it again" in out
+    assert "run run-alive: running" in out
+
+
 # -- run --dry-run ------------------------------------------------------------------------
 def test_dry_run_estimates_and_writes_nothing(
     tmp_path: Path, uri_env: str, database_name: str

@@ -20,6 +20,7 @@ from pestle.evaluation.eos import (
     fit_birch_murnaghan,
     labelled_scan,
     potential_scan,
+    stress_consistency,
 )
 from pestle.potentials import POTENTIALS
 
@@ -116,6 +117,41 @@ def test_emt_scan_gives_ase_bulk_modulus(symbol, a, low, high) -> None:
     assert same.b0_ratio_interval[0] <= 1.0 <= same.b0_ratio_interval[1]
     assert abs(same.v0_difference_percent) < 1e-6
     assert json.loads(json.dumps(same.as_dict()))["model"]["status"] == "ok"  # storable
+
+
+def test_a_scan_whose_stresses_disagree_with_its_energies_is_flagged() -> None:
+    """EMT's stress is exactly -dE/dV: the scan is consistent. A constant pressure offset
+    on the same scan's stresses (what an under-converged plane-wave basis gives: a Pulay
+    stress) moves the pressures' V0 and B0 away from the energies' and is flagged, with the
+    pressure left at the energies' minimum."""
+    from ase.calculators.emt import EMT
+
+    scan = eos_structures(bulk("Cu", "fcc", a=3.6, cubic=True), points=7)
+    labelled, offset = [], []
+    for atoms in scan:
+        atoms.calc = EMT()
+        energy, stress = atoms.get_potential_energy(), atoms.get_stress()
+        clean = atoms.copy()
+        clean.calc = SinglePointCalculator(clean, energy=energy, stress=stress)
+        labelled.append(clean)
+        shifted = atoms.copy()
+        pulay = np.array([1, 1, 1, 0, 0, 0]) * 3.0 * units.GPa  # tensile +: P lower by 3 GPa
+        shifted.calc = SinglePointCalculator(shifted, energy=energy, stress=stress + pulay)
+        offset.append(shifted)
+    reference = labelled_scan(labelled)
+    same = stress_consistency(labelled, reference)
+    assert same["consistent"] is True and same["b0_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert abs(same["pressure_at_energy_v0"]) < 0.1
+    off = stress_consistency(offset, reference, tolerance=0.05)
+    assert off["consistent"] is False, off
+    assert off["pressure_at_energy_v0"] == pytest.approx(-3.0, abs=0.1)
+    assert off["v0_difference_percent"] < -0.5 and off["b0_ratio"] > 1.05
+    assert "Pulay" in off["message"] and "disagree" in off["message"]
+    # No stresses, nothing to compare: not flagged either way.
+    bare = [a.copy() for a in scan]
+    for atoms, energy_of in zip(bare, labelled, strict=True):
+        atoms.calc = SinglePointCalculator(atoms, energy=energy_of.get_potential_energy())
+    assert stress_consistency(bare, reference)["consistent"] is None
 
 
 @pytest.mark.slow

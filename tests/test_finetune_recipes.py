@@ -34,7 +34,7 @@ from pestle.potentials.chgnet import CHGNetPotential, install_scales, load_chgne
 from pestle.stages.evaluation_set import stopping_split
 from pestle.trainers import TRAINERS, LabelledStructure, TrainedModel
 from pestle.trainers.base import BestEpoch
-from pestle.trainers.chgnet import _Criterion
+from pestle.trainers.chgnet import _Criterion, label_weight
 from pestle.trainers.linear import DisagreeingScales
 from pestle.trainers.replay import replay_structures
 
@@ -236,7 +236,7 @@ def drift(base: CHGNetPotential, tmp_path_factory: pytest.TempPathFactory) -> di
               "select_epoch": "last"}  # fmt: skip
     runs = {}
     for name, extra in (("plain", {}), ("replay", {"replay_weight": 20.0}),
-                        ("l2sp", {"l2sp": 100.0})):  # fmt: skip
+                        ("l2sp", {"l2sp": 100.0}), ("relative", {"relative_loss_above": 0.2})):  # fmt: skip
         trainer = TRAINERS.build("chgnet", {**common, **extra})
         result = trainer.train(train, [], tmp_path_factory.mktemp(name), seeds=[ideal])
         runs[name] = (trainer.model, result)
@@ -267,6 +267,23 @@ def test_replay_is_used_weighted_and_keeps_the_replayed_structures(
     assert with_replay < 0.7 * plain, (with_replay, plain)
 
 
+def test_replay_without_stress_leaves_the_volume_to_the_labels(base: CHGNetPotential) -> None:
+    """``replay_stress: false``: the replayed structures keep their forces and energies,
+    and their stresses become NaN, which the loss skips."""
+    si = bulk("Si", "diamond", a=5.47)
+    train = [label(base, rattled("Si", "diamond", 5.47, 1, cubic=False), "r")]
+    targets = {}
+    for stress in (True, False):
+        trainer = TRAINERS.build("chgnet", {"replay_weight": 1.0, "replay_stress": stress})
+        trainer.seeds = [si]
+        data, info = trainer._replay(load_chgnet(), train)
+        assert info["stress"] is stress and len(data) == 2
+        targets[stress] = data.targets
+    for kept, dropped in zip(targets[True], targets[False], strict=True):
+        assert torch.isfinite(kept["s"]).all() and torch.isnan(dropped["s"]).all()
+        assert torch.equal(kept["f"], dropped["f"]) and torch.equal(kept["e"], dropped["e"])
+
+
 def test_l2sp_keeps_the_weights_closer_to_the_pretrained_ones(drift: dict) -> None:
     pretrained = load_chgnet().state_dict()
 
@@ -283,6 +300,24 @@ def test_l2sp_keeps_the_weights_closer_to_the_pretrained_ones(drift: dict) -> No
     penalties = [e["l2sp_penalty"] for e in anchored.metrics["epochs"]]
     assert penalties[0] >= 0 and all(p > 0 for p in penalties[1:])
     assert distance(l2sp_model) < 0.5 * distance(plain_model)
+
+
+def test_relative_loss_weights_each_label_by_its_force_scale(drift: dict) -> None:
+    """Above ``relative_loss_above`` a label weighs (F0 / RMS force)^2, below it 1; the
+    weights reach the loss (the same seed and steps train differently)."""
+    forces = np.array([[3.0, 0.0, 0.0], [-3.0, 0.0, 0.0]])  # RMS sqrt(3)
+    assert label_weight(forces, None) == 1.0
+    assert label_weight(forces, 2.0) == 1.0
+    assert label_weight(forces, 0.5) == pytest.approx(0.25 / 3.0)
+    _, plain = drift["runs"]["plain"]
+    _, relative = drift["runs"]["relative"]
+    weights = relative.metrics["label_weights"]
+    assert weights["relative_loss_above"] == 0.2 and 0 < weights["min"] <= weights["mean"] < 1
+    assert plain.metrics["label_weights"]["min"] == 1.0
+    losses = [[e["train_loss"] for e in r.metrics["epochs"]] for r in (plain, relative)]
+    assert losses[1][0] < 0.5 * losses[0][0], losses  # every label weighs less than 1
+    with pytest.raises(ValueError, match="relative_loss_above"):
+        TRAINERS.get("chgnet").Params(mode="linear_correction", relative_loss_above=1.0)
 
 
 def test_worst_system_selection_keeps_the_base_unless_every_system_improves() -> None:

@@ -95,6 +95,7 @@ def status(
     """Counts of stored documents, job states and recent runs, then the next useful
     command."""
     from pestle.engine.status import next_steps, store_status
+    from pestle.store.runs import run_process_gone
 
     place = workspace(config, work_dir)
     store = open_store(config, work_dir)
@@ -112,7 +113,13 @@ def status(
                 "counts": found.counts,
                 "jobs": found.jobs,
                 "runs": [
-                    {"id": r.id, "state": r.state, "report": r.report, "started_at": r.started_at}
+                    {
+                        "id": r.id,
+                        "state": r.state,
+                        "process_gone": run_process_gone(r),
+                        "report": r.report,
+                        "started_at": r.started_at,
+                    }
                     for r in found.runs
                 ],
                 "next": [vars(step) for step in steps],
@@ -129,7 +136,10 @@ def status(
     console.print(table)
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in found.jobs.items()) or "none"))
     for run_doc in found.runs:
-        console.print(f"run {run_doc.id}: {run_doc.state} {run_doc.report or ''}")
+        state = run_doc.state
+        if run_process_gone(run_doc):
+            state = "stopped unfinished (its process is gone: killed?)"
+        console.print(f"run {run_doc.id}: {state} {run_doc.report or ''}")
     console.print("next:")
     width = max(len(step.command) for step in steps)
     for step in steps:

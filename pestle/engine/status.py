@@ -10,6 +10,7 @@ from pestle.evaluation.evaluate import stored_softening
 from pestle.evaluation.intervals import format_estimate
 from pestle.store import Store
 from pestle.store.documents import RunDoc
+from pestle.store.runs import run_process_gone
 
 
 @dataclass
@@ -103,13 +104,13 @@ def next_steps(
         steps.append(NextStep(f"pestle run {cfg}", "no runs yet"))
     elif latest.state in ("interrupted", "running"):
         resume = config or latest.config_file or "CONFIG"
-        steps.append(
-            NextStep(
-                f"pestle run {resume}",
-                f"run {latest.id} is {latest.state}: running it again resumes it "
-                "(unless it is still running)",
-            )
-        )
+        if run_process_gone(latest):
+            why = f"run {latest.id} stopped unfinished (its process is gone): running it again resumes it"
+        elif latest.state == "running":
+            why = f"run {latest.id} is running: running it again resumes it (unless it is still running)"
+        else:
+            why = f"run {latest.id} is {latest.state}: running it again resumes it"
+        steps.append(NextStep(f"pestle run {resume}", why))
     elif status.jobs.get(JOB_QUEUED):
         steps.append(
             NextStep(f"pestle run {cfg}", f"queued jobs ({status.jobs[JOB_QUEUED]}) wait for a run")

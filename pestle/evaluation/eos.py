@@ -248,6 +248,75 @@ def labeller_scan(
 
 
 # ---------------------------------------------------------------------------------------------
+# The reference's own consistency: its energies against its stresses
+
+
+def birch_murnaghan_pressure(volume: Any, v0: float, b0: float, b0_prime: float) -> Any:
+    """Third-order Birch-Murnaghan pressure, -dE/dV of ``birch_murnaghan`` (units of b0)."""
+    x = (v0 / np.asarray(volume, dtype=float)) ** (2 / 3)
+    return 1.5 * b0 * (x**3.5 - x**2.5) * (1 + 0.75 * (b0_prime - 4) * (x - 1))
+
+
+def stress_consistency(
+    structures: Sequence[Atoms], energy_fit: EOSFit, tolerance: float = 0.05
+) -> dict[str, Any]:
+    """Whether a labelled scan's stresses tell the same equation of state as its energies.
+
+    A converged calculation's pressure is -dE/dV; a plane-wave basis that is not converged
+    for the stress (a Pulay stress: the basis changes with the volume) gives a pressure
+    offset, so the V0 and B0 of a Birch-Murnaghan fit of the pressures differ from the
+    energies'. A model fine-tuned on those stresses then cannot match the energies' B0. The
+    scan is flagged ``consistent: False`` when the two B0 differ by more than ``tolerance``
+    (relative); ``None`` when there is nothing to compare (no stresses, a failed fit)."""
+    from scipy.optimize import curve_fit
+
+    volumes, pressures = [], []
+    for atoms in structures:
+        results = atoms.calc.results if atoms.calc is not None else {}
+        stress = results.get("stress")
+        if stress is None:
+            continue
+        volumes.append(atoms.get_volume() / len(atoms))
+        pressures.append(-float(np.mean(np.asarray(stress, dtype=float).ravel()[:3])))
+    out: dict[str, Any] = {"consistent": None, "n_points": len(volumes), "tolerance": tolerance}
+    if not energy_fit.ok or len(volumes) < MIN_POINTS - 1:
+        out["message"] = "no stresses to compare" if not volumes else "nothing to compare"
+        return out
+    guess = (energy_fit.v0, energy_fit.b0 * units.GPa, energy_fit.b0_prime)
+    try:
+        with np.errstate(all="ignore"):
+            (v0, b0, bp), _ = curve_fit(birch_murnaghan_pressure, volumes, pressures, p0=guess,
+                                        maxfev=20000)  # fmt: skip
+    except (RuntimeError, ValueError) as exc:
+        out["message"] = f"the pressures' fit failed: {exc}"
+        return out
+    b0_gpa = float(b0) / units.GPa
+    ratio = b0_gpa / energy_fit.b0
+    v0_percent = 100 * (float(v0) / energy_fit.v0 - 1)
+    pressure_at_v0 = float(birch_murnaghan_pressure(energy_fit.v0, v0, b0, bp)) / units.GPa
+    out.update(
+        consistent=bool(abs(ratio - 1) <= tolerance),
+        b0_from_stress=b0_gpa,
+        b0_from_energy=energy_fit.b0,
+        b0_ratio=ratio,
+        v0_from_stress=float(v0),
+        v0_difference_percent=v0_percent,
+        pressure_at_energy_v0=pressure_at_v0,
+    )
+    out["message"] = (
+        f"stresses and energies agree: B0 {b0_gpa:.1f} vs {energy_fit.b0:.1f} GPa"
+        if out["consistent"]
+        else f"the scan's stresses and energies disagree: B0 {b0_gpa:.1f} GPa from the "
+        f"pressures, {energy_fit.b0:.1f} GPa from the energies (ratio {ratio:.3f}); V0 "
+        f"{v0_percent:+.2f} %; the pressure at the energies' V0 is {pressure_at_v0:+.2f} GPa, "
+        "not 0: a stress not converged in the basis (Pulay stress); a model trained on these "
+        "stresses cannot match this B0 within better than that; raise the cut-off for the "
+        "stress"
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Model against reference
 
 

@@ -788,9 +788,12 @@ def eos_blocks(stage: Mapping[str, Any], place: Place, name: str) -> list[Any]:
             rows.append([seed, "", "", "", "", f"skipped: {entry['skipped']}"])
             continue
         reference = entry.get("reference") or {}
+        consistency = reference.get("stress_consistency") or {}
+        note = consistency.get("message", "") if consistency.get("consistent") is False else ""
         rows.append([seed, "reference scan (labeller)",
                      format_estimate(reference.get("bulk_modulus_gpa") or {}, 1), "1", "",
-                     reference.get("message") or reference.get("status", "")])  # fmt: skip
+                     "; ".join(m for m in (reference.get("message") or reference.get("status", ""),
+                                           note) if m)])  # fmt: skip
         for model, figures_of in (entry.get("models") or {}).items():
             ratio = figures_of.get("b0_ratio") or {}
             low, high = figures_of.get("v0_difference_interval") or (None, None)

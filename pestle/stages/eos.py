@@ -81,7 +81,12 @@ def eos_checks(
 ) -> dict[str, dict[str, Any]]:
     """Per seed (by name): the reference fit, each model's fit and comparison, and the
     verdict per model."""
-    from pestle.evaluation.eos import compare_eos, labelled_scan, potential_scan
+    from pestle.evaluation.eos import (
+        compare_eos,
+        labelled_scan,
+        potential_scan,
+        stress_consistency,
+    )
 
     spec = ctx.config.eos
     out: dict[str, dict[str, Any]] = {}
@@ -99,6 +104,9 @@ def eos_checks(
                                           reference.n_points, reference.ok),
             "v0_per_atom": _estimate(reference.v0, reference.v0_interval, reference.n_points,
                                      reference.ok),
+            # Half the tolerance: a reference unsure by more cannot judge at the tolerance.
+            "stress_consistency": stress_consistency([s.atoms for s in stored], reference,
+                                                     spec.bulk_modulus_tolerance / 2),
         }  # fmt: skip
         entry["models"], entry["verdicts"] = {}, {}
         for name, potential in models.items():

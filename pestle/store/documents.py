@@ -224,6 +224,7 @@ class RunDoc(Document):
     attempts: int = 0
     created_at: datetime | None = None
     started_at: datetime | None = None
+    owner: dict[str, Any] | None = None  # the process running it: host, pid
 
 
 class DecisionDoc(Document):

@@ -3,6 +3,8 @@ stage did) and the ``decisions`` collection (what the daemon decided, and why)."
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +12,7 @@ from bson import ObjectId
 from pymongo.collection import Collection
 
 from pestle.store.documents import DecisionDoc, RunDoc
-from pestle.store.errors import utcnow
+from pestle.store.errors import as_utc, utcnow
 
 
 class RunRepository:
@@ -23,13 +25,15 @@ class RunRepository:
 
     def start(self, run_id: str, record: Mapping[str, Any]) -> RunDoc:
         """Open (or reopen, when resuming) a run; what ``record`` says is kept from the first
-        start."""
+        start. The process that runs it is recorded (``owner``), so that a reader can tell a
+        run still going from one whose process was killed."""
         now = utcnow()
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
         self._c.update_one(
             {"_id": run_id},
             {
                 "$setOnInsert": {**dict(record), "created_at": now, "stages": {}},
-                "$set": {"state": "running", "started_at": now},
+                "$set": {"state": "running", "started_at": now, "owner": owner},
                 "$inc": {"attempts": 1},
             },
             upsert=True,
@@ -59,7 +63,8 @@ class RunRepository:
         return ((doc or {}).get("stages") or {}).get(stage)
 
     def recent(self, limit: int = 5) -> list[RunDoc]:
-        fields = {"state": 1, "started_at": 1, "report": 1, "campaign": 1}
+        fields = {"state": 1, "started_at": 1, "report": 1, "campaign": 1, "owner": 1,
+                  "config_file": 1}  # fmt: skip
         cursor = self._c.find({}, fields).sort("started_at", -1).limit(limit)
         return [RunDoc.model_validate(d) for d in cursor]
 
@@ -116,3 +121,22 @@ class DecisionRepository:
 
     def count(self) -> int:
         return self._c.count_documents({})
+
+
+def run_process_gone(run: RunDoc) -> bool:
+    """A ``running`` run whose recorded process is not alive on this host (killed, or its
+    machine restarted): nothing is running it. False when unknown (another host, an older
+    record without an owner) or when the process lives."""
+    import psutil
+
+    owner = run.owner or {}
+    if run.state != "running" or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        process = psutil.Process(int(owner["pid"]))
+    except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):
+        return True
+    started_at = as_utc(run.started_at)
+    started = started_at.timestamp() if started_at else None
+    # A pid reused by a later process is not the run's.
+    return started is not None and process.create_time() > started + 1.0

@@ -85,7 +85,8 @@ MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
 FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze", "replay_weight",
-                     "replay_per_structure", "l2sp", "select_epoch", "patience")  # fmt: skip
+                     "replay_per_structure", "replay_stress", "l2sp", "select_epoch",
+                     "patience", "relative_loss_above")  # fmt: skip
 _LINEAR_ONLY = ("linear_scope", "linear_ridge")
 
 # The input featurisation: atom/bond/angle embeddings and their basis expansions.
@@ -134,6 +135,15 @@ class _GraphDataset:
 
     def joined(self, other: _GraphDataset) -> _GraphDataset:
         return _GraphDataset(self.graphs + other.graphs, self.targets + other.targets)
+
+
+def label_weight(forces: np.ndarray, relative_above: float | None) -> float:
+    """A label's loss weight: 1, or ``(relative_above / RMS force)^2`` when its RMS reference
+    force exceeds ``relative_above`` (eV/Å), which makes its squared errors relative."""
+    if relative_above is None:
+        return 1.0
+    rms = float(np.sqrt(np.mean(np.square(forces)))) if np.size(forces) else 0.0
+    return 1.0 if rms <= relative_above else (relative_above / rms) ** 2
 
 
 def _collate(batch: list[tuple[Any, dict]]) -> tuple[list, dict]:
@@ -323,6 +333,20 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         replay_per_structure: int = Field(
             2, ge=1, description="replayed copies of each seed and element crystal"
         )
+        replay_stress: bool = Field(
+            True,
+            description="train on the replayed structures' stresses too; false leaves the "
+            "volume dependence (pressure, so the bulk modulus) to the labels' stresses, "
+            "where the pretrained model's would pull it back to its own",
+        )
+        relative_loss_above: float | None = Field(
+            None,
+            gt=0,
+            description="a label whose RMS reference force (eV/Å) exceeds this has its loss "
+            "terms weighted (this / RMS)^2, so its relative error counts as a near-equilibrium "
+            "label's does (softening is a relative error; unweighted, the largest rattles "
+            "outweigh the strained cells that carry the bulk modulus); none: every label 1",
+        )
         l2sp: float = Field(
             0.0,
             ge=0,
@@ -430,7 +454,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
 
         has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
         targets = "efs" if has_stress and p.stress_weight > 0 else "ef"
-        label_data = self._dataset(model, train_set)
+        label_data = self._dataset(model, train_set, relative_above=p.relative_loss_above)
         # Replay labels come from the model as it is now (references refitted, nothing
         # trained yet), so replayed and new energies share one zero.
         replay, replay_info = self._replay(model, train_set) if p.replay_weight > 0 else (None, {})
@@ -495,7 +519,8 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             for name, w in model.named_parameters()
             if w.requires_grad and not name.startswith("composition_model")
         ] if p.l2sp > 0 else []  # fmt: skip
-        meter = _Criterion(trainer.criterion, model, weighted=replay is not None, l2sp=p.l2sp,
+        weighted = replay is not None or p.relative_loss_above is not None
+        meter = _Criterion(trainer.criterion, model, weighted=weighted, l2sp=p.l2sp,
                            anchors=anchors)  # fmt: skip
         trainer.criterion = meter
 
@@ -587,6 +612,11 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 "trainable_parameters": trainable,
                 "optimisation": schedule,
                 "replay": replay_info,
+                "label_weights": {
+                    "relative_loss_above": p.relative_loss_above,
+                    "min": min(float(t["w"]) for t in label_data.targets),
+                    "mean": float(np.mean([float(t["w"]) for t in label_data.targets])),
+                },
                 "l2sp": p.l2sp,
                 "weight_distance_sq": moved,
                 "select_epoch": best.by,
@@ -623,7 +653,9 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 targets.append({
                     "e": torch.tensor(float(o["e"]), dtype=torch.float32),
                     "f": torch.tensor(np.asarray(o["f"]), dtype=torch.float32),
-                    "s": torch.tensor(np.asarray(o["s"]), dtype=torch.float32),
+                    # NaN: a stress the loss skips.
+                    "s": torch.tensor(np.asarray(o["s"]) if p.replay_stress
+                                      else np.full((3, 3), np.nan), dtype=torch.float32),
                     "w": torch.tensor(p.replay_weight, dtype=torch.float32),
                 })  # fmt: skip
         for k, t in enumerate(targets):
@@ -631,6 +663,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         info = {
             "n_structures": len(structures),
             "weight": p.replay_weight,
+            "stress": p.replay_stress,
             "from_seeds": len(self.seeds),
             "origins": sorted({a.info["replay"].split(" @ ")[0] for a in structures}),
             "elements_without_crystal": unreplayable_elements(elements),
@@ -763,7 +796,13 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
 
     # -- data ------------------------------------------------------------------------------
 
-    def _dataset(self, model: CHGNet, labelled: Sequence[LabelledStructure]) -> _GraphDataset:
+    def _dataset(
+        self,
+        model: CHGNet,
+        labelled: Sequence[LabelledStructure],
+        relative_above: float | None = None,
+    ) -> _GraphDataset:
+        """Graphs and targets; ``relative_above``: weights from ``label_weight``."""
         import torch
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -795,7 +834,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                     ),
                     "f": torch.tensor(forces, dtype=torch.float32),
                     "s": torch.tensor(stress_gpa, dtype=torch.float32),
-                    "w": torch.tensor(1.0, dtype=torch.float32),
+                    "w": torch.tensor(label_weight(forces, relative_above), dtype=torch.float32),
                     "k": torch.tensor(len(targets)),
                 }
             )
