@@ -26,6 +26,10 @@ JSON with everything.
         [--work-dir DIR --database NAME | --extxyz FILE] [--recipes a,b] [--epochs 100] \\
         [--out results.json]
 
+``--resplit F`` splits the picks again with pestle's split policy at validation fraction F
+(0: every pick trains). A recipe listed as ``name-seedN`` is ``name`` with another shuffling
+seed; the choice judges a recipe on all its trainings. The last table has one row per recipe.
+
 ``--out`` keeps each finished recipe, and a rerun skips them (a full fine-tune takes tens of
 minutes on a shared CPU).
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -162,6 +167,17 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         },
         False,
     ),
+    "replay-stress1-rel-last-seed1": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+            "seed": 1,
+        },
+        False,
+    ),
     "replay-stress10-rel-last": (
         {
             **_CUSTOM_FULL,
@@ -169,6 +185,53 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
             "replay_weight": 1.0,
             "select_epoch": "last",
             "relative_loss_above": 1.0,
+        },
+        False,
+    ),
+    "replay-stress1-last-seed2": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "select_epoch": "last",
+            "seed": 2,
+        },
+        False,
+    ),
+    "replay-stress3-last": (
+        {**_CUSTOM_FULL, "stress_weight": 3.0, "replay_weight": 1.0, "select_epoch": "last"},
+        False,
+    ),
+    "replay-stress3-last-seed1": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 3.0,
+            "replay_weight": 1.0,
+            "select_epoch": "last",
+            "seed": 1,
+        },
+        False,
+    ),
+    # One replayed copy per seed, at its own volume: no volume-scaled copies (whose
+    # pretrained stresses pin the pretrained bulk modulus).
+    "replay1-stress1-last": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "replay_per_structure": 1,
+            "select_epoch": "last",
+        },
+        False,
+    ),
+    "replay1-stress1-last-seed1": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "replay_per_structure": 1,
+            "select_epoch": "last",
+            "seed": 1,
         },
         False,
     ),
@@ -204,6 +267,18 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
             "replay_stress": False,
             "select_epoch": "last",
             "relative_loss_above": 1.0,
+        },
+        False,
+    ),
+    "replay-nostress-stress1-rel-last-seed1": (
+        {
+            **_CUSTOM_FULL,
+            "stress_weight": 1.0,
+            "replay_weight": 1.0,
+            "replay_stress": False,
+            "select_epoch": "last",
+            "relative_loss_above": 1.0,
+            "seed": 1,
         },
         False,
     ),
@@ -428,25 +503,72 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         "geometric_mean_mae_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios))
         if ratios
         else None,
+        # How far the worst bulk modulus lies beyond the tolerance (0 when all are within;
+        # infinite when a fit failed).
+        "largest_eos_excess": max(
+            (
+                abs(v["ratio"] - 1) - TOLERANCE if _finite(v["ratio"]) else math.inf
+                for v in eos.values()
+            ),
+            default=0.0,
+        )
+        if eos
+        else 0.0,  # fmt: skip
     }
+
+
+def recipe_verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each recipe's verdict over its trainings (``name`` and ``name-seedN``)."""
+    trainings: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for name, result in results.items():
+        if name != "pretrained" and "verdict" in result:
+            trainings[re.sub(r"-seed\d+$", "", name)].append(result["verdict"])
+    out = {}
+    for recipe, verdicts in trainings.items():
+        ratios = [v["geometric_mean_mae_ratio"] for v in verdicts
+                  if _finite(v["geometric_mean_mae_ratio"])]  # fmt: skip
+        out[recipe] = {
+            key: sorted({item for v in verdicts for item in v[key]})
+            for key in ("worse", "not_improved", "eos_outside")
+        } | {
+            "geometric_mean_mae_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "largest_eos_excess": max(
+                (v.get("largest_eos_excess", 0.0) for v in verdicts), default=0.0
+            ),  # fmt: skip
+            "trainings": len(verdicts),
+        }
+    return out
 
 
 def choose(results: dict[str, Any]) -> tuple[str | None, bool]:
     """The recipe to make the default: among those with no system worse beyond its interval
     and a better geometric mean, the largest improvement; recipes that also improve every
-    system (point) and keep every bulk modulus within ±10 % go first. Whether the choice
-    meets all of that is the second value."""
+    system (point) and keep every bulk modulus within ±10 % go first; when none does, those
+    that improve every system and keep the most bulk moduli within ±10 %, and of those the
+    ones whose worst bulk modulus misses by least (a recipe that lowers the force error by
+    breaking the equation of state is not the better one).
+    Whether the choice meets all of that is the second value.
+
+    A recipe trained with several seeds (``name-seedN``) is judged as one: a system is worse,
+    or a bulk modulus outside, if it is so in any of its trainings, and its improvement is
+    the mean of theirs (choosing the luckiest training would choose noise)."""
     eligible = {
-        n: r["verdict"]
-        for n, r in results.items()
-        if n != "pretrained"
-        and "verdict" in r
-        and not r["verdict"]["worse"]
-        and (r["verdict"]["geometric_mean_mae_ratio"] or 1) < 1
+        n: v
+        for n, v in recipe_verdicts(results).items()
+        if not v["worse"] and (v["geometric_mean_mae_ratio"] or 1) < 1
     }
     complete = {n: v for n, v in eligible.items()
                 if not v["not_improved"] and not v["eos_outside"]}  # fmt: skip
-    pool = complete or eligible
+    if complete:
+        pool = complete
+    else:
+        improving = {n: v for n, v in eligible.items() if not v["not_improved"]} or eligible
+        fewest = min((len(v["eos_outside"]) for v in improving.values()), default=0)
+        pool = {n: v for n, v in improving.items() if len(v["eos_outside"]) == fewest}
+        # Then the smallest miss: how far the worst bulk modulus of any training lies
+        # beyond ±10 % (a count hides whether a seed is 0.89 or 0.75).
+        least = min((v["largest_eos_excess"] for v in pool.values()), default=0.0)
+        pool = {n: v for n, v in pool.items() if v["largest_eos_excess"] <= least + 1e-9}
     best = min(pool, key=lambda n: pool[n]["geometric_mean_mae_ratio"], default=None)
     return best, bool(complete)
 
@@ -536,6 +658,34 @@ def table(results: dict[str, Any], campaign: Campaign) -> str:
                 f"| {name} | {system} | {fmt_ratio(v)} | {fmt_est(v['softening_before'])} | "
                 f"{fmt_est(v['softening_after'])} | {seed} | {before:.3f} | {after:.3f} |"
             )
+    return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """One row per recipe: each seed's B/B_DFT per training (seeds of one recipe side by
+    side), the systems not improved, and the geometric-mean MAE ratio per training."""
+    verdicts = recipe_verdicts(results)
+    seeds = sorted({seed for r in results.values() for seed in (r.get("eos") or {})})
+    lines = [
+        "| recipe | " + " | ".join(f"{s} B/B_DFT" for s in seeds)
+        + " | seeds outside ±10 % | systems not improved | geometric-mean MAE ratio |",
+        "|---" * (len(seeds) + 4) + "|",
+    ]  # fmt: skip
+    pre = results.get("pretrained", {}).get("eos", {})
+    lines.append("| pretrained | " + " | ".join(f"{pre[s]['ratio']:.2f}" if s in pre else ""
+                                                 for s in seeds) + " | | | 1 |")  # fmt: skip
+    for recipe, verdict_of in verdicts.items():
+        names = sorted((n for n in results if re.sub(r"-seed\d+$", "", n) == recipe),
+                       key=lambda n: int(n.rsplit("-seed", 1)[1]) if "-seed" in n else 0)  # fmt: skip
+        cells = [" / ".join(f"{results[n]['eos'][s]['ratio']:.2f}" for n in names
+                            if s in results[n].get("eos", {})) for s in seeds]  # fmt: skip
+        geo = " / ".join(f"{results[n]['verdict']['geometric_mean_mae_ratio']:.3f}"
+                         for n in names)  # fmt: skip
+        lines.append(
+            f"| {recipe} | " + " | ".join(cells)
+            + f" | {', '.join(verdict_of['eos_outside']) or 'none'}"
+            + f" | {', '.join(verdict_of['not_improved']) or 'none'} | {geo} |"
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -638,11 +788,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(results, campaign))
+    print()
+    print(summary_table(results))
     best, meets_all = choose(results)
     print()
     for n, r in results.items():
         if n != "pretrained" and "verdict" in r:
             print(f"{n}: {r['verdict']}")
+    for n, v in recipe_verdicts(results).items():
+        print(f"recipe {n} over {v['trainings']} training(s): {v}")
     print(f"no system worse and the largest improvement: {best}"
           + (" (also: every system improved, every bulk modulus within ±10 %)" if meets_all
              else " (NOT every system improved with every bulk modulus within ±10 %)" if best
