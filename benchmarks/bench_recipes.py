@@ -64,247 +64,89 @@ TOLERANCE = 0.10  # |B/B_DFT - 1| the issue asks for
 
 # name -> (trainer params, whether the recipe chooses its epoch on the stopping part too).
 # Constants not given are the trainer's (full: Deng et al. 2025's 0.1/100/0.1, Adam 1e-3 ->
-# 1e-5 cosine, every weight trained).
-# ``full``'s constants as a custom recipe, so that one of them can be varied.
-_CUSTOM_FULL: dict[str, Any] = {
-    "mode": "custom",
-    "energy_weight": 0.1,
-    "force_weight": 100.0,
-    "stress_weight": 0.1,
-    "learning_rate": 1e-3,
-    "freeze": "none",
-    "select_epoch": "worst_system",
-}
+# 1e-5 cosine, every weight trained). Any recipe also runs as ``name-seedN``: the same with
+# shuffling seed N (``recipe``).
+
+
+def _full(**given: Any) -> dict[str, Any]:
+    return {"mode": "full", **given}
+
+
+def _custom(**given: Any) -> dict[str, Any]:
+    """``full``'s constants as a custom recipe, so that one of them can be varied."""
+    constants = {"energy_weight": 0.1, "force_weight": 100.0, "stress_weight": 0.1,
+                 "learning_rate": 1e-3, "freeze": "none"}  # fmt: skip
+    return {"mode": "custom", **constants, **given}
+
+
+_WORST, _LAST = {"select_epoch": "worst_system"}, {"select_epoch": "last"}
+_RELATIVE = {"relative_loss_above": 1.0}  # labels above 1 eV/Å RMS weighted (1 / RMS)^2
 RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
     "linear-model": ({"mode": "linear_correction"}, False),
     "linear-system": ({"mode": "linear_correction", "linear_scope": "system"}, False),
     "linear-element": ({"mode": "linear_correction", "linear_scope": "element"}, False),
-    "full": ({"mode": "full"}, False),
-    "full-stop": ({"mode": "full", "select_epoch": "worst_system"}, True),
-    "full-replay": (
-        {"mode": "full", "select_epoch": "worst_system", "replay_weight": 1.0},
-        True,
-    ),
-    "full-l2sp": ({"mode": "full", "select_epoch": "worst_system", "l2sp": 1.0}, True),
-    "full-replay-l2sp": (
-        {"mode": "full", "select_epoch": "worst_system", "replay_weight": 1.0, "l2sp": 1.0},
-        True,
-    ),
-    # Variations on replay (the recipe the five-systems campaign chose), to see what moves
-    # the bulk moduli: another shuffling seed, the stress weighed as much as the forces'
-    # scale allows, a smaller learning rate, heavier replay.
-    "full-replay-seed1": (
-        {"mode": "full", "select_epoch": "worst_system", "replay_weight": 1.0, "seed": 1},
-        True,
-    ),
-    "replay-stress1": ({**_CUSTOM_FULL, "stress_weight": 1.0, "replay_weight": 1.0}, True),
-    "replay-lr3e-4": ({**_CUSTOM_FULL, "learning_rate": 3e-4, "replay_weight": 1.0}, True),
-    "full-replay3": (
-        {"mode": "full", "select_epoch": "worst_system", "replay_weight": 3.0},
-        True,
-    ),
-    # The last epoch (of a cosine decay to 1e-5), no epoch chosen on one validation pick
-    # per system: every pick can train (``--resplit 0``).
-    "full-last": ({"mode": "full", "select_epoch": "last"}, False),
-    "full-l2sp-last": ({"mode": "full", "select_epoch": "last", "l2sp": 1.0}, False),
-    "readout-last": (
-        {
-            "mode": "custom",
-            "energy_weight": 0.1,
-            "force_weight": 100.0,
-            "stress_weight": 0.1,
-            "learning_rate": 1e-3,
-            "freeze": "all_but_readout",
-            "select_epoch": "last",
-        },
-        False,
-    ),
-    "full-replay-last": (
-        {"mode": "full", "select_epoch": "last", "replay_weight": 1.0},
-        False,
-    ),
-    "full-replay-last-seed1": (
-        {"mode": "full", "select_epoch": "last", "replay_weight": 1.0, "seed": 1},
-        False,
-    ),
-    "replay-stress1-last": (
-        {**_CUSTOM_FULL, "stress_weight": 1.0, "replay_weight": 1.0, "select_epoch": "last"},
-        False,
-    ),
-    "replay-stress1-last-seed1": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "select_epoch": "last",
-            "seed": 1,
-        },
-        False,
-    ),
-    # Relative loss: labels above 1 eV/Å RMS force weighted (1 / RMS)^2.
-    "full-rel-last": ({"mode": "full", "select_epoch": "last", "relative_loss_above": 1.0}, False),
-    "full-replay-rel-last": (
-        {"mode": "full", "select_epoch": "last", "replay_weight": 1.0, "relative_loss_above": 1.0},
-        False,
-    ),
-    "full-replay-rel-last-seed1": (
-        {
-            "mode": "full",
-            "select_epoch": "last",
-            "replay_weight": 1.0,
-            "relative_loss_above": 1.0,
-            "seed": 1,
-        },
-        False,
-    ),
+    # The epoch chosen per system on the validation pick(s) (the 3-label campaign).
+    "full": (_full(), False),
+    "full-stop": (_full(**_WORST), True),
+    "full-replay": (_full(**_WORST, replay_weight=1.0), True),
+    "full-l2sp": (_full(**_WORST, l2sp=1.0), True),
+    "full-replay-l2sp": (_full(**_WORST, replay_weight=1.0, l2sp=1.0), True),
+    "replay-stress1": (_custom(**_WORST, stress_weight=1.0, replay_weight=1.0), True),
+    "replay-lr3e-4": (_custom(**_WORST, learning_rate=3e-4, replay_weight=1.0), True),
+    "full-replay3": (_full(**_WORST, replay_weight=3.0), True),
+    "readout": (_custom(**_WORST, freeze="all_but_readout"), True),
+    # The last epoch of the cosine decay: every pick trains (``--resplit 0``).
+    "full-last": (_full(**_LAST), False),
+    "full-l2sp-last": (_full(**_LAST, l2sp=1.0), False),
+    "readout-last": (_custom(**_LAST, freeze="all_but_readout"), False),
+    "full-replay-last": (_full(**_LAST, replay_weight=1.0), False),
+    "full-rel-last": (_full(**_LAST, **_RELATIVE), False),
+    "full-replay-rel-last": (_full(**_LAST, replay_weight=1.0, **_RELATIVE), False),
+    "replay-stress1-last": (_custom(**_LAST, stress_weight=1.0, replay_weight=1.0), False),
+    "replay-stress3-last": (_custom(**_LAST, stress_weight=3.0, replay_weight=1.0), False),
     "replay-stress1-rel-last": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-        },
-        False,
-    ),
-    "replay-stress1-rel-last-seed1": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-            "seed": 1,
-        },
+        _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, **_RELATIVE),
         False,
     ),
     "replay-stress10-rel-last": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 10.0,
-            "replay_weight": 1.0,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-        },
-        False,
-    ),
-    "replay-stress1-last-seed2": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "select_epoch": "last",
-            "seed": 2,
-        },
-        False,
-    ),
-    "replay-stress3-last": (
-        {**_CUSTOM_FULL, "stress_weight": 3.0, "replay_weight": 1.0, "select_epoch": "last"},
-        False,
-    ),
-    "replay-stress3-last-seed1": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 3.0,
-            "replay_weight": 1.0,
-            "select_epoch": "last",
-            "seed": 1,
-        },
+        _custom(**_LAST, stress_weight=10.0, replay_weight=1.0, **_RELATIVE),
         False,
     ),
     # One replayed copy per seed, at its own volume: no volume-scaled copies (whose
     # pretrained stresses pin the pretrained bulk modulus).
     "replay1-stress1-last": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "replay_per_structure": 1,
-            "select_epoch": "last",
-        },
-        False,
-    ),
-    "replay1-stress1-last-seed1": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "replay_per_structure": 1,
-            "select_epoch": "last",
-            "seed": 1,
-        },
+        _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, replay_per_structure=1),
         False,
     ),
     # Replay without its stresses: the volume dependence left to the labels' stresses.
-    "replay-nostress-stress10-rel-last": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 10.0,
-            "replay_weight": 1.0,
-            "replay_stress": False,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-        },
-        False,
-    ),
-    "replay-nostress-stress10-rel-last-seed1": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 10.0,
-            "replay_weight": 1.0,
-            "replay_stress": False,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-            "seed": 1,
-        },
+    "replay-nostress-stress1-last": (
+        _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, replay_stress=False),
         False,
     ),
     "replay-nostress-stress1-rel-last": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "replay_stress": False,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-        },
+        _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, replay_stress=False, **_RELATIVE),
         False,
     ),
-    "replay-nostress-stress1-rel-last-seed1": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "replay_stress": False,
-            "select_epoch": "last",
-            "relative_loss_above": 1.0,
-            "seed": 1,
-        },
+    "replay-nostress-stress10-rel-last": (
+        _custom(
+            **_LAST, stress_weight=10.0, replay_weight=1.0, replay_stress=False, **_RELATIVE
+        ),  # fmt: skip
         False,
-    ),
-    "replay-nostress-stress1-last": (
-        {
-            **_CUSTOM_FULL,
-            "stress_weight": 1.0,
-            "replay_weight": 1.0,
-            "replay_stress": False,
-            "select_epoch": "last",
-        },
-        False,
-    ),
-    "readout": (
-        {
-            "mode": "custom",
-            "energy_weight": 0.1,
-            "force_weight": 100.0,
-            "stress_weight": 0.1,
-            "learning_rate": 1e-3,
-            "freeze": "all_but_readout",
-            "select_epoch": "worst_system",
-        },
-        True,
     ),
 }
+
+
+def recipe(name: str) -> tuple[dict[str, Any], bool]:
+    """A recipe by name; ``name-seedN`` is ``name`` with shuffling seed N."""
+    found = re.fullmatch(r"(.+)-seed(\d+)", name)
+    if found and found.group(1) in RECIPES:
+        params, uses_stopping = RECIPES[found.group(1)]
+        return {**params, "seed": int(found.group(2))}, uses_stopping
+    if name not in RECIPES:
+        raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (and name-seedN)")
+    return RECIPES[name]
+
+
 FULL_LIKE = {"full", "custom"}
 
 
@@ -768,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in results:
             print(f"{name}: kept from {out}")
             continue
-        params, uses_stopping = RECIPES[name]
+        params, uses_stopping = recipe(name)
         print(f"{name}: training ...", flush=True)
         try:
             trained, info = run_recipe(name, params, uses_stopping, campaign, stopping, args)
