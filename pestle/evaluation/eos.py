@@ -310,8 +310,8 @@ def stress_consistency(
         f"pressures, {energy_fit.b0:.1f} GPa from the energies (ratio {ratio:.3f}); V0 "
         f"{v0_percent:+.2f} %; the pressure at the energies' V0 is {pressure_at_v0:+.2f} GPa, "
         "not 0: a stress not converged in the basis (Pulay stress); a model trained on these "
-        "stresses cannot match this B0 within better than that; raise the cut-off for the "
-        "stress"
+        "stresses cannot match both, so this seed's B0 check is uncertain by that much; raise "
+        "the cut-off until the stress converges"
     )
     return out
 
