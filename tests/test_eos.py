@@ -146,6 +146,8 @@ def test_a_scan_whose_stresses_disagree_with_its_energies_is_flagged() -> None:
     assert off["consistent"] is False, off
     assert off["pressure_at_energy_v0"] == pytest.approx(-3.0, abs=0.1)
     assert off["v0_difference_percent"] < -0.5 and off["b0_ratio"] > 1.05
+    low, high = off["b0_ratio_interval"]
+    assert low < off["b0_ratio"] < high and low > 1.0  # a smooth scan: a narrow interval
     assert "Pulay" in off["message"] and "disagree" in off["message"]
     # No stresses, nothing to compare: not flagged either way.
     bare = [a.copy() for a in scan]

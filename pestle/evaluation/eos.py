@@ -267,7 +267,8 @@ def stress_consistency(
     offset, so the V0 and B0 of a Birch-Murnaghan fit of the pressures differ from the
     energies'. A model fine-tuned on those stresses then cannot match the energies' B0. The
     scan is flagged ``consistent: False`` when the two B0 differ by more than ``tolerance``
-    (relative); ``None`` when there is nothing to compare (no stresses, a failed fit)."""
+    (relative; the ratio's interval, from both fits, is reported beside it); ``None`` when
+    there is nothing to compare (no stresses, a failed fit)."""
     from scipy.optimize import curve_fit
 
     volumes, pressures = [], []
@@ -285,13 +286,17 @@ def stress_consistency(
     guess = (energy_fit.v0, energy_fit.b0 * units.GPa, energy_fit.b0_prime)
     try:
         with np.errstate(all="ignore"):
-            (v0, b0, bp), _ = curve_fit(birch_murnaghan_pressure, volumes, pressures, p0=guess,
-                                        maxfev=20000)  # fmt: skip
+            (v0, b0, bp), cov = curve_fit(birch_murnaghan_pressure, volumes, pressures,
+                                          p0=guess, maxfev=20000)  # fmt: skip
     except (RuntimeError, ValueError) as exc:
         out["message"] = f"the pressures' fit failed: {exc}"
         return out
     b0_gpa = float(b0) / units.GPa
-    ratio = b0_gpa / energy_fit.b0
+    # The ratio's interval as compare_eos gives a model's: both fits' errors, log scale, the
+    # t quantile of the smaller degrees of freedom (the pressure fit has n - 3).
+    b0_se = math.sqrt(cov[1, 1]) / units.GPa if np.isfinite(cov[1, 1]) else math.nan
+    t = _t(energy_fit.confidence, min(energy_fit.dof, len(volumes) - 3))
+    ratio, low, high = _log_ratio_interval(b0_gpa, b0_se, energy_fit.b0, energy_fit.b0_se, t)
     v0_percent = 100 * (float(v0) / energy_fit.v0 - 1)
     pressure_at_v0 = float(birch_murnaghan_pressure(energy_fit.v0, v0, b0, bp)) / units.GPa
     out.update(
@@ -299,15 +304,18 @@ def stress_consistency(
         b0_from_stress=b0_gpa,
         b0_from_energy=energy_fit.b0,
         b0_ratio=ratio,
+        b0_ratio_interval=(low, high),
         v0_from_stress=float(v0),
         v0_difference_percent=v0_percent,
         pressure_at_energy_v0=pressure_at_v0,
     )
     out["message"] = (
-        f"stresses and energies agree: B0 {b0_gpa:.1f} vs {energy_fit.b0:.1f} GPa"
+        f"stresses and energies agree: B0 {b0_gpa:.1f} vs {energy_fit.b0:.1f} GPa (ratio "
+        f"{ratio:.3f} [{low:.3f}, {high:.3f}])"
         if out["consistent"]
         else f"the scan's stresses and energies disagree: B0 {b0_gpa:.1f} GPa from the "
-        f"pressures, {energy_fit.b0:.1f} GPa from the energies (ratio {ratio:.3f}); V0 "
+        f"pressures, {energy_fit.b0:.1f} GPa from the energies (ratio {ratio:.3f} "
+        f"[{low:.3f}, {high:.3f}]); V0 "
         f"{v0_percent:+.2f} %; the pressure at the energies' V0 is {pressure_at_v0:+.2f} GPa, "
         "not 0: a stress not converged in the basis (Pulay stress); a model trained on these "
         "stresses cannot match both, so this seed's B0 check is uncertain by that much; raise "
@@ -345,7 +353,10 @@ def _log_ratio_interval(
 ) -> tuple[float, float, float]:
     ratio = num / den
     se = math.hypot(num_se / num, den_se / den)
-    return ratio, ratio * math.exp(-t * se), ratio * math.exp(t * se)
+    # A fit that determines nothing gives an unbounded interval, not an overflow.
+    width = t * se
+    spread = width if math.isnan(width) else math.inf if width > 700 else math.exp(width)
+    return ratio, ratio / spread, ratio * spread
 
 
 def compare_eos(model: EOSFit, reference: EOSFit, confidence: float = 0.95) -> EOSComparison:
