@@ -31,6 +31,16 @@ class LabelledStructure:
     label_id: str
 
 
+def pressure_gpa(stress: Any) -> float:
+    """Pressure in GPa (positive = compressed) of an ASE stress in eV/Å^3 (ASE's sign:
+    positive = tensile), Voigt 6 or 3 x 3."""
+    from ase import units
+
+    s = np.asarray(stress, dtype=float)
+    diagonal = np.diag(s) if s.shape == (3, 3) else s.ravel()[:3]
+    return -float(np.mean(diagonal)) / units.GPa
+
+
 def chemical_system(atoms: Atoms) -> str:
     """Materials Project style chemical system, e.g. ``F-Li``."""
     return "-".join(sorted(set(atoms.get_chemical_symbols())))

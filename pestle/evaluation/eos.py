@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from ase import Atoms, units
 
+from pestle.structures import pressure_gpa
+
 if TYPE_CHECKING:
     from pestle.potentials import Potential
 
@@ -278,7 +280,7 @@ def stress_consistency(
         if stress is None:
             continue
         volumes.append(atoms.get_volume() / len(atoms))
-        pressures.append(-float(np.mean(np.asarray(stress, dtype=float).ravel()[:3])))
+        pressures.append(pressure_gpa(stress) * units.GPa)  # eV/Å^3, as the fit's B0
     out: dict[str, Any] = {"consistent": None, "n_points": len(volumes), "tolerance": tolerance}
     if not energy_fit.ok or len(volumes) < MIN_POINTS - 1:
         out["message"] = "no stresses to compare" if not volumes else "nothing to compare"

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ase import units
 
 from pestle.evaluation.intervals import (
     Difference,
@@ -31,6 +30,7 @@ from pestle.evaluation.intervals import (
 from pestle.reports import figures
 from pestle.reports.document import Details, Figure, Figures, Items, Section, Table, Text
 from pestle.reports.figures import seconds_text
+from pestle.structures import pressure_gpa
 
 if TYPE_CHECKING:
     from pestle.store import Store
@@ -509,7 +509,7 @@ class LabelValues:
         self.energy_per_atom.append(label.energy_per_atom)
         self.max_force.append(label.max_force)
         if label.stress is not None and len(label.stress) >= 3:
-            self.pressure.append(-float(np.mean(label.stress[:3])) / units.GPa)
+            self.pressure.append(pressure_gpa(label.stress))
 
 
 @dataclass

@@ -15,10 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 
 from pestle.evaluation.metrics import softening_scale
 from pestle.potentials import Potential, Prediction
+from pestle.structures import pressure_gpa
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def force_scores(atoms: Atoms, prediction: Prediction) -> dict[str, float]:
     }
     if prediction.stress is not None and len(prediction.stress) >= 3:
         # Pressure, GPa (positive = compressed): for the candidates' distribution in reports.
-        scores["pressure"] = -float(np.mean(prediction.stress[:3])) / units.GPa
+        scores["pressure"] = pressure_gpa(prediction.stress)
     return scores
 
 
