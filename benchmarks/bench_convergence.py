@@ -139,22 +139,25 @@ def verify(system: str, setting_name: str, args: argparse.Namespace, out: Path) 
         f"{ {k: v for k, v in data['recommended'].items() if k != setting_name} })",
         "",
         "| value | vs | ΔE rel. (meV/atom) | max abs(ΔF) (eV/Å) | ΔF RMS / F RMS | force slope "
-        "| max abs(Δσ) (GPa) | pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "| max abs(Δσ) (GPa) | Pulay estimate (GPa) | pass |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for value in tested:
         lower = labeller.with_setting(setting_name, value)
         checks, _ = compare_labels(
             rep.structure, label(lower, rep.structure), high, ConvergenceTolerances(),
             lower_reference=label(lower, rep.reference), higher_reference=high_ref,
+            cutoffs=(value, top) if setting.plane_wave_cutoff else None,
+            reference_volume=rep.reference.get_volume(),
         )  # fmt: skip
         passed = all(c.passed is not False for c in checks.values())
+        pulay = checks.get("pulay_stress")
         rows.append(
             f"| {value:g} | {top:g} | {1000 * checks['energy'].difference:.2f} | "
             f"{checks['force_max'].difference:.3f} | "
             f"{100 * checks['force_rms_ratio'].difference:.2f} % | "
             f"{checks['force_slope'].difference:.4f} | {checks['stress_max'].difference:.2f} | "
-            f"{'yes' if passed else 'NO'} |"
+            f"{'' if pulay is None else f'{pulay.difference:.2f}'} | {'yes' if passed else 'NO'} |"
         )
     return "\n".join(rows)
 
@@ -162,9 +165,10 @@ def verify(system: str, setting_name: str, args: argparse.Namespace, out: Path) 
 def table(data: dict) -> str:
     rows = [
         "| setting | value | k-points | E/atom (eV) | E rel./atom (meV) | vs | ΔE rel. (meV/atom) "
-        "| ΔE abs. (meV/atom) | max abs(ΔF) (eV/Å) | ΔF RMS / F RMS | max abs(Δσ) (GPa) | pass "
-        "| wall s (structure + reference) | CPU s (structure + reference) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ΔE abs. (meV/atom) | max abs(ΔF) (eV/Å) | ΔF RMS / F RMS | max abs(Δσ) (GPa) "
+        "| Pulay estimate (GPa) | pass | wall s (structure + reference) "
+        "| CPU s (structure + reference) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shown: dict[str, str] = {}  # level-of-theory hash -> the row that computed it
     for setting in data["settings"]:
@@ -184,7 +188,7 @@ def table(data: dict) -> str:
             shown.setdefault(lot, f"{name} {calc['value']:g}")
             rel = calc["relative_energy_per_atom"]
             if c is None:
-                tail = "| — | | | | | | | "
+                tail = "| — | | | | | | | | "
             else:
                 k = c["checks"]
                 tail = (
@@ -192,8 +196,11 @@ def table(data: dict) -> str:
                     f"{1000 * k['absolute_energy']['difference']:.1f} | "
                     f"{k['force_max']['difference']:.3f} | "
                     f"{100 * k['force_rms_ratio']['difference']:.2f} % | "
-                    f"{k['stress_max']['difference']:.2f} | {'yes' if c['passed'] else 'NO'} | "
+                    f"{k['stress_max']['difference']:.2f} | "
                 )
+                pulay = k.get("pulay_stress")
+                tail += "" if pulay is None else f"{pulay['difference']:.2f}"
+                tail += f" | {'yes' if c['passed'] else 'NO'} | "
             rows.append(
                 f"| {name} | {calc['value']:g} | {calc['extra'].get('kpts')} | "
                 f"{calc['energy_per_atom']:.4f} | {1000 * rel:.2f} {tail}"

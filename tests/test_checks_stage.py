@@ -54,6 +54,16 @@ def test_an_unconverged_system_is_not_labelled(store: Store, mongo_uri: str, tmp
     with make_client(settings.dask) as client:
         again = run_campaign(settings, store, mongo_uri, client)
     assert store.labels.count() == before and again.stages["label"]["blocked"]
+    # A verdict made under other criteria is made again, from the stored calculations.
+    looser = config(tmp_path, store.database,
+                    convergence={"tolerances": {"stress_max": 1e4, "pulay_stress": 1e4}})  # fmt: skip
+    with make_client(looser.dask) as client:
+        redecided = run_campaign(looser, store, mongo_uri, client)
+    verdict = redecided.stages["convergence"]["Si"]
+    assert store.labels.count() == before and verdict["passed"] is False
+    assert "stress" not in verdict["unconverged_quantities"]
+    assert "largest stress component" not in verdict["message"]
+    assert "largest stress component" in gate["message"]
 
 
 @pytest.mark.slow

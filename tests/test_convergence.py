@@ -221,6 +221,85 @@ def test_auto_raise_does_not_climb_for_what_may_stay_unconverged(cu) -> None:
     assert full.recommended["ecut"] > 300.0
 
 
+class CreepingPulayEMT:
+    """EMT with a basis error shaped as Francis and Payne describe a plane-wave cutoff's:
+    energy too high by ``a`` V / ecut, the stress missing (2/3V) dE/d ln ecut = (2/3) a / ecut
+    (eV/Å³), forces exact. Rung to rung the stress creeps by 0.15 a/ecut, far less than its
+    distance from the converged value."""
+
+    name = "creeping-pulay-emt"
+
+    def __init__(self, ecut: float = 300.0, a: float = 5.616):
+        self.ecut, self.a = ecut, a
+
+    def level_of_theory(self):
+        return {"ecut": self.ecut, "a": self.a}
+
+    def label(self, atoms, workdir):
+        exact = LABELLERS.build("emt", {}).label(atoms, workdir)
+        missing = 2.0 / 3.0 * self.a / self.ecut
+        return LabelResult(
+            exact.energy + self.a * atoms.get_volume() / self.ecut,
+            exact.forces,
+            exact.stress + missing * np.array([1.0, 1, 1, 0, 0, 0]),
+        )
+
+    def convergence_settings(self):
+        return (ConvergenceSetting("ecut", "labeller.params.ecut", self.ecut, "eV", "basis",
+                                   factor=1.3, quantum=10.0, limit=2000.0,
+                                   plane_wave_cutoff=True),)  # fmt: skip
+
+    def with_setting(self, name, value):
+        return CreepingPulayEMT(value, self.a)
+
+
+def test_a_stress_that_creeps_rung_by_rung_is_caught_by_its_pulay_estimate(cu) -> None:
+    """The stress at 300 eV is 2.0 GPa from converged while the next rung's differs by 0.46
+    GPa: the rung-to-rung check passes it, the Pulay stress estimated from the energies
+    (1.76 GPa) does not, and auto-raise climbs until the estimate is below 1 GPa."""
+    labeller = CreepingPulayEMT(300.0)
+    report = check_convergence(labeller, cu.structure, reference=cu.reference)
+    assert report.status == "not_converged" and report.unconverged_quantities == ["stress"]
+    checks = report.settings[0].comparisons[0].checks
+    assert checks["stress_max"].passed and checks["stress_max"].difference < 0.5
+    true_error = 2.0 / 3.0 * labeller.a / 300.0 / units.GPa
+    assert true_error == pytest.approx(2.0, abs=0.01)
+    # The finite difference between rungs stands in for the derivative: 0.88 of it here.
+    assert checks["pulay_stress"].difference == pytest.approx(0.88 * true_error, rel=0.01)
+    assert checks["pulay_stress"].passed is False
+    assert "Pulay stress estimated from the energy's change" in report.message
+
+    unchecked = check_convergence(labeller, cu.structure, reference=cu.reference,
+                                  tolerances={"pulay_stress": None})  # fmt: skip
+    assert unchecked.status == "converged"  # what the gate said before it estimated
+
+    climbed = check_convergence(labeller, cu.structure, reference=cu.reference,
+                                auto_raise=True, max_raises=5)  # fmt: skip
+    assert climbed.status == "raised"
+    pairs = [(c.value, c.checks["pulay_stress"].passed) for c in climbed.settings[0].comparisons]
+    assert pairs == [(300.0, False), (390.0, False), (510.0, False), (670.0, True)]
+    assert climbed.recommended == {"ecut": 670.0}
+    assert "300 eV → 670 eV (agrees with 880 eV; Pulay stress estimated at 0.78 GPa)" in (
+        climbed.message
+    )
+
+    # The stress's distance to convergence at the rung chosen is within the tolerance.
+    assert 2.0 / 3.0 * labeller.a / 670.0 / units.GPa < 1.0
+    # A cutoff that is not a plane-wave cutoff is not judged by the estimate.
+    other = check_convergence(CutoffErrorEMT(300.0), cu.structure, reference=cu.reference)
+    assert "pulay_stress" not in other.settings[0].comparisons[0].checks
+
+
+def test_the_pulay_estimate_of_lif_at_780_ev() -> None:
+    """GPAW PBE, 8-atom LiF at a = 4.07 Å (benchmarks/ notes): E/atom -4.77382 eV at 780 eV
+    and -4.80956 eV at 1010 eV; the stress at 780 eV is 1.70 GPa from 1700 eV's."""
+    from pestle.labellers.convergence import pulay_stress_estimate
+
+    volume = 8 * 8.427
+    estimate = pulay_stress_estimate(8 * -4.77382, 8 * -4.80956, 780.0, 1010.0, volume)
+    assert estimate == pytest.approx(1.75, abs=0.01)
+
+
 def check_seed_gate_allows(report) -> bool:
     from pestle.stages.convergence import gate_allows
 
@@ -271,7 +350,8 @@ def test_gpaw_gate_passes_silicon(tmp_path) -> None:
     assert report.status == "converged" and report.passed, report.message
     assert report.converged_quantities == ["energy", "forces", "stress"]
     assert report.recommended == {"ecut": 400.0} and report.culprit is None
-    assert "converged at labeller.params.ecut = 400 eV (vs 520 eV)" in report.message
+    assert "converged at labeller.params.ecut = 400 eV (vs 520 eV; Pulay stress" in report.message
+    assert report.settings[0].comparisons[0].checks["pulay_stress"].difference < 0.1  # GPa
 
 
 def test_a_failed_calculation_names_the_rung(cu) -> None:

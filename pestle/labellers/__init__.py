@@ -72,6 +72,9 @@ class ConvergenceSetting:
     quantum: float  # rungs are multiples of this
     limit: float  # no rung beyond this
     description: str = ""  # "plane-wave cutoff"
+    # A plane-wave kinetic-energy cutoff: the stress it leaves out (Pulay stress) follows from
+    # how the energy changes with it, which the convergence gate estimates.
+    plane_wave_cutoff: bool = False
 
     def next_value(self, value: float) -> float | None:
         """The rung above ``value``, or None past the limit."""

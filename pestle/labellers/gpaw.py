@@ -303,7 +303,8 @@ class GPAWLabeller:
         return (
             ConvergenceSetting("ecut", "labeller.params.ecut", p.ecut, "eV", "basis",
                                factor=1.3, quantum=10.0, limit=2000.0,
-                               description="plane-wave cutoff"),
+                               description="plane-wave cutoff",
+                               plane_wave_cutoff=True),
             ConvergenceSetting("kpoint_density", "labeller.params.kpoint_density",
                                p.kpoint_density, "per Å⁻¹", "sampling", factor=1.5, quantum=0.5,
                                limit=15.0, description="k-point density"),

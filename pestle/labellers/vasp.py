@@ -230,7 +230,8 @@ class VASPLabeller:
         settings = [
             ConvergenceSetting("ENCUT", "labeller.params.user_incar_settings.ENCUT",
                                float(incar.get("ENCUT", 520)), "eV", "basis", factor=1.3,
-                               quantum=10.0, limit=2000.0, description="plane-wave cutoff"),
+                               quantum=10.0, limit=2000.0, description="plane-wave cutoff",
+                               plane_wave_cutoff=True),
         ]  # fmt: skip
         if incar.get("KSPACING") is not None:
             settings.append(

@@ -186,12 +186,16 @@ class RunContext:
         return settings_hash(self.level_of_theory)
 
     def gate(self, system: str) -> dict[str, Any] | None:
-        """The convergence gate's stored record for a system at the configured settings."""
+        """The convergence gate's stored record for a system at the configured settings, if
+        it was decided by the configured criteria (else None: the gate decides again)."""
         from pestle.store.checks import convergence_key
 
         if not self.config.convergence.enabled:
             return None
-        return self.store.checks.get(convergence_key(system, self.lot_hash))
+        record = self.store.checks.get(convergence_key(system, self.lot_hash))
+        if record is None or record.get("criteria") != self.config.convergence.criteria():
+            return None
+        return record
 
     def labelling(self, system: str) -> Labelling:
         """How a chemical system is labelled: the configured labeller, or the settings the

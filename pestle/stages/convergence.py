@@ -67,7 +67,8 @@ class ConvergenceStage:
                 pool.shutdown(wait=False, cancel_futures=True)
             for system, report in done.items():
                 record = {**report, "system": system, "lot_hash": ctx.lot_hash,
-                          "labeller": ctx.config.labeller.model_dump()}  # fmt: skip
+                          "labeller": ctx.config.labeller.model_dump(),
+                          "criteria": options.criteria()}  # fmt: skip
                 record["passed"] = gate_allows(record, options.leave_out)
                 ctx.store.checks.put(convergence_key(system, ctx.lot_hash), "convergence", record)
                 if not record["passed"]:
