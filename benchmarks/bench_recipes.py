@@ -213,13 +213,28 @@ def _read(store: Any, campaign: Campaign) -> Campaign:
         campaign.seeds[doc.name or doc.id] = store.structures.atoms_of(doc)
     sets = {"train": campaign.train, "validation": campaign.validation,
             "evaluation": campaign.evaluation}  # fmt: skip
-    for stored in store.labels.labelled({"role": {"$in": list(sets)}}):
-        ls = stored.labelled()
-        ls.atoms.info["sampler"] = stored.sampler
-        sets[stored.label.role][stored.chemical_system].append(ls)
-    # Each system's level of theory is its training labels' (the gate may raise it per system).
-    lots = {system: {ls.atoms.info["lot_hash"] for ls in group}
-            for system, group in campaign.train.items()}  # fmt: skip
+    stored_labels = list(store.labels.labelled({"role": {"$in": list(sets)}}))
+    # Each system at one level of theory: its newest training label's (the gate may raise a
+    # system's settings, and a raised system is labelled again at them; the old labels stay).
+    newest: dict[str, Any] = {}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for stored in stored_labels:
+        label, system = stored.label, stored.chemical_system
+        seen[system].add(label.lot_hash)
+        if label.role == "train" and (
+            system not in newest or _created(label) > _created(newest[system])
+        ):
+            newest[system] = label
+    lots = {system: {label.lot_hash} for system, label in newest.items()}
+    for system, hashes in sorted(seen.items()):
+        if len(hashes) > 1 and system in newest:
+            print(f"{system}: labels at {len(hashes)} levels of theory; read at its newest "
+                  f"training label's ({_lot_words(newest[system].level_of_theory)})")  # fmt: skip
+    for stored in stored_labels:
+        if stored.label.lot_hash in lots.get(stored.chemical_system, ()):
+            ls = stored.labelled()
+            ls.atoms.info["sampler"] = stored.sampler
+            sets[stored.label.role][stored.chemical_system].append(ls)
     for stored in store.labels.labelled({"role": "check"}):
         if stored.label.lot_hash not in lots.get(stored.chemical_system, ()):
             continue
@@ -233,6 +248,15 @@ def _read(store: Any, campaign: Campaign) -> Campaign:
         if parent is not None:
             campaign.eos[parent.name or parent.id].append(stored.atoms)
     return campaign
+
+
+def _created(label: Any) -> float:
+    return label.created_at.timestamp() if label.created_at else 0.0
+
+
+def _lot_words(level_of_theory: dict[str, Any]) -> str:
+    keys = ("ecut", "kpoint_density")
+    return ", ".join(f"{k} {level_of_theory[k]:g}" for k in keys if k in level_of_theory) or "?"
 
 
 def from_extxyz(path: str) -> Campaign:

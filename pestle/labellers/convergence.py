@@ -730,8 +730,10 @@ def _describe(comparison: Comparison, energy_measure: str) -> str:
         word = CHECK_WORDS[check.quantity]
         if check.quantity == "energy" and energy_measure == "relative":
             word = "energy relative to the undistorted cell"
+        # A difference between the rungs, except the Pulay stress: an estimate at the lower.
+        how = "at" if check.quantity == "pulay_stress" else "by"
         parts.append(
-            f"{word} by {_fmt(check.difference, check.unit)} "
+            f"{word} {how} {_fmt(check.difference, check.unit)} "
             f"(tolerance {_fmt(check.tolerance, check.unit)})"
         )
     return "; ".join(parts)
@@ -771,10 +773,11 @@ def _message(report: ConvergenceReport, auto_raise: bool) -> str:
         blame = f"; most likely at fault: {report.culprit}" if report.culprit else ""
         raised = [r for r in report.settings if r.recommended != r.setting.value]
         found = "; ".join(
-            f"at {r.setting.field} = {_value(r.comparisons[0].value, r.setting.unit)} vs "
-            f"{_value(r.comparisons[0].against, r.setting.unit)}: "
-            f"{_describe(r.comparisons[0], report.energy_measure)}"
+            f"at {r.setting.field} = {_value(c.value, r.setting.unit)} vs "
+            f"{_value(c.against, r.setting.unit)}: {_describe(c, report.energy_measure)}"
             for r in raised
+            for c in r.comparisons
+            if not c.passed  # every rung that failed, and why: the climb is the evidence
         )
         changes = ", ".join(
             f"{r.setting.field} {_value(r.setting.value, r.setting.unit)} → "
