@@ -112,6 +112,36 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         _custom(**_LAST, stress_weight=10.0, replay_weight=1.0, **_RELATIVE),
         False,
     ),
+    # The rattled cells' stresses (20-110 GPa, their atoms' repulsion) left out: the
+    # strained cells' few GPa carry the bulk modulus.
+    "replay-stress1-sf3-last": (
+        _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, stress_below_force=3.0),
+        False,
+    ),
+    "replay-stress3-sf3-last": (
+        _custom(**_LAST, stress_weight=3.0, replay_weight=1.0, stress_below_force=3.0),
+        False,
+    ),
+    "replay-nostress-stress3-sf3-last": (
+        _custom(
+            **_LAST,
+            stress_weight=3.0,
+            replay_weight=1.0,
+            replay_stress=False,
+            stress_below_force=3.0,
+        ),
+        False,
+    ),  # fmt: skip
+    # Labels weighted relative to their force scale and replay weighed less: the labels
+    # (not the pretrained model) move the bulk moduli, the big rattles stiffen less.
+    "replay0.3-stress1-rel-last": (
+        _custom(**_LAST, stress_weight=1.0, replay_weight=0.3, **_RELATIVE),
+        False,
+    ),
+    "replay0.5-stress1-rel-last": (
+        _custom(**_LAST, stress_weight=1.0, replay_weight=0.5, **_RELATIVE),
+        False,
+    ),
     # One replayed copy per seed, at its own volume: no volume-scaled copies (whose
     # pretrained stresses pin the pretrained bulk modulus).
     "replay1-stress1-last": (

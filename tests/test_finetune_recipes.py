@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -236,7 +237,8 @@ def drift(base: CHGNetPotential, tmp_path_factory: pytest.TempPathFactory) -> di
               "select_epoch": "last"}  # fmt: skip
     runs = {}
     for name, extra in (("plain", {}), ("replay", {"replay_weight": 20.0}),
-                        ("l2sp", {"l2sp": 100.0}), ("relative", {"relative_loss_above": 0.2})):  # fmt: skip
+                        ("l2sp", {"l2sp": 100.0}), ("relative", {"relative_loss_above": 0.2}),
+                        ("no_label_stress", {"stress_below_force": 0.01})):  # fmt: skip
         trainer = TRAINERS.build("chgnet", {**common, **extra})
         result = trainer.train(train, [], tmp_path_factory.mktemp(name), seeds=[ideal])
         runs[name] = (trainer.model, result)
@@ -282,6 +284,22 @@ def test_replay_without_stress_leaves_the_volume_to_the_labels(base: CHGNetPoten
     for kept, dropped in zip(targets[True], targets[False], strict=True):
         assert torch.isfinite(kept["s"]).all() and torch.isnan(dropped["s"]).all()
         assert torch.equal(kept["f"], dropped["f"]) and torch.equal(kept["e"], dropped["e"])
+
+
+def test_stress_below_force_trains_no_stress_of_a_strongly_displaced_label(
+    drift: dict,
+) -> None:
+    """``stress_below_force``: a label whose largest force exceeds it trains energy and
+    forces only. Here both labels exceed it, so every batch lacks a stress: chgnet's own MSE
+    over no stress is NaN, which must not stop the training (it did)."""
+    _, plain = drift["runs"]["plain"]
+    model, dropped = drift["runs"]["no_label_stress"]
+    assert plain.metrics["label_stresses"] == {"below_force": None, "trained": 2, "labels": 2}
+    assert dropped.metrics["label_stresses"] == {"below_force": 0.01, "trained": 0, "labels": 2}
+    assert dropped.metrics["best_epoch"] == 2 and dropped.metrics["stopped"] is None
+    assert all(math.isfinite(e["train_loss"]) for e in dropped.metrics["epochs"])
+    # The stress term mattered: without it the same seed and steps train otherwise.
+    assert plain.metrics["epochs"][-1]["train_loss"] != dropped.metrics["epochs"][-1]["train_loss"]
 
 
 def test_l2sp_keeps_the_weights_closer_to_the_pretrained_ones(drift: dict) -> None:

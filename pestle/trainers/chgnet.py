@@ -86,7 +86,7 @@ FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze", "replay_weight",
                      "replay_per_structure", "replay_stress", "l2sp", "select_epoch",
-                     "patience", "relative_loss_above")  # fmt: skip
+                     "patience", "relative_loss_above", "stress_below_force")  # fmt: skip
 _LINEAR_ONLY = ("linear_scope", "linear_ridge")
 
 # The input featurisation: atom/bond/angle embeddings and their basis expansions.
@@ -197,8 +197,14 @@ class _Criterion:
         self.force_errors: dict[int, tuple[float, int]] = {}
 
     def __call__(self, targets: dict, prediction: dict) -> dict:
+        import torch
+
         out = self.criterion(targets, prediction)
         phase = "train" if self.model.training else "val"
+        if not bool(torch.isfinite(out["loss"])):
+            # chgnet's MSE over a batch whose stresses are all missing (NaN) is NaN; ours
+            # skips the term (a diverged prediction stays NaN in ours too).
+            out["loss"] = self._weighted_loss(targets, prediction)
         if phase == "train":
             if self.weighted:
                 out["loss"] = self._weighted_loss(targets, prediction)
@@ -347,6 +353,15 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             "label's does (softening is a relative error; unweighted, the largest rattles "
             "outweigh the strained cells that carry the bulk modulus); none: every label 1",
         )
+        stress_below_force: float | None = Field(
+            None,
+            gt=0,
+            description="a label whose largest reference force component (eV/Å) exceeds "
+            "this trains energy and forces, not stress: a heavily rattled cell's pressure "
+            "(20-110 GPa here) is its atoms' repulsion, which its forces carry, and squared "
+            "it outweighs the few GPa of the strained cells that carry the bulk modulus; "
+            "none: every label's stress trains",
+        )
         l2sp: float = Field(
             0.0,
             ge=0,
@@ -454,7 +469,8 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
 
         has_stress = any(reference_results(ls)[2] is not None for ls in train_set)
         targets = "efs" if has_stress and p.stress_weight > 0 else "ef"
-        label_data = self._dataset(model, train_set, relative_above=p.relative_loss_above)
+        label_data = self._dataset(model, train_set, relative_above=p.relative_loss_above,
+                                   stress_below_force=p.stress_below_force)  # fmt: skip
         # Replay labels come from the model as it is now (references refitted, nothing
         # trained yet), so replayed and new energies share one zero.
         replay, replay_info = self._replay(model, train_set) if p.replay_weight > 0 else (None, {})
@@ -612,6 +628,11 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 "trainable_parameters": trainable,
                 "optimisation": schedule,
                 "replay": replay_info,
+                "label_stresses": {
+                    "below_force": p.stress_below_force,
+                    "trained": sum(not bool(torch.isnan(t["s"]).all()) for t in label_data.targets),
+                    "labels": len(label_data.targets),
+                },
                 "label_weights": {
                     "relative_loss_above": p.relative_loss_above,
                     "min": min(float(t["w"]) for t in label_data.targets),
@@ -801,8 +822,10 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         model: CHGNet,
         labelled: Sequence[LabelledStructure],
         relative_above: float | None = None,
+        stress_below_force: float | None = None,
     ) -> _GraphDataset:
-        """Graphs and targets; ``relative_above``: weights from ``label_weight``."""
+        """Graphs and targets; ``relative_above``: weights from ``label_weight``;
+        ``stress_below_force``: labels with a larger force component train no stress."""
         import torch
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -821,6 +844,8 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                     f"CHGNet cannot build a graph for structure {ls.structure_id}: {exc}"
                 ) from exc
             # NaN marks a missing stress; chgnet's loss skips NaN labels.
+            if stress_below_force is not None and np.abs(forces).max() > stress_below_force:
+                stress = None
             stress_gpa = (
                 voigt_6_to_full_3x3_stress(stress) / units.GPa
                 if stress is not None
