@@ -138,6 +138,7 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         _custom(**_LAST, stress_weight=1.0, replay_weight=0.3, **_RELATIVE),
         False,
     ),
+    "replay0.5-stress1-last": (_custom(**_LAST, stress_weight=1.0, replay_weight=0.5), False),
     "replay0.5-stress1-rel-last": (
         _custom(**_LAST, stress_weight=1.0, replay_weight=0.5, **_RELATIVE),
         False,

@@ -86,8 +86,8 @@ class ConvergenceTolerances(BaseModel):
     - ``pulay_stress`` 1 GPa: the stress a plane-wave cutoff leaves out, estimated from the
       energy's change between the two rungs (:func:`pulay_stress_estimate`). Rung-to-rung
       stress differences bound the step, not the distance to convergence: LiF at 780 eV
-      passed them (0.5 GPa against 1020 eV) while its stress was 1.7 GPa off (measured against
-      1700 eV); the estimate said 1.75 GPa.
+      passed them (0.5 GPa against 1020 eV) while its stress was 1.77 GPa from 1700 eV's;
+      the estimate said 1.75 GPa.
     - ``absolute_energy_per_atom`` None: reported, not gated (see the module docstring).
     """
 
@@ -322,7 +322,7 @@ def pulay_stress_estimate(
     (the derivative at a fixed basis) misses (2 / 3V) dE/d ln E_c (Francis and Payne, J. Phys.:
     Condens. Matter 2, 4395 (1990)); the energy's slope between the rungs stands in for the
     derivative at the lower one. Measured on 8-atom LiF (GPAW PBE): 1.75 GPa estimated at
-    780 eV against 1020 eV, 1.70 GPa the stress's distance from 1700 eV's."""
+    780 eV against 1020 eV; the stress there is 1.77 GPa from 1700 eV's."""
     slope = (higher_energy - lower_energy) / math.log(higher_cutoff / lower_cutoff)
     return abs(2.0 * slope / (3.0 * volume)) / units.GPa
 
