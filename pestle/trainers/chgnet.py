@@ -201,13 +201,11 @@ class _Criterion:
 
         out = self.criterion(targets, prediction)
         phase = "train" if self.model.training else "val"
-        if not bool(torch.isfinite(out["loss"])):
-            # chgnet's MSE over a batch whose stresses are all missing (NaN) is NaN; ours
-            # skips the term (a diverged prediction stays NaN in ours too).
+        # chgnet's MSE over a batch whose stresses are all missing (NaN) is NaN; ours skips
+        # the term (a diverged prediction stays NaN in ours too).
+        if (phase == "train" and self.weighted) or not bool(torch.isfinite(out["loss"])):
             out["loss"] = self._weighted_loss(targets, prediction)
         if phase == "train":
-            if self.weighted:
-                out["loss"] = self._weighted_loss(targets, prediction)
             if self.l2sp > 0 and self.anchors:
                 penalty = self.l2sp * sum(
                     ((w - w0.to(w.device)) ** 2).sum() for w, w0 in self.anchors
@@ -358,7 +356,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             gt=0,
             description="a label whose largest reference force component (eV/Å) exceeds "
             "this trains energy and forces, not stress: a heavily rattled cell's pressure "
-            "(20-110 GPa here) is its atoms' repulsion, which its forces carry, and squared "
+            "(up to 110 GPa here) is its atoms' repulsion, which its forces carry, and squared "
             "it outweighs the few GPa of the strained cells that carry the bulk modulus; "
             "none: every label's stress trains",
         )
