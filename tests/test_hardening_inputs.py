@@ -655,6 +655,28 @@ def test_sigterm_records_the_run_as_interrupted(
         store.close()
 
 
+def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_run() -> None:
+    """A SIGTERM handled while a ``__del__`` runs (a Dask future collected at that instant)
+    used to raise inside it, where Python prints "Exception ignored" and drops it, and the
+    run went on to finish (exit 0). It is raised a moment later, outside."""
+    from pestle.cli.run import Terminated, _terminated
+
+    class CollectedDuringTheSignal:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside __del__
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with pytest.raises(Terminated):
+            CollectedDuringTheSignal()  # no reference kept: collected at once
+            time.sleep(2.0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 def test_sigterm_during_the_convergence_gate_does_not_wait_for_it(
     tmp_path: Path, mongo_uri: str, database_name: str
 ) -> None:

@@ -112,6 +112,7 @@ def run(
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # a deferred SIGTERM that came too late
     print_summary(result.stages)
     failed = (result.stages.get("label") or {}).get("failed") or []
     if failed:
@@ -134,7 +135,22 @@ class Terminated(BaseException):
 
 def _terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+    if _in_finalizer(frame):
+        # Raised inside a __del__ (a Dask future collected at that instant), the exception
+        # is printed as "Exception ignored" and dropped, and the run went on to finish:
+        # raise it a moment later instead, outside the finalizer.
+        signal.signal(signal.SIGALRM, _terminated)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
     raise Terminated()
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _open_for_run(cfg):
