@@ -138,6 +138,22 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         _custom(**_LAST, stress_weight=1.0, replay_weight=0.3, **_RELATIVE),
         False,
     ),
+    # Replay whose stresses take, per seed, the pressure error the seed's strained labels
+    # measure (a line in volumetric strain): replay no longer holds the pretrained modulus.
+    "replay0.3-stress1-rel-plab-last": (
+        _custom(
+            **_LAST,
+            stress_weight=1.0,
+            replay_weight=0.3,
+            replay_pressure_from_labels=True,
+            **_RELATIVE,
+        ),  # fmt: skip
+        False,
+    ),
+    "replay-stress1-plab-last": (
+        _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, replay_pressure_from_labels=True),
+        False,
+    ),
     "replay0.5-stress1-last": (_custom(**_LAST, stress_weight=1.0, replay_weight=0.5), False),
     "replay0.5-stress1-rel-last": (
         _custom(**_LAST, stress_weight=1.0, replay_weight=0.5, **_RELATIVE),
@@ -226,25 +242,41 @@ class Campaign:
         write(path, frames, format="extxyz")
 
 
-def from_store(work_dir: str, database: str) -> Campaign:
+def from_store(work_dir: str, database: str, run_id: str | None = None) -> Campaign:
     """The campaign's labels, read only (the store is opened only when its schema is this
-    pestle's, so nothing migrates it)."""
+    pestle's, so nothing migrates it): the picks one run split (``run_id``; by default the
+    newest run that split its picks), with the evaluation set and the seeds' E-V scans."""
     from pestle.store import Store, resolve_uri
 
     uri = resolve_uri(work_dir, start=False)
     if not Store.exists(uri, database):
         raise SystemExit(f"no pestle store {database!r} at {work_dir}")
     with Store(uri, database) as store:
-        return _read(store, Campaign(source=f"store {work_dir} ({database})"))
+        if run_id is None:
+            runs = store.runs.with_stage("split")
+            if not runs:
+                raise SystemExit(f"no run in {work_dir} has split its picks")
+            run_id = runs[-1].id
+        split = store.runs.stage(run_id, "split")
+        if split is None:
+            raise SystemExit(f"run {run_id} has not split its picks")
+        picks = {i for part in split.values() for ids in part.values() for i in ids}
+        source = f"store {work_dir} ({database}), picks of run {run_id}"
+        return _read(store, Campaign(source=source), picks)
 
 
-def _read(store: Any, campaign: Campaign) -> Campaign:
+def _read(store: Any, campaign: Campaign, picks: set[str]) -> Campaign:
     seeds = {d.id: d for d in store.structures.find({"kind": "seed"})}
     for doc in seeds.values():
         campaign.seeds[doc.name or doc.id] = store.structures.atoms_of(doc)
     sets = {"train": campaign.train, "validation": campaign.validation,
             "evaluation": campaign.evaluation}  # fmt: skip
-    stored_labels = list(store.labels.labelled({"role": {"$in": list(sets)}}))
+    # The run's picks (earlier runs' picks keep their role) and the evaluation set.
+    stored_labels = [
+        stored
+        for stored in store.labels.labelled({"role": {"$in": list(sets)}})
+        if stored.label.role == "evaluation" or stored.label.id in picks
+    ]
     # Each system at one level of theory: its newest training label's (the gate may raise a
     # system's settings, and a raised system is labelled again at them; the old labels stay).
     newest: dict[str, Any] = {}
@@ -590,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default=DEFAULT_WORK_DIR)
     parser.add_argument("--database", default="pestle")
+    parser.add_argument(
+        "--run", help="the run whose picks train (default: the newest run that split its picks)"
+    )
     parser.add_argument("--extxyz", help="read the campaign from this file instead")
     parser.add_argument("--export", help="write the campaign's labels to this extxyz and stop")
     parser.add_argument("--recipes", default=",".join(RECIPES))
@@ -611,7 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    campaign = from_extxyz(args.extxyz) if args.extxyz else from_store(args.work_dir, args.database)
+    campaign = (
+        from_extxyz(args.extxyz)
+        if args.extxyz
+        else from_store(args.work_dir, args.database, args.run)
+    )
     if args.export:
         campaign.export(Path(args.export))
         print(f"wrote {args.export}")

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from pydantic import BaseModel
@@ -284,6 +284,39 @@ def test_replay_without_stress_leaves_the_volume_to_the_labels(base: CHGNetPoten
     for kept, dropped in zip(targets[True], targets[False], strict=True):
         assert torch.isfinite(kept["s"]).all() and torch.isnan(dropped["s"]).all()
         assert torch.equal(kept["f"], dropped["f"]) and torch.equal(kept["e"], dropped["e"])
+
+
+def test_replayed_stresses_take_the_pressure_the_strained_labels_measure(
+    base: CHGNetPotential,
+) -> None:
+    """``replay_pressure_from_labels``: CHGNet's own stresses on Si cells at 0.94 and 1.06
+    of the seed's volume, plus 1 GPa and 20 GPa per unit compression more pressure, shift
+    the replayed copies at 0.97 and 1.03 by 1.6 and 0.4 GPa; forces and energies stay."""
+    si = bulk("Si", "diamond", a=5.47)
+    train = []
+    for factor in (0.94, 1.06):
+        cell = si.copy()
+        cell.set_cell(si.cell.array * factor ** (1 / 3), scale_atoms=True)
+        labelled = label(base, cell, f"v{factor}")
+        stress = labelled.atoms.calc.results["stress"].copy()
+        stress[:3] -= (1.0 + 20.0 * (1 - factor)) * units.GPa  # more pressure
+        labelled.atoms.calc.results["stress"] = stress
+        train.append(labelled)
+    targets, infos = {}, {}
+    for corrected in (False, True):
+        trainer = TRAINERS.build("chgnet", {"replay_weight": 1.0,
+                                            "replay_pressure_from_labels": corrected})  # fmt: skip
+        trainer.seeds = [si]
+        data, infos[corrected] = trainer._replay(load_chgnet(), train)
+        targets[corrected] = data.targets
+    (fit,) = infos[True]["pressure_from_labels"]
+    assert fit["applied"] and "pressure_from_labels" not in infos[False]
+    assert fit["offset_gpa"] == pytest.approx(1.0, abs=0.02)
+    assert fit["slope_gpa"] == pytest.approx(-20.0, abs=0.3)
+    for plain, shifted, expected in zip(targets[False], targets[True], (1.6, 0.4), strict=True):
+        change = (shifted["s"] - plain["s"]).numpy()
+        assert np.allclose(change, -expected * np.eye(3), atol=0.02), change
+        assert torch.equal(plain["f"], shifted["f"]) and torch.equal(plain["e"], shifted["e"])
 
 
 def test_stress_below_force_trains_no_stress_of_a_strongly_displaced_label(

@@ -113,3 +113,64 @@ def test_a_small_budget_ranks_by_expected_softening_not_force() -> None:
     )
     spec, note = effective_selector(chosen, 1)
     assert note is None and spec.params["score"] == "max_force"  # the user's choice stands
+
+
+def strained(system: str = "F-Li") -> list[ScoredCandidate]:
+    """Strained cells whose best scores are all compressed (as LiF's were in the five-system
+    campaign: both strained picks at V/V0 0.93 and 0.95, and its bulk modulus did not move)."""
+    volume = {0: -0.073, 1: 0.020, 2: 0.001, 3: 0.057, 4: 0.041, 5: -0.025, 6: -0.055}
+    forces = {0: 0.43, 1: 0.19, 2: 0.24, 3: 0.17, 4: 0.21, 5: 0.32, 6: 0.42}
+    out = [
+        ScoredCandidate(f"{system}-s{i}", system, "strain", {"max_force": forces[i]},
+                        extra={"volumetric_strain": volume[i]})
+        for i in volume
+    ]  # fmt: skip
+    out += [
+        ScoredCandidate(f"{system}-r{i}", system, "rattle", {"max_force": 5.0 + i})
+        for i in range(6)
+    ]
+    return out
+
+
+def test_bracket_volume_reserves_the_most_compressed_and_most_expanded_cell() -> None:
+    params = {"score": "max_force", "min_per_sampler": 2}
+    plain = SELECTORS.build("topk", params).select(strained(), 5)
+    assert {p.id for p in plain if "-s" in p.id} == {"F-Li-s0", "F-Li-s6"}  # both compressed
+    picks = SELECTORS.build("topk", {**params, "bracket_volume": True}).select(strained(), 5)
+    chosen = {p.id: p.reason for p in picks}
+    assert {i for i in chosen if "-s" in i} == {"F-Li-s0", "F-Li-s3"}
+    assert "most expanded (+0.057" in chosen["F-Li-s3"]
+    assert "most compressed (-0.073" in chosen["F-Li-s0"]
+    assert len(picks) == 5 and {"F-Li-r5", "F-Li-r4", "F-Li-r3"} <= set(chosen)
+    assert [p.rank for p in picks] == list(range(5))
+
+    # A third reserved pick goes by score; one side alone, or one reserved pick, no bracket.
+    three = SELECTORS.build("topk", {**params, "min_per_sampler": 3, "bracket_volume": True})
+    assert {p.id for p in three.select(strained(), 6) if "-s" in p.id} == {
+        "F-Li-s0", "F-Li-s3", "F-Li-s6"}  # fmt: skip
+    compressed_only = [c for c in strained() if c.extra.get("volumetric_strain", -1) < 0]
+    bracket = SELECTORS.build("topk", {**params, "bracket_volume": True})
+    assert {p.id for p in bracket.select(compressed_only, 4) if "-s" in p.id} == {
+        "F-Li-s0", "F-Li-s6"}  # fmt: skip
+    one = SELECTORS.build("topk", {**params, "min_per_sampler": 1, "bracket_volume": True})
+    assert {p.id for p in one.select(strained(), 5) if "-s" in p.id} == {"F-Li-s0"}
+
+
+def test_the_score_table_hands_selectors_each_candidates_volumetric_strain() -> None:
+    from pestle.stages.select import ScoreTable
+
+    table = ScoreTable()
+    table.systems = ["F-Li"]
+    table.ids = ["squeezed", "stretched", "rattled"]
+    table.system = [0, 0, 0]
+    table.groups = [0, 0, 1]
+    table.samplers = ["strain", "strain", "rattle"]
+    table.volumetric_strains = [-0.07, 0.05, None]
+    table.arrays = {"max_force": np.array([0.4, 0.2, 3.0])}
+    (candidates,) = table.by_system(None, "key", embeddings=False)  # type: ignore[arg-type]
+    assert [c.extra for c in candidates] == [
+        {"volumetric_strain": -0.07}, {"volumetric_strain": 0.05}, {}]  # fmt: skip
+    picks = SELECTORS.build(
+        "topk", {"score": "max_force", "min_per_sampler": 2, "bracket_volume": True}
+    ).select(candidates, 3)
+    assert sum("volume bracket" in p.reason for p in picks) == 2

@@ -14,6 +14,11 @@ from pydantic import BaseModel
 
 from pestle.plugins import Contract, Registry, import_submodules
 
+# ScoredCandidate.extra keys: the candidate's descriptor (when the run stored some), and its
+# trace of strain relative to its seed (dV/V to first order, from samplers that record one).
+EMBEDDING = "embedding"
+VOLUMETRIC_STRAIN = "volumetric_strain"
+
 
 @dataclass
 class ScoredCandidate:

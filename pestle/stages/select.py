@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pestle.plugins import PluginSpec
-from pestle.selectors import SELECTORS, ScoredCandidate
+from pestle.selectors import EMBEDDING, SELECTORS, VOLUMETRIC_STRAIN, ScoredCandidate
 from pestle.stages.evaluation_set import stratum_key
 from pestle.store.documents import Selection, StructureDoc
 
@@ -150,6 +150,9 @@ class ScoreTable:
         self.system: list[int] = []  # index into systems
         self.groups: list[int] = []  # index into group_names (sampler@amplitude, sampler)
         self.samplers: list[str | None] = []
+        # The volumetric strain a sampler recorded (strain), for selectors that bracket the
+        # seed's volume; None for candidates without one.
+        self.volumetric_strains: list[float | None] = []
         self.systems: list[str] = []
         self.group_names: list[tuple[str, str]] = []
         self.columns: dict[str, list[float]] = {}
@@ -179,6 +182,8 @@ class ScoreTable:
                 groups = groups_of(d)
                 table.groups.append(group_index.setdefault(groups, len(group_index)))
                 table.samplers.append(d.provenance.sampler)
+                strain = (d.provenance.params or {}).get(VOLUMETRIC_STRAIN)
+                table.volumetric_strains.append(None if strain is None else float(strain))
                 for name, value in d.scores[key].items():
                     table.columns.setdefault(name, [np.nan] * row).append(float(value))
                 for column in table.columns.values():
@@ -242,10 +247,13 @@ class ScoreTable:
                 sid = self.ids[row]
                 scores = {n: float(self.arrays[n][row]) for n in names
                           if not np.isnan(self.arrays[n][row])}  # fmt: skip
-                vector = vectors.get(sid)
+                extra: dict[str, Any] = {}
+                if (vector := vectors.get(sid)) is not None:
+                    extra[EMBEDDING] = vector
+                if (strain := self.volumetric_strains[row]) is not None:
+                    extra[VOLUMETRIC_STRAIN] = strain
                 candidates.append(ScoredCandidate(
-                    id=sid, chemical_system=system,
-                    sampler=self.samplers[row],
-                    scores=scores, extra={"embedding": vector} if vector is not None else {},
+                    id=sid, chemical_system=system, sampler=self.samplers[row],
+                    scores=scores, extra=extra,
                 ))  # fmt: skip
             yield candidates

@@ -70,9 +70,15 @@ from pestle.trainers.modes import (
     Mode,
     apply_mode,
 )
-from pestle.trainers.replay import replay_structures, unreplayable_elements
+from pestle.trainers.replay import (
+    PressureCorrection,
+    pressure_corrections,
+    replay_structures,
+    unreplayable_elements,
+)
 
 if TYPE_CHECKING:
+    from ase import Atoms
     from chgnet.model.model import CHGNet
 
 log = logging.getLogger("pestle.trainers.chgnet")
@@ -85,7 +91,7 @@ MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
 FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze", "replay_weight",
-                     "replay_per_structure", "replay_stress", "l2sp", "select_epoch",
+                     "replay_per_structure", "replay_stress", "replay_pressure_from_labels", "l2sp", "select_epoch",
                      "patience", "relative_loss_above", "stress_below_force")  # fmt: skip
 _LINEAR_ONLY = ("linear_scope", "linear_ridge")
 
@@ -342,6 +348,13 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             description="train on the replayed structures' stresses too; false leaves the "
             "volume dependence (pressure, so the bulk modulus) to the labels' stresses, "
             "where the pretrained model's would pull it back to its own",
+        )
+        replay_pressure_from_labels: bool = Field(
+            False,
+            description="shift each seed's replayed stresses by the pretrained model's "
+            "pressure error on the seed's strained training labels (a line in volumetric "
+            "strain, fitted when labels lie on both sides of the seed's volume), so replay "
+            "does not hold a bulk modulus or equilibrium volume the labels contradict",
         )
         relative_loss_above: float | None = Field(
             None,
@@ -647,9 +660,9 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
     ) -> tuple[_GraphDataset, dict[str, Any]]:
         """Near-equilibrium structures of the seeds and of the labels' elements, labelled by
         ``model`` (energies per atom, forces, stresses in its units), weighted
-        ``replay_weight`` each."""
+        ``replay_weight`` each; with ``replay_pressure_from_labels``, each seed's replayed
+        stresses shifted by the pressure error its strained labels measure."""
         import torch
-        from pymatgen.io.ase import AseAtomsAdaptor
 
         p = self.params
         elements = sorted({s for ls in train_set for s in ls.atoms.get_chemical_symbols()})
@@ -657,26 +670,29 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                                        rng_seed=p.seed)  # fmt: skip
         if not self.seeds:
             log.warning("replay without seeds: only the elements' crystals are replayed")
-        graphs = [
-            model.graph_converter(AseAtomsAdaptor.get_structure(atoms), graph_id=f"replay-{i}")
-            for i, atoms in enumerate(structures)
-        ]
+        graphs, outputs = _predict(model, structures, "replay")
+        corrections: dict[str, PressureCorrection] = {}
+        if p.replay_stress and p.replay_pressure_from_labels:
+
+            def pressures(cells: list[Atoms]) -> list[float]:
+                return [-float(np.trace(o["s"])) / 3 for o in _predict(model, cells, "label")[1]]
+
+            corrections = pressure_corrections(self.seeds, train_set, pressures)
         targets = []
-        for batch in pack_by_atom_count([len(a) for a in structures], 128):
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
-                out = model.predict_graph([graphs[i] for i in batch], task="efs",
-                                          batch_size=len(batch))  # fmt: skip
-            out = [out] if isinstance(out, dict) else out
-            for o in out:
-                targets.append({
-                    "e": torch.tensor(float(o["e"]), dtype=torch.float32),
-                    "f": torch.tensor(np.asarray(o["f"]), dtype=torch.float32),
-                    # NaN: a stress the loss skips.
-                    "s": torch.tensor(np.asarray(o["s"]) if p.replay_stress
-                                      else np.full((3, 3), np.nan), dtype=torch.float32),
-                    "w": torch.tensor(p.replay_weight, dtype=torch.float32),
-                })  # fmt: skip
+        for atoms, o in zip(structures, outputs, strict=True):
+            stress = np.full((3, 3), np.nan)  # NaN: a stress the loss skips
+            if p.replay_stress:
+                correction = corrections.get(atoms.info["replay_origin"])
+                shift = 0.0 if correction is None else correction.at(
+                    atoms.info["replay_volume_factor"] - 1)  # fmt: skip
+                # More pressure is a more negative stress (ASE's sign, GPa).
+                stress = np.asarray(o["s"]) - shift * np.eye(3)
+            targets.append({
+                "e": torch.tensor(float(o["e"]), dtype=torch.float32),
+                "f": torch.tensor(np.asarray(o["f"]), dtype=torch.float32),
+                "s": torch.tensor(stress, dtype=torch.float32),
+                "w": torch.tensor(p.replay_weight, dtype=torch.float32),
+            })  # fmt: skip
         for k, t in enumerate(targets):
             t["k"] = torch.tensor(k)
         info = {
@@ -684,9 +700,11 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             "weight": p.replay_weight,
             "stress": p.replay_stress,
             "from_seeds": len(self.seeds),
-            "origins": sorted({a.info["replay"].split(" @ ")[0] for a in structures}),
+            "origins": sorted({a.info["replay_origin"] for a in structures}),
             "elements_without_crystal": unreplayable_elements(elements),
         }
+        if corrections:
+            info["pressure_from_labels"] = [c.as_dict() for c in corrections.values()]
         return _GraphDataset(graphs, targets), info
 
     # -- linear_correction -----------------------------------------------------------------
@@ -896,6 +914,25 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
             model.composition_model.fc.weight += shift
         numbers = sorted({int(z) for ls in labelled for z in ls.atoms.numbers})
         return {chemical_symbols[z]: float(shift[0, z - 1]) for z in numbers}
+
+
+def _predict(model: CHGNet, structures: Sequence[Atoms], prefix: str) -> tuple[list, list[dict]]:
+    """``model``'s graphs of ``structures`` and its energy (per atom), forces and stress
+    (GPa, ASE's sign) of each, in batches bounded by atoms."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    graphs = [
+        model.graph_converter(AseAtomsAdaptor.get_structure(atoms), graph_id=f"{prefix}-{i}")
+        for i, atoms in enumerate(structures)
+    ]
+    outputs: list[dict] = []
+    for batch in pack_by_atom_count([len(a) for a in structures], 128):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TENSOR_TO_SCALAR_WARNING)
+            out = model.predict_graph([graphs[i] for i in batch], task="efs",
+                                      batch_size=len(batch))  # fmt: skip
+        outputs += [out] if isinstance(out, dict) else out  # batches are consecutive
+    return graphs, outputs
 
 
 def _scheduler_steps_per_epoch(n_batches: int) -> int:

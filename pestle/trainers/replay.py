@@ -7,18 +7,28 @@ each element's crystal, labelled by the model itself before fine-tuning (after i
 references are refitted, so replayed and new energies share one zero), with a configurable
 weight per structure. The structures are deterministic: the same seeds and settings always
 give the same replay set.
+
+Where the labels do say something about a seed's pressure, replay must not contradict it:
+replayed copies at +-3 % of a seed's volume carry the pretrained model's pressures, so they
+pin its bulk modulus and equilibrium volume against the strained labels (measured on the
+five-system campaign: LiF stayed at the pretrained 0.78-0.86 of its DFT bulk modulus in every
+training with replay). ``pressure_corrections`` fits, per seed, the pretrained model's
+pressure error on the seed's strained training labels as a line in volumetric strain; the
+replayed stresses are shifted by it, so replay keeps the model's shape (shear, anisotropy,
+forces) where the labels are silent and takes the labels' pressure where they are not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
 from ase.build import bulk
 from ase.data import atomic_numbers, reference_states
 
-from pestle.structures import chemical_system
+from pestle.structures import LabelledStructure, chemical_system, pressure_gpa, reduced_formula
 
 # ASE reference states whose crystal ``ase.build.bulk`` builds; molecular ones (F2, O2, N2,
 # H2, the halogens) have no crystal to replay.
@@ -77,6 +87,8 @@ def replay_structures(
             if rattle > 0 and len(copy) > 1:
                 copy.positions += rng.normal(0.0, rattle, copy.positions.shape)
             copy.info["replay"] = f"{origin} @ V x {float(factor):.3f}"
+            copy.info["replay_origin"] = origin
+            copy.info["replay_volume_factor"] = float(factor)
             out.append(copy)
     return out
 
@@ -84,3 +96,89 @@ def replay_structures(
 def unreplayable_elements(elements: Iterable[str]) -> list[str]:
     """Elements whose reference state has no crystal to replay (reported, not hidden)."""
     return sorted(s for s in set(elements) if element_crystal(s) is None)
+
+
+# A label whose volume per atom is within this of its seed's is at the seed's volume (a
+# rattled cell): its pressure error is its displacements', not the volume's.
+MIN_VOLUMETRIC_STRAIN = 0.005
+# Labels further than this from a seed's volume belong to another structure of the system.
+MAX_VOLUMETRIC_STRAIN = 0.25
+
+
+@dataclass(frozen=True)
+class PressureCorrection:
+    """The pretrained model's pressure error (reference minus model, GPa) on a seed's
+    strained labels, as ``offset + slope * strain`` in volumetric strain (V / V_seed - 1);
+    ``applied`` False (with ``reason``) where the labels cannot fix a line between them."""
+
+    origin: str
+    strains: tuple[float, ...]
+    errors: tuple[float, ...]
+    offset: float = 0.0
+    slope: float = 0.0
+    applied: bool = False
+    reason: str = ""
+
+    def at(self, strain: float) -> float:
+        return self.offset + self.slope * strain if self.applied else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "origin": self.origin,
+            "applied": self.applied,
+            "reason": self.reason,
+            "offset_gpa": round(self.offset, 4),
+            "slope_gpa": round(self.slope, 3),
+            "label_strains": [round(x, 4) for x in self.strains],
+            "label_pressure_errors_gpa": [round(x, 4) for x in self.errors],
+        }
+
+
+def pressure_corrections(
+    seeds: Sequence[Atoms],
+    labelled: Sequence[LabelledStructure],
+    model_pressures: Callable[[list[Atoms]], list[float]],
+) -> dict[str, PressureCorrection]:
+    """Per seed origin (as ``replay_structures`` names it), the line through the pretrained
+    model's pressure errors on the seed's strained labels: labels of the seed's formula whose
+    volume per atom differs from the seed's by 0.5-25 %, with a reference stress.
+    ``model_pressures`` gives the model's pressure (GPa) of each structure. A line needs
+    labels on both sides of the seed's volume: extrapolated from one side it would set the
+    bulk modulus from two nearby points (LiF's two compressed picks, 2 % apart)."""
+    from pestle.trainers import reference_results
+
+    per_system: dict[str, int] = {}
+    for seed in seeds:
+        per_system[chemical_system(seed)] = per_system.get(chemical_system(seed), 0) + 1
+    out: dict[str, PressureCorrection] = {}
+    for seed in seeds:
+        origin = f"seed {chemical_system(seed)}"
+        if per_system[chemical_system(seed)] > 1:
+            # Their replayed copies share one origin, and labels need not say their parent.
+            out[origin] = PressureCorrection(origin, (), (), reason="several seeds of this "
+                                             "chemical system")  # fmt: skip
+            continue
+        volume = seed.get_volume() / len(seed)
+        strained: list[tuple[float, float, Atoms]] = []  # strain, reference pressure, cell
+        for ls in labelled:
+            if reduced_formula(ls.atoms) != reduced_formula(seed):
+                continue
+            strain = ls.atoms.get_volume() / len(ls.atoms) / volume - 1
+            stress = reference_results(ls)[2]
+            if stress is not None and MIN_VOLUMETRIC_STRAIN <= abs(strain) <= MAX_VOLUMETRIC_STRAIN:
+                strained.append((strain, pressure_gpa(stress), ls.atoms))
+        strains = [x for x, _, _ in strained]
+        if not strains or min(strains) > 0 or max(strains) < 0:
+            out[origin] = PressureCorrection(
+                origin, tuple(strains), (),
+                reason=f"{len(strains)} strained label(s), not on both sides of the seed's "
+                "volume",
+            )  # fmt: skip
+            continue
+        predicted = model_pressures([atoms for _, _, atoms in strained])
+        errors = [reference - model
+                  for (_, reference, _), model in zip(strained, predicted, strict=True)]  # fmt: skip
+        slope, offset = np.polyfit(np.asarray(strains), np.asarray(errors), 1)
+        out[origin] = PressureCorrection(origin, tuple(strains), tuple(errors), float(offset),
+                                         float(slope), applied=True)  # fmt: skip
+    return out
