@@ -150,6 +150,27 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         ),  # fmt: skip
         False,
     ),
+    "replay-stress1-rel-plab-last": (
+        _custom(
+            **_LAST,
+            stress_weight=1.0,
+            replay_weight=1.0,
+            replay_pressure_from_labels=True,
+            **_RELATIVE,
+        ),  # fmt: skip
+        False,
+    ),
+    "replay4-stress1-rel-plab-last": (
+        _custom(
+            **_LAST,
+            stress_weight=1.0,
+            replay_weight=1.0,
+            replay_per_structure=4,
+            replay_pressure_from_labels=True,
+            **_RELATIVE,
+        ),  # fmt: skip
+        False,
+    ),
     "replay-stress1-plab-last": (
         _custom(**_LAST, stress_weight=1.0, replay_weight=1.0, replay_pressure_from_labels=True),
         False,
