@@ -70,3 +70,14 @@ def test_two_seeds_of_one_chemical_system_are_not_corrected() -> None:
         not c.applied and "several seeds of this chemical system" in c.reason
         for c in corrections.values()
     )
+
+
+def test_the_option_without_replayed_stresses_is_refused() -> None:
+    from pestle.trainers import TRAINERS
+
+    for params in ({"replay_pressure_from_labels": True},
+                   {"replay_pressure_from_labels": True, "replay_weight": 0.3,
+                    "replay_stress": False}):  # fmt: skip
+        with pytest.raises(ValueError, match="needs replay_weight > 0 and replay_stress true"):
+            TRAINERS.build("chgnet", params)
+    assert TRAINERS.build("chgnet", {"replay_pressure_from_labels": True, "replay_weight": 0.3})

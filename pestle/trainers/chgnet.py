@@ -91,8 +91,9 @@ MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
 FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze", "replay_weight",
-                     "replay_per_structure", "replay_stress", "replay_pressure_from_labels", "l2sp", "select_epoch",
-                     "patience", "relative_loss_above", "stress_below_force")  # fmt: skip
+                     "replay_per_structure", "replay_stress", "replay_pressure_from_labels",
+                     "l2sp", "select_epoch", "patience", "relative_loss_above",
+                     "stress_below_force")  # fmt: skip
 _LINEAR_ONLY = ("linear_scope", "linear_ridge")
 
 # The input featurisation: atom/bond/angle embeddings and their basis expansions.
@@ -406,6 +407,10 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
                 ]
                 if given:
                     raise ValueError(f"{', '.join(given)} apply to mode linear_correction only")
+            if self.replay_pressure_from_labels and not (self.replay_weight > 0
+                                                         and self.replay_stress):  # fmt: skip
+                raise ValueError("replay_pressure_from_labels shifts the replayed stresses: it "
+                                 "needs replay_weight > 0 and replay_stress true")  # fmt: skip
             return self
 
     family = "CHGNet"

@@ -11,11 +11,12 @@ give the same replay set.
 Where the labels do say something about a seed's pressure, replay must not contradict it:
 replayed copies at +-3 % of a seed's volume carry the pretrained model's pressures, so they
 pin its bulk modulus and equilibrium volume against the strained labels (measured on the
-five-system campaign: LiF stayed at the pretrained 0.78-0.86 of its DFT bulk modulus in every
-training with replay). ``pressure_corrections`` fits, per seed, the pretrained model's
-pressure error on the seed's strained training labels as a line in volumetric strain; the
-replayed stresses are shifted by it, so replay keeps the model's shape (shear, anisotropy,
-forces) where the labels are silent and takes the labels' pressure where they are not.
+five-system campaign: LiF stayed at 0.77-0.90 of its DFT bulk modulus, near the pretrained
+model's 0.78, in every training with replay). ``pressure_corrections`` fits, per seed, the
+pretrained model's pressure error on the seed's strained training labels as a line in
+volumetric strain; the replayed stresses are shifted by it, so replay keeps the model's shape
+(shear, anisotropy, forces) where the labels are silent and takes the labels' pressure where
+they are not.
 """
 
 from __future__ import annotations
