@@ -21,6 +21,7 @@ they are not.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,12 @@ def element_crystal(symbol: str) -> Atoms | None:
     return bulk(symbol, symmetry, cubic=symmetry != "sc")
 
 
+def seed_origin(seed: Atoms) -> str:
+    """How a seed's replayed copies name their origin (``info["replay_origin"]``): by
+    chemical system, the key ``pressure_corrections`` returns its fits under."""
+    return f"seed {chemical_system(seed)}"
+
+
 def replay_structures(
     seeds: Sequence[Atoms],
     elements: Iterable[str],
@@ -66,7 +73,7 @@ def replay_structures(
     origins: list[tuple[str, Atoms]] = []
     covered = set()
     for seed in seeds:
-        origins.append((f"seed {chemical_system(seed)}", seed))
+        origins.append((seed_origin(seed), seed))
         covered.add(chemical_system(seed))
     for symbol in sorted(set(elements), key=lambda s: atomic_numbers[s]):
         if symbol in covered:
@@ -148,13 +155,11 @@ def pressure_corrections(
     bulk modulus from two nearby points (LiF's two compressed picks, 2 % apart)."""
     from pestle.trainers import reference_results
 
-    per_system: dict[str, int] = {}
-    for seed in seeds:
-        per_system[chemical_system(seed)] = per_system.get(chemical_system(seed), 0) + 1
+    per_origin = Counter(seed_origin(seed) for seed in seeds)
     out: dict[str, PressureCorrection] = {}
     for seed in seeds:
-        origin = f"seed {chemical_system(seed)}"
-        if per_system[chemical_system(seed)] > 1:
+        origin = seed_origin(seed)
+        if per_origin[origin] > 1:
             # Their replayed copies share one origin, and labels need not say their parent.
             out[origin] = PressureCorrection(origin, (), (), reason="several seeds of this "
                                              "chemical system")  # fmt: skip
