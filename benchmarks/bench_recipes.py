@@ -150,6 +150,44 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         ),  # fmt: skip
         False,
     ),
+    # The replayed copies spread over +-8 % of each seed's volume (the strained labels'
+    # range), not +-3 %: the labels' pressure line then holds the isotropic P(V) across it.
+    "replay0.3x5v8-stress1-rel-plab-last": (
+        _custom(
+            **_LAST,
+            stress_weight=1.0,
+            replay_weight=0.3,
+            replay_per_structure=5,
+            replay_volume_strain=0.08,
+            replay_pressure_from_labels=True,
+            **_RELATIVE,
+        ),  # fmt: skip
+        False,
+    ),
+    "replayx5v8-stress1-rel-plab-last": (
+        _custom(
+            **_LAST,
+            stress_weight=1.0,
+            replay_weight=1.0,
+            replay_per_structure=5,
+            replay_volume_strain=0.08,
+            replay_pressure_from_labels=True,
+            **_RELATIVE,
+        ),  # fmt: skip
+        False,
+    ),
+    "replay0.3x3v8-stress1-rel-plab-last": (
+        _custom(
+            **_LAST,
+            stress_weight=1.0,
+            replay_weight=0.3,
+            replay_per_structure=3,
+            replay_volume_strain=0.08,
+            replay_pressure_from_labels=True,
+            **_RELATIVE,
+        ),  # fmt: skip
+        False,
+    ),
     "replay-stress1-rel-plab-last": (
         _custom(
             **_LAST,

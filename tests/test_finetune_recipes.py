@@ -319,6 +319,40 @@ def test_replayed_stresses_take_the_pressure_the_strained_labels_measure(
         assert torch.equal(plain["f"], shifted["f"]) and torch.equal(plain["e"], shifted["e"])
 
 
+def test_replay_volume_strain_spreads_the_copies_over_the_labels_range(
+    base: CHGNetPotential,
+) -> None:
+    """``replay_volume_strain`` 0.06 with 3 copies: the copies sit at 0.94, 1 and 1.06 of the
+    seed's volume (the labels' range, not the default +-3 %), and each takes the labels'
+    pressure line at its own strain: 2.2, 1.0 and -0.2 GPa more pressure."""
+    si = bulk("Si", "diamond", a=5.47)
+    train = []
+    for factor in (0.94, 1.06):
+        cell = si.copy()
+        cell.set_cell(si.cell.array * factor ** (1 / 3), scale_atoms=True)
+        labelled = label(base, cell, f"v{factor}")
+        stress = labelled.atoms.calc.results["stress"].copy()
+        stress[:3] -= (1.0 + 20.0 * (1 - factor)) * units.GPa
+        labelled.atoms.calc.results["stress"] = stress
+        train.append(labelled)
+    targets = {}
+    for corrected in (False, True):
+        trainer = TRAINERS.build("chgnet", {"replay_weight": 1.0, "replay_per_structure": 3,
+                                            "replay_volume_strain": 0.06,
+                                            "replay_pressure_from_labels": corrected})  # fmt: skip
+        trainer.seeds = [si]
+        data, _ = trainer._replay(load_chgnet(), train)
+        targets[corrected] = data.targets
+    volumes = [abs(float(torch.linalg.det(g.lattice.detach()))) for g in data.graphs]
+    assert np.allclose(np.array(volumes) / si.get_volume(), (0.94, 1.0, 1.06), atol=1e-4)
+    for plain, shifted, expected in zip(targets[False], targets[True], (2.2, 1.0, -0.2),
+                                        strict=True):  # fmt: skip
+        change = (shifted["s"] - plain["s"]).numpy()
+        assert np.allclose(change, -expected * np.eye(3), atol=0.03), change
+    with pytest.raises(ValueError, match="replay_volume_strain"):
+        TRAINERS.build("chgnet", {"replay_weight": 1.0, "replay_volume_strain": 0.3})
+
+
 def test_stress_below_force_trains_no_stress_of_a_strongly_displaced_label(
     drift: dict,
 ) -> None:

@@ -49,6 +49,8 @@ def test_the_line_through_the_strained_labels_pressure_errors() -> None:
     assert correction.slope == pytest.approx(-20.0, abs=1e-4)
     assert sorted(correction.strains) == pytest.approx([-0.07, -0.05, 0.05])
     assert correction.at(-0.03) == pytest.approx(1.6) and correction.at(0.03) == pytest.approx(0.4)
+    # Beyond the labels (-0.07 .. +0.05) the line is held at its ends, not extrapolated.
+    assert correction.at(-0.12) == pytest.approx(2.4) and correction.at(0.08) == pytest.approx(0.0)
 
 
 def test_labels_on_one_side_of_the_seed_volume_correct_nothing() -> None:

@@ -91,7 +91,8 @@ MAE_UNITS = {"e": "eV/atom", "f": "eV/A", "s": "GPa"}
 FULL: dict[str, Any] = {**PAPER_FULL, "freeze": "none"}
 # Fields a closed-form linear correction has no use for.
 _UNUSED_BY_LINEAR = ("epochs", "learning_rate", "batch_size", "freeze", "replay_weight",
-                     "replay_per_structure", "replay_stress", "replay_pressure_from_labels",
+                     "replay_per_structure", "replay_volume_strain", "replay_stress",
+                     "replay_pressure_from_labels",
                      "l2sp", "select_epoch", "patience", "relative_loss_above",
                      "stress_below_force")  # fmt: skip
 _LINEAR_ONLY = ("linear_scope", "linear_ridge")
@@ -343,6 +344,14 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         )
         replay_per_structure: int = Field(
             2, ge=1, description="replayed copies of each seed and element crystal"
+        )
+        replay_volume_strain: float = Field(
+            0.03,
+            gt=0,
+            le=0.25,
+            description="the replayed copies' volumes are spread evenly over 1 ± this times "
+            "the seed's; with replay_pressure_from_labels, spanning the strained labels' "
+            "range pins the whole isotropic P(V) there, not only its slope at the seed",
         )
         replay_stress: bool = Field(
             True,
@@ -672,6 +681,7 @@ class CHGNetTrainer(TrainerBase["CHGNet"]):
         p = self.params
         elements = sorted({s for ls in train_set for s in ls.atoms.get_chemical_symbols()})
         structures = replay_structures(self.seeds, elements, per_structure=p.replay_per_structure,
+                                       volume_strain=p.replay_volume_strain,
                                        rng_seed=p.seed)  # fmt: skip
         if not self.seeds:
             log.warning("replay without seeds: only the elements' crystals are replayed")
