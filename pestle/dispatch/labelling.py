@@ -331,7 +331,10 @@ def label_jobs(
     per_task: int | None = 1 if job_timeout_seconds is not None or cpus_per_job > 1 else None
     threads = max(sum(client.nthreads().values()), 1)
     patient(store.jobs.expire_orphaned_leases)
-    done_tasks = as_completed(with_results=True, raise_errors=False)
+    # Results are gathered here, in this thread, not by as_completed's background tasks
+    # (with_results): a gather of theirs in flight when SIGTERM closes the client ends in a
+    # traceback the event loop logs; one here is simply abandoned with the run.
+    done_tasks = as_completed(raise_errors=False)
 
     def settle(job_id: str, state: str) -> None:
         pending.discard(job_id)
@@ -413,12 +416,14 @@ def label_jobs(
     while pending:
         if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
             raise TimeoutError(f"{len(pending)} labelling jobs unfinished: {sorted(pending)[:5]}")
-        for future, result in done_tasks.next_batch(block=False):
+        for future in done_tasks.next_batch(block=False):
             ids = in_flight.pop(future.key)
-            if future.status != "finished":
+            try:
+                result = future.result()
+            except Exception as exc:
                 # The task itself crashed (the worker was killed, the store stayed away): its
                 # leases lapse (at once if the process is gone) and the jobs are taken again.
-                log.warning("labelling task %s errored: %r", future.key, result[1])
+                log.warning("labelling task %s errored: %r", future.key, exc)
                 waiting.update(ids)
                 continue
             for job_id, outcome in zip(ids, result if isinstance(result, list) else [result],

@@ -168,7 +168,10 @@ def score_on_workers(
         pure=False, resources=resources,
     )  # fmt: skip
     done = 0
-    for _, count in as_completed(futures, with_results=True):
+    # Results gathered here, not by as_completed's background tasks: a gather of theirs in
+    # flight when SIGTERM closes the client logs a traceback from the event loop.
+    for future in as_completed(futures):
+        count = future.result()
         done += count
         if progress is not None:
             progress(count)
