@@ -81,6 +81,16 @@ def _custom(**given: Any) -> dict[str, Any]:
 
 _WORST, _LAST = {"select_epoch": "worst_system"}, {"select_epoch": "last"}
 _RELATIVE = {"relative_loss_above": 1.0}  # labels above 1 eV/Å RMS weighted (1 / RMS)^2
+
+
+def _plab(**given: Any) -> dict[str, Any]:
+    """Stress weight 1, the relative loss, the last epoch, and replay whose stresses take,
+    per seed, the pressure error the seed's strained labels measure (a line in volumetric
+    strain): replay no longer holds the pretrained modulus."""
+    return _custom(**_LAST, stress_weight=1.0, replay_pressure_from_labels=True, **_RELATIVE,
+                   **given)  # fmt: skip
+
+
 RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
     "linear-model": ({"mode": "linear_correction"}, False),
     "linear-system": ({"mode": "linear_correction", "linear_scope": "system"}, False),
@@ -138,75 +148,21 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
         _custom(**_LAST, stress_weight=1.0, replay_weight=0.3, **_RELATIVE),
         False,
     ),
-    # Replay whose stresses take, per seed, the pressure error the seed's strained labels
-    # measure (a line in volumetric strain): replay no longer holds the pretrained modulus.
-    "replay0.3-stress1-rel-plab-last": (
-        _custom(
-            **_LAST,
-            stress_weight=1.0,
-            replay_weight=0.3,
-            replay_pressure_from_labels=True,
-            **_RELATIVE,
-        ),  # fmt: skip
-        False,
-    ),
+    "replay0.3-stress1-rel-plab-last": (_plab(replay_weight=0.3), False),
+    "replay-stress1-rel-plab-last": (_plab(replay_weight=1.0), False),
+    "replay4-stress1-rel-plab-last": (_plab(replay_weight=1.0, replay_per_structure=4), False),
     # The replayed copies spread over +-8 % of each seed's volume (the strained labels'
     # range), not +-3 %: the labels' pressure line then holds the isotropic P(V) across it.
     "replay0.3x5v8-stress1-rel-plab-last": (
-        _custom(
-            **_LAST,
-            stress_weight=1.0,
-            replay_weight=0.3,
-            replay_per_structure=5,
-            replay_volume_strain=0.08,
-            replay_pressure_from_labels=True,
-            **_RELATIVE,
-        ),  # fmt: skip
+        _plab(replay_weight=0.3, replay_per_structure=5, replay_volume_strain=0.08),
         False,
     ),
     "replayx5v8-stress1-rel-plab-last": (
-        _custom(
-            **_LAST,
-            stress_weight=1.0,
-            replay_weight=1.0,
-            replay_per_structure=5,
-            replay_volume_strain=0.08,
-            replay_pressure_from_labels=True,
-            **_RELATIVE,
-        ),  # fmt: skip
+        _plab(replay_weight=1.0, replay_per_structure=5, replay_volume_strain=0.08),
         False,
     ),
     "replay0.3x3v8-stress1-rel-plab-last": (
-        _custom(
-            **_LAST,
-            stress_weight=1.0,
-            replay_weight=0.3,
-            replay_per_structure=3,
-            replay_volume_strain=0.08,
-            replay_pressure_from_labels=True,
-            **_RELATIVE,
-        ),  # fmt: skip
-        False,
-    ),
-    "replay-stress1-rel-plab-last": (
-        _custom(
-            **_LAST,
-            stress_weight=1.0,
-            replay_weight=1.0,
-            replay_pressure_from_labels=True,
-            **_RELATIVE,
-        ),  # fmt: skip
-        False,
-    ),
-    "replay4-stress1-rel-plab-last": (
-        _custom(
-            **_LAST,
-            stress_weight=1.0,
-            replay_weight=1.0,
-            replay_per_structure=4,
-            replay_pressure_from_labels=True,
-            **_RELATIVE,
-        ),  # fmt: skip
+        _plab(replay_weight=0.3, replay_per_structure=3, replay_volume_strain=0.08),
         False,
     ),
     "replay-stress1-plab-last": (

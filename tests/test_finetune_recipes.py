@@ -286,13 +286,9 @@ def test_replay_without_stress_leaves_the_volume_to_the_labels(base: CHGNetPoten
         assert torch.equal(kept["f"], dropped["f"]) and torch.equal(kept["e"], dropped["e"])
 
 
-def test_replayed_stresses_take_the_pressure_the_strained_labels_measure(
-    base: CHGNetPotential,
-) -> None:
-    """``replay_pressure_from_labels``: CHGNet's own stresses on Si cells at 0.94 and 1.06
-    of the seed's volume, plus 1 GPa and 20 GPa per unit compression more pressure, shift
-    the replayed copies at 0.97 and 1.03 by 1.6 and 0.4 GPa; forces and energies stay."""
-    si = bulk("Si", "diamond", a=5.47)
+def strained_si_labels(base: CHGNetPotential, si: Atoms) -> list[LabelledStructure]:
+    """CHGNet's own labels of ``si`` at 0.94 and 1.06 of its volume, with 1 GPa and 20 GPa
+    per unit compression more pressure: the labels' pressure line is 1 - 20 * strain."""
     train = []
     for factor in (0.94, 1.06):
         cell = si.copy()
@@ -302,6 +298,17 @@ def test_replayed_stresses_take_the_pressure_the_strained_labels_measure(
         stress[:3] -= (1.0 + 20.0 * (1 - factor)) * units.GPa  # more pressure
         labelled.atoms.calc.results["stress"] = stress
         train.append(labelled)
+    return train
+
+
+def test_replayed_stresses_take_the_pressure_the_strained_labels_measure(
+    base: CHGNetPotential,
+) -> None:
+    """``replay_pressure_from_labels``: CHGNet's own stresses on Si cells at 0.94 and 1.06
+    of the seed's volume, plus 1 GPa and 20 GPa per unit compression more pressure, shift
+    the replayed copies at 0.97 and 1.03 by 1.6 and 0.4 GPa; forces and energies stay."""
+    si = bulk("Si", "diamond", a=5.47)
+    train = strained_si_labels(base, si)
     targets, infos = {}, {}
     for corrected in (False, True):
         trainer = TRAINERS.build("chgnet", {"replay_weight": 1.0,
@@ -326,15 +333,7 @@ def test_replay_volume_strain_spreads_the_copies_over_the_labels_range(
     seed's volume (the labels' range, not the default +-3 %), and each takes the labels'
     pressure line at its own strain: 2.2, 1.0 and -0.2 GPa more pressure."""
     si = bulk("Si", "diamond", a=5.47)
-    train = []
-    for factor in (0.94, 1.06):
-        cell = si.copy()
-        cell.set_cell(si.cell.array * factor ** (1 / 3), scale_atoms=True)
-        labelled = label(base, cell, f"v{factor}")
-        stress = labelled.atoms.calc.results["stress"].copy()
-        stress[:3] -= (1.0 + 20.0 * (1 - factor)) * units.GPa
-        labelled.atoms.calc.results["stress"] = stress
-        train.append(labelled)
+    train = strained_si_labels(base, si)
     targets = {}
     for corrected in (False, True):
         trainer = TRAINERS.build("chgnet", {"replay_weight": 1.0, "replay_per_structure": 3,
